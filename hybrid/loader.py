@@ -1,0 +1,154 @@
+"""`hybrid.load`: source -> config -> skeleton on meta -> rules -> operators -> weights.
+
+Each tensor is read once, straight into the module (or operator) that owns it, on its
+final device and in the form it wants; quantized blocks for the numba kernels stay
+memory-mapped. Loading is strict: a missing, unexpected or mis-shaped tensor is an
+error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import torch
+from torch import nn
+
+from . import rules as rules_mod
+from .checkpoint import (
+    CheckpointError,
+    Source,
+    find_source,
+    gguf_config,
+    gguf_metadata,
+    gguf_tensors,
+    open_gguf,
+    safetensors_tensors,
+)
+from .models import family, family_name
+
+log = logging.getLogger(__name__)
+
+
+def describe(source) -> tuple[Source, dict, dict, dict]:
+    """Read what a source is without loading weights: (source, config dict, tensor
+    index, GGUF metadata or {})."""
+    src = find_source(source)
+    if src.is_gguf:
+        readers = [open_gguf(f) for f in src.gguf_files]
+        meta = gguf_metadata(readers[0])
+        cfg = gguf_config(meta)
+        fam = family(cfg["model_type"])
+        permuted = {}
+        if cfg.get("gguf_architecture") in ("llama", "mistral"):
+            permuted = {name: _heads(cfg, key) for name, key in fam.GGUF_PERMUTED.items()}
+        refs = gguf_tensors(readers, fam.GGUF_NAMES, permuted)
+        if "lm_head.weight" not in refs:
+            cfg["tie_word_embeddings"] = True
+        return src, cfg, refs, meta
+    try:
+        cfg = json.loads((src.path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{src.path / 'config.json'}: not valid JSON ({e})") from e
+    if "model_type" not in cfg:
+        raise CheckpointError(f"{src.path / 'config.json'}: no model_type")
+    fam = family(cfg["model_type"])
+    return src, cfg, safetensors_tensors(src.safetensors_files, fam.STACKED), {}
+
+
+def _heads(cfg: dict, key: str) -> int:
+    return cfg.get(key) or cfg["num_attention_heads"]
+
+
+def default_rules(model_type: str) -> str:
+    """The built-in rule file for a family: the GPU hybrid file when CUDA is present."""
+    fam = family_name(model_type)
+    name = f"{fam}-gpu" if torch.cuda.is_available() else f"{fam}-cpu"
+    log.info("rules: %s (chosen for family %s, CUDA %s)", name, fam, "present" if torch.cuda.is_available() else "absent")
+    return name
+
+
+def build(source, rules=None):
+    """Everything up to reading weights: (config, module on meta with operators swapped in,
+    placements, rule counts, tensor index, ruleset, source, metadata)."""
+    src, cfg_dict, refs, meta = describe(source)
+    try:
+        fam = family(cfg_dict["model_type"])
+        config = fam.Config.from_dict(cfg_dict)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{src.path}: unusable model configuration: {e}") from e
+    ruleset = rules_mod.parse_rules(rules if rules is not None else default_rules(cfg_dict["model_type"]))
+    with torch.device("meta"):
+        module = fam.Model(config)
+    placements, counts = rules_mod.plan(module, ruleset)
+    return config, module, placements, counts, refs, ruleset, src, meta
+
+
+class _Tensors:
+    """Hands tensors to their owners, checking shapes and remembering what was taken."""
+
+    def __init__(self, refs: dict, tied: bool):
+        self.refs, self.taken = refs, set()
+        if tied and "lm_head.weight" not in refs and "model.embed_tokens.weight" in refs:
+            self.refs = dict(refs, **{"lm_head.weight": refs["model.embed_tokens.weight"]})
+
+    def get(self, name: str, shape) -> "TensorRef":  # noqa: F821
+        ref = self.refs.get(name)
+        if ref is None:
+            raise CheckpointError(f"tensor {name} is missing from the checkpoint")
+        if tuple(ref.shape) != tuple(shape):
+            raise CheckpointError(f"tensor {name} has shape {list(ref.shape)}, the model expects {list(shape)}")
+        self.taken.add(name)
+        return ref
+
+    def check_all_taken(self) -> None:
+        extra = sorted(set(self.refs) - self.taken)
+        if extra:
+            shown = ", ".join(extra[:8]) + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else "")
+            raise CheckpointError(f"unexpected tensor(s) in the checkpoint: {shown}")
+
+
+def load_weights(module: nn.Module, placements, tensors: _Tensors, config, progress=None) -> None:
+    for p in placements:
+        prefix = f"{p.path}." if p.path else ""
+        if p.operator is not None:
+            original = {n: tuple(t.shape) for n, t in p.module.original_shapes.items()}
+            p.module.load(lambda n, pre=prefix, shapes=original: tensors.get(pre + n, shapes[n]))
+        else:
+            for name, param in list(p.module.named_parameters(recurse=False)):
+                ref = tensors.get(prefix + name, param.shape)
+                p.module._parameters[name] = nn.Parameter(ref.tensor(p.dtype, p.device), requires_grad=False)
+        if progress is not None:
+            progress.update(1)
+    tensors.check_all_taken()
+    leftover = [n for n, t in module.named_parameters() if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"no weights were loaded for: {', '.join(leftover[:8])}")
+
+
+def load(source, rules=None, *, progress: bool = False):
+    """Load a model from a .gguf file (or the first of a split set), a directory holding
+    one, or a Hugging Face checkpoint directory. `rules`: a rule file path, a built-in
+    rule file name, YAML text, or None to pick the built-in file for the family."""
+    from .model import Model
+    from .tokenizer import Tokenizer
+
+    config, module, placements, _, refs, ruleset, src, meta = build(source, rules)
+    rules_mod.swap(module, placements, config)
+    tensors = _Tensors(refs, getattr(config, "tie_word_embeddings", False))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(placements), desc=f"loading {src.path.name}", unit="module", leave=False)
+    try:
+        load_weights(module, placements, tensors, config, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    rules_mod.add_device_hooks(module, placements)
+    module.eval()
+    tokenizer = Tokenizer.from_gguf(meta) if src.is_gguf else Tokenizer.from_pretrained(src.path)
+    name = meta.get("general.name") or re.sub(r"\.gguf$", "", src.path.name)
+    return Model(config, module, tokenizer, placements=placements, ruleset=ruleset, source=src, name=name)

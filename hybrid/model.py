@@ -1,0 +1,53 @@
+"""A loaded model: module tree, tokenizer and the functions generation needs."""
+
+from __future__ import annotations
+
+import torch
+
+from .models.common import KVCache, Step
+
+
+class Model:
+    """What `hybrid.load` returns.
+
+    config: the family's config dataclass; module: the torch module tree with Hugging Face
+    names (after rules were applied); tokenizer: `hybrid.tokenizer.Tokenizer`."""
+
+    def __init__(self, config, module, tokenizer, *, placements=(), ruleset=None, source=None, name="model"):
+        self.config, self.module, self.tokenizer = config, module, tokenizer
+        self.placements, self.ruleset, self.source, self.name = list(placements), ruleset, source, name
+        self._placed = {p.path: p for p in self.placements}
+
+    def placement(self, path: str) -> tuple[torch.device, torch.dtype]:
+        """(device, dtype) the rules gave the module at `path` (or its nearest placed ancestor)."""
+        while path not in self._placed and path:
+            path = path.rpartition(".")[0]
+        p = self._placed.get(path)
+        return (torch.device(p.device), p.dtype) if p else (torch.device("cpu"), torch.float32)
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.placement("model.embed_tokens")[0]
+
+    def new_cache(self, slots: int = 1, max_len: int | None = None) -> list[KVCache]:
+        """KV cache for `slots` sequences of up to `max_len` tokens (default: the context length)."""
+        return self.module.make_cache(slots, max_len or self.context_length, self.placement)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, starts: list[int], slots: list[int], cache) -> torch.Tensor:
+        """tokens [B, T]; sequence b's tokens go to cache slot slots[b] at positions
+        starts[b]... Returns logits [B, T, V] float32."""
+        step = Step.make(list(slots), list(starts), tokens.shape[1], self.input_device)
+        return self.module(tokens.to(self.input_device), step, cache)
+
+    @torch.inference_mode()
+    def logits(self, token_ids, chunk: int = 512) -> torch.Tensor:
+        """Logits [len(token_ids), vocab] float32 for a fresh sequence (chunked prefill)."""
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long)[None]
+        cache = self.new_cache(1, ids.shape[1])
+        out = [self.forward(ids[:, s : s + chunk], [s], [0], cache)[0] for s in range(0, ids.shape[1], chunk)]
+        return torch.cat(out).cpu()

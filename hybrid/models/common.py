@@ -1,0 +1,311 @@
+"""Building blocks shared by every family: config base, RMSNorm, RoPE, KV cache,
+attention, the gated MLP and the stacked experts.
+
+Shapes are named once: B batch, T new tokens, L keys attended, H query heads,
+Hkv key/value heads, D head dim, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class BaseConfig:
+    """Family configs subclass this; `from_dict` drops the keys a family does not use."""
+
+    model_type: str = "llama"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BaseConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def rope_parameters(d: dict) -> dict:
+    """Normalise the two spellings of RoPE settings (transformers 4 `rope_theta` +
+    `rope_scaling`, transformers 5 `rope_parameters`) into one dict with `rope_type`."""
+    params = dict(d.get("rope_parameters") or {})
+    params.update(d.get("rope_scaling") or {})
+    params.setdefault("rope_theta", d.get("rope_theta", params.get("rope_theta", 10000.0)))
+    params["rope_type"] = params.get("rope_type", params.get("type", "default")) or "default"
+    return params
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_frequencies(params: dict, dim: int, max_positions: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dim/2] and the cos/sin scale for one RoPE setting
+    (default, linear, llama3, yarn), computed as transformers does."""
+    base = params["rope_theta"]
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kind = params["rope_type"]
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / params["factor"], 1.0
+    if kind == "llama3":
+        factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+        old_len = params["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        old_len = params.get("original_max_position_embeddings") or max_positions
+        factor = params.get("factor") or max_positions / old_len
+        scale = params.get("attention_factor")
+        if scale is None:
+            m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+            scale = _yarn_mscale(factor, m) / _yarn_mscale(factor, m_all) if m and m_all else _yarn_mscale(factor)
+
+        def correction_dim(rotations):
+            return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        lo, hi = correction_dim(params.get("beta_fast") or 32), correction_dim(params.get("beta_slow") or 1)
+        if params.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        hi = hi + 0.001 if lo == hi else hi
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo), 0, 1)
+        extrapolate = 1 - ramp
+        pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+        inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+        return inv, float(scale)
+    raise ValueError(f"unsupported rope_type {kind!r}; supported: default, linear, llama3, yarn")
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for absolute positions; `interleaved` pairs (x0, x1), (x2, x3)...
+    as DeepSeek does, otherwise the two halves of the head as Llama does."""
+
+    def __init__(self, params: dict, dim: int, max_positions: int, interleaved: bool = False):
+        super().__init__()
+        with torch.device("cpu"):  # a plain attribute computed on the CPU: survives building on meta
+            self.inv_freq, self.scale = rope_frequencies(params, dim, max_positions)
+        self.interleaved = interleaved
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv = self.inv_freq.to(positions.device)
+        freqs = positions[..., None].float() * inv  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.scale, emb.sin() * self.scale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [B, T, D]."""
+    if interleaved:  # reorder (x0, x1, x2, x3...) to (x0, x2, ..., x1, x3, ...) first
+        B, H, T, D = x.shape
+        x = x.view(B, H, T, D // 2, 2).transpose(3, 4).reshape(B, H, T, D)
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+@dataclass
+class Step:
+    """Where the tokens of one forward call sit: sequence b writes its T new tokens into
+    cache slot `slots[b]` at positions starts[b] .. starts[b]+T-1 and attends to keys
+    0 .. starts[b]+T-1 of that slot."""
+
+    slots: list[int]
+    starts: list[int]
+    positions: torch.Tensor  # [B, T] absolute positions
+    mask: torch.Tensor | None  # [B, 1, T, L] bool, None when every key is visible
+
+    @classmethod
+    def make(cls, slots: list[int], starts: list[int], T: int, device) -> "Step":
+        starts_t = torch.tensor(starts, device=device)
+        positions = starts_t[:, None] + torch.arange(T, device=device)
+        L = max(starts) + T
+        mask = None
+        if T > 1 or len(set(starts)) > 1:
+            keys = torch.arange(L, device=device)
+            mask = (keys[None, None, :] <= positions[:, :, None])[:, None]
+        return cls(slots, starts, positions, mask)
+
+    @property
+    def length(self) -> int:
+        return max(self.starts) + self.positions.shape[1]
+
+    def to(self, device) -> "Step":
+        if self.positions.device == torch.device(device):
+            return self
+        mask = None if self.mask is None else self.mask.to(device)
+        return Step(self.slots, self.starts, self.positions.to(device), mask)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one attention layer: [slots, Hkv, max_len, D]."""
+
+    def __init__(self, slots: int, max_len: int, kv_heads: int, k_dim: int, v_dim: int, dtype, device):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(slots, kv_heads, max_len, k_dim, dtype=dtype, device=device))
+        self.register_buffer("v", torch.zeros(slots, kv_heads, max_len, v_dim, dtype=dtype, device=device))
+
+    def update(self, step: Step, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, Hkv, T, D] and return all keys/values visible to the batch [B, Hkv, L, D]."""
+        T, L = k.shape[2], step.length
+        if L > self.k.shape[2]:
+            raise ValueError(f"sequence of {L} tokens does not fit the KV cache of {self.k.shape[2]}")
+        for b, (slot, start) in enumerate(zip(step.slots, step.starts)):
+            self.k[slot, :, start : start + T] = k[b]
+            self.v[slot, :, start : start + T] = v[b]
+        if len(step.slots) == 1:  # a view, no copy: keeps long-context decode cheap
+            slot = step.slots[0]
+            return self.k[slot : slot + 1, :, :L], self.v[slot : slot + 1, :, :L]
+        index = torch.tensor(step.slots, device=self.k.device)
+        return self.k[index, :, :L], self.v[index, :, :L]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, scale: float) -> torch.Tensor:
+    """q [B, H, T, D], k/v [B, Hkv, L, D] -> [B, T, H*Dv]."""
+    B, H, T, _ = q.shape
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=step.mask, scale=scale, enable_gqa=k.shape[1] != H
+    )
+    return out.transpose(1, 2).reshape(B, T, -1)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = H, Hkv, D
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, H * D, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, Hkv * D, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, Hkv * D, bias=bias)
+        self.o_proj = nn.Linear(H * D, cfg.hidden_size, bias=getattr(cfg, "o_bias", False))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.scale = D**-0.5
+
+    def cache_shape(self) -> tuple[int, int, int]:
+        return self.n_kv_heads, self.head_dim, self.head_dim
+
+    def forward(self, x, rope, step: Step, cache: KVCache):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        k, v = cache.update(step, k, v.transpose(1, 2))
+        return self.o_proj(attend(q, k, v, step, self.scale))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """E gated MLPs stored stacked, so a kernel takes one array per projection:
+    gate_proj/up_proj [E, I, H], down_proj [E, H, I]. Operators replacing it keep
+    forward(x [N, H], ids [N, K], weights [N, K]) -> [N, H]."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in ids.unique().tolist():
+            token, slot = torch.where(ids == e)
+            h = x[token]
+            h = F.silu(h @ self.gate_proj[e].T) * (h @ self.up_proj[e].T)
+            out.index_add_(0, token, (h @ self.down_proj[e].T) * weights[token, slot, None].to(x.dtype))
+        return out
+
+
+class CausalLM(nn.Module):
+    """model.embed_tokens -> model.layers -> model.norm -> lm_head, with Hugging Face names.
+    Families provide `make_layer(cfg, i)` and, if they differ, `make_rotary(cfg)`."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(self.make_layer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = self.make_rotary(cfg)
+
+    def make_rotary(self, cfg) -> Rotary:
+        return Rotary(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+
+    def make_layer(self, cfg, i: int) -> nn.Module:
+        raise NotImplementedError
+
+    def make_cache(self, slots: int, max_len: int, placement) -> list[KVCache]:
+        """One KVCache per layer; placement(path) -> (device, dtype) of that layer's attention."""
+        caches = []
+        for i, layer in enumerate(self.model.layers):
+            device, dtype = placement(f"model.layers.{i}.self_attn")
+            kv_heads, k_dim, v_dim = layer.self_attn.cache_shape()
+            caches.append(KVCache(slots, max_len, kv_heads, k_dim, v_dim, dtype, device))
+        return caches
+
+    def forward(self, tokens: torch.Tensor, step: Step, caches: list[KVCache]) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] (float32)."""
+        x = self.model.embed_tokens(tokens)
+        rope = self.rotary(step.positions.to(x.device))
+        for layer, cache in zip(self.model.layers, caches):
+            x = layer(x, rope, step, cache)
+        return self.lm_head(self.model.norm(x)).float()
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: attention and a feed-forward `mlp`, each residual."""
+
+    def __init__(self, cfg, ffn: nn.Module, attn: nn.Module | None = None, ffn_name: str = "mlp"):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = attn if attn is not None else Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn_name = ffn_name  # Hugging Face's name for it: "mlp" or Mixtral's "block_sparse_moe"
+        self.add_module(ffn_name, ffn)
+
+    def forward(self, x, rope, step, cache):
+        x = x + self.self_attn(self.input_layernorm(x), rope, step, cache)
+        return x + self._modules[self.ffn_name](self.post_attention_layernorm(x))

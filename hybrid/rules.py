@@ -1,0 +1,348 @@
+"""YAML injection rules: which module runs where, with which operator.
+
+A rule file is a mapping with `default_device`, optional `dtype`, and `rules`, an ordered
+list. Each rule has `match` (`name`: a regex matched against the whole dotted module
+path, and/or `class`: class name or import path), `replace` (`class`: an operator from
+`operators/` or `default`; `kwargs`), and optional `recursive` (default true). The first
+matching rule wins; an unmatched module inherits its parent's placement. Everything is
+checked before any weight is read; errors name the rule number and file line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_TOP_KEYS = {"default_device", "dtype", "rules", "description"}
+_RULE_KEYS = {"match", "replace", "recursive"}
+_MATCH_KEYS = {"name", "class"}
+_REPLACE_KEYS = {"class", "kwargs"}
+_PLACEMENT_KWARGS = {"device", "dtype"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RuleError(ValueError):
+    """A rule file that cannot be used; the message names the file, rule and line."""
+
+
+@dataclass
+class Rule:
+    index: int  # 1-based position in the file
+    line: int
+    name: re.Pattern | None
+    cls: str | None
+    replace: str  # "default" or an operator import path
+    kwargs: dict
+    recursive: bool = True
+    operator: type | None = None
+
+    def where(self, source: str) -> str:
+        return f"{source}: rule {self.index} (line {self.line})"
+
+    def matches(self, path: str, module: nn.Module) -> bool:
+        if self.name is not None and not self.name.fullmatch(path):
+            return False
+        if self.cls is not None:
+            t = type(module)
+            if self.cls not in (t.__name__, f"{t.__module__}.{t.__qualname__}"):
+                return False
+        return True
+
+    @property
+    def device(self) -> str | None:
+        return self.kwargs.get("device")
+
+
+@dataclass
+class RuleSet:
+    rules: list[Rule]
+    default_device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    source: str = "<rules>"
+    description: str = ""
+
+
+@dataclass
+class Placement:
+    """What the rules decided for one module."""
+
+    path: str
+    module: nn.Module
+    device: str
+    dtype: torch.dtype
+    rule: Rule | None  # None: inherited from the parent (or the file's default)
+    operator: type | None = None
+    kwargs: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------- parsing
+
+
+class _LineLoader(yaml.SafeLoader):
+    """Keeps the line of every mapping so errors can point at it."""
+
+
+def _construct_mapping(loader, node):
+    mapping = loader.construct_mapping(node, deep=True)
+    mapping["__line__"] = node.start_mark.line + 1
+    return mapping
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def builtin_rules_dir() -> Path:
+    return Path(str(resources.files("rules")))
+
+
+def resolve_rules_path(spec: str | Path) -> Path:
+    """A rule file path, or the name of a built-in one (with or without .yaml)."""
+    p = Path(spec)
+    if p.exists():
+        return p
+    builtin = builtin_rules_dir() / (p.name if p.suffix == ".yaml" else f"{p.name}.yaml")
+    if builtin.exists():
+        return builtin
+    names = ", ".join(sorted(f.stem for f in builtin_rules_dir().glob("*.yaml")))
+    raise RuleError(f"rule file {spec}: not found (built-in rule files: {names})")
+
+
+def parse_rules(spec) -> RuleSet:
+    """Parse and check a rule file (path or built-in name), a YAML string, or a list of
+    rule dicts. Checks keys, regexes, operators, operator kwargs and devices."""
+    if isinstance(spec, RuleSet):
+        return spec
+    if isinstance(spec, (list, dict)):
+        data, source = spec, "<rules>"
+        if isinstance(data, list):
+            data = {"rules": data}
+    else:
+        text = str(spec)
+        if "\n" in text or text.lstrip().startswith(("-", "{", "rules:")):
+            source = "<rules>"
+        else:
+            path = resolve_rules_path(text)
+            source, text = str(path), path.read_text()
+        try:
+            data = yaml.load(text, Loader=_LineLoader)
+        except yaml.YAMLError as e:
+            raise RuleError(f"{source}: not valid YAML: {e}") from e
+        if isinstance(data, list):
+            data = {"rules": data, "__line__": 1}
+    if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
+        raise RuleError(f"{source}: expected a mapping with a 'rules' list")
+    unknown = set(data) - _TOP_KEYS - {"__line__"}
+    if unknown:
+        raise RuleError(f"{source}: unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+    dtype_name = data.get("dtype", "float32")
+    if dtype_name not in DTYPES:
+        raise RuleError(f"{source}: dtype {dtype_name!r} is not one of {sorted(DTYPES)}")
+    default_device = str(data.get("default_device", "cpu"))
+    _check_device(default_device, f"{source}: default_device")
+    rules = [_parse_rule(r, i + 1, source) for i, r in enumerate(data["rules"])]
+    return RuleSet(rules, default_device, DTYPES[dtype_name], source, data.get("description", ""))
+
+
+def _parse_rule(raw, index: int, source: str) -> Rule:
+    line = raw.get("__line__", 0) if isinstance(raw, dict) else 0
+    where = f"{source}: rule {index} (line {line})"
+    if not isinstance(raw, dict):
+        raise RuleError(f"{where}: a rule must be a mapping with 'match' and 'replace'")
+    raw = {k: v for k, v in raw.items() if k != "__line__"}
+    _only(raw, _RULE_KEYS, where, "rule")
+    match = raw.get("match")
+    if not isinstance(match, dict) or not ({"name", "class"} & set(match)):
+        raise RuleError(f"{where}: 'match' needs 'name' (regex) and/or 'class'")
+    match = {k: v for k, v in match.items() if k != "__line__"}
+    _only(match, _MATCH_KEYS, where, "match")
+    pattern = None
+    if "name" in match:
+        try:
+            pattern = re.compile(str(match["name"]))
+        except re.error as e:
+            raise RuleError(f"{where}: invalid regex {match['name']!r}: {e}") from e
+    replace = raw.get("replace", {"class": "default"})
+    if not isinstance(replace, dict):
+        raise RuleError(f"{where}: 'replace' must be a mapping with 'class' and optional 'kwargs'")
+    replace = {k: v for k, v in replace.items() if k != "__line__"}
+    _only(replace, _REPLACE_KEYS, where, "replace")
+    kwargs = {k: v for k, v in (replace.get("kwargs") or {}).items() if k != "__line__"}
+    recursive = raw.get("recursive", True)
+    if not isinstance(recursive, bool):
+        raise RuleError(f"{where}: 'recursive' must be true or false")
+    rule = Rule(index, line, pattern, match.get("class"), str(replace.get("class", "default")), kwargs, recursive)
+    if rule.replace == "default":
+        _only(kwargs, _PLACEMENT_KWARGS, where, "kwargs of 'default'")
+    else:
+        rule.operator = _find_operator(rule.replace, where)
+        _check_kwargs(rule.operator, kwargs, where)
+    if "device" in kwargs:
+        _check_device(str(kwargs["device"]), where)
+    if "dtype" in kwargs and kwargs["dtype"] not in DTYPES:
+        raise RuleError(f"{where}: dtype {kwargs['dtype']!r} is not one of {sorted(DTYPES)}")
+    return rule
+
+
+def _only(d: dict, allowed: set, where: str, what: str) -> None:
+    unknown = set(d) - allowed
+    if unknown:
+        raise RuleError(f"{where}: unknown key(s) {sorted(unknown)} in {what}; allowed: {sorted(allowed)}")
+
+
+def _find_operator(name: str, where: str) -> type:
+    import operators
+
+    if name in operators.OPERATORS:
+        return operators.OPERATORS[name]
+    if "." in name:
+        mod, _, attr = name.rpartition(".")
+        try:
+            op = getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError):
+            op = None
+        if isinstance(op, type) and issubclass(op, nn.Module):
+            return op
+    raise RuleError(
+        f"{where}: unknown operator {name!r}; available: default, {', '.join(sorted(operators.OPERATORS))}"
+    )
+
+
+def _check_kwargs(op: type, kwargs: dict, where: str) -> None:
+    params = inspect.signature(op.__init__).parameters
+    accepted = {n for n, p in params.items() if p.kind == p.KEYWORD_ONLY}
+    unknown = set(kwargs) - accepted
+    if unknown:
+        raise RuleError(
+            f"{where}: operator {op.__name__} does not accept {sorted(unknown)}; it accepts {sorted(accepted)}"
+        )
+    if hasattr(op, "check_kwargs"):
+        try:
+            op.check_kwargs(**kwargs)
+        except ValueError as e:
+            raise RuleError(f"{where}: {e}") from e
+
+
+def cpu_rules_hint() -> str:
+    return "use a CPU rule file instead (e.g. --rules <family>-cpu; `hybrid rules --model M` shows the default)"
+
+
+def _check_device(device: str, where: str) -> None:
+    try:
+        d = torch.device(device)
+    except RuntimeError as e:
+        raise RuleError(f"{where}: {device!r} is not a device name (cpu, cuda, cuda:N)") from e
+    if d.type == "cpu":
+        return
+    if d.type != "cuda":
+        raise RuleError(f"{where}: device {device!r} is not supported (cpu, cuda, cuda:N)")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise RuleError(f"{where}: device {device!r} but this machine has no CUDA device; {cpu_rules_hint()}")
+    if (d.index or 0) >= count:
+        raise RuleError(f"{where}: device {device!r} but this machine has {count} CUDA device(s)")
+
+
+# ------------------------------------------------------------------------ planning
+
+
+def plan(root: nn.Module, ruleset: RuleSet) -> tuple[list[Placement], dict[int, int]]:
+    """Decide every module's placement (pre-order) without changing the tree. Returns the
+    placements and, per rule index, how many modules it matched."""
+    placements: list[Placement] = []
+    counts = {r.index: 0 for r in ruleset.rules}
+
+    def visit(path: str, module: nn.Module, device: str, dtype: torch.dtype) -> None:
+        rule = next((r for r in ruleset.rules if path and r.matches(path, module)), None)
+        if rule is not None:
+            counts[rule.index] += 1
+            device = str(rule.kwargs.get("device", device))
+            dtype = DTYPES[rule.kwargs["dtype"]] if "dtype" in rule.kwargs else dtype
+            if rule.operator is not None:
+                fits = getattr(rule.operator, "replaces", ())
+                if fits and not isinstance(module, fits):
+                    names = ", ".join(c.__name__ for c in fits)
+                    raise RuleError(
+                        f"{rule.where(ruleset.source)}: operator {rule.operator.__name__} replaces {names}, "
+                        f"but {path} is a {type(module).__name__}"
+                    )
+                op_kwargs = {k: v for k, v in rule.kwargs.items()}
+                placements.append(Placement(path, module, device, dtype, rule, rule.operator, op_kwargs))
+                return  # an operator owns its whole subtree
+        placements.append(Placement(path, module, device, dtype, rule))
+        if rule is not None and not rule.recursive:
+            return
+        for name, child in module.named_children():
+            visit(f"{path}.{name}" if path else name, child, device, dtype)
+
+    visit("", root, ruleset.default_device, ruleset.dtype)
+    for r in ruleset.rules:
+        if counts[r.index] == 0:
+            log.warning("%s matches no module", r.where(ruleset.source))
+    return placements, counts
+
+
+def swap(root: nn.Module, placements: list[Placement], config) -> None:
+    """Replace every module an operator was chosen for (after planning: the tree is never
+    changed while it is walked). The operator builds itself from the module and config."""
+    for p in placements:
+        if p.operator is None:
+            continue
+        kwargs = dict(p.kwargs)
+        op = p.operator(p.module, config, **kwargs)
+        parent_path, _, name = p.path.rpartition(".")
+        parent = root.get_submodule(parent_path) if parent_path else root
+        setattr(parent, name, op)
+        p.module = op
+
+
+def _move(x, device):
+    if isinstance(x, torch.Tensor) or hasattr(x, "positions"):
+        return x.to(device)
+    if isinstance(x, tuple):
+        return tuple(_move(v, device) for v in x)
+    if isinstance(x, list):
+        return [_move(v, device) for v in x]
+    return x
+
+
+def add_device_hooks(root: nn.Module, placements: list[Placement]) -> None:
+    """Where a module runs on another device than its parent, move its inputs there and
+    its output back, so model code never deals with devices."""
+    device_of = {p.path: p.device for p in placements}
+    for p in placements:
+        if not p.path or p.operator is not None:
+            continue  # operators move their own activations
+        parent = device_of.get(p.path.rpartition(".")[0], p.device)
+        if torch.device(parent) == torch.device(p.device):
+            continue
+        target, back = torch.device(p.device), torch.device(parent)
+        p.module.register_forward_pre_hook(lambda m, args, t=target: _move(args, t))
+        p.module.register_forward_hook(lambda m, args, out, b=back: _move(out, b))
+
+
+def inject(module: nn.Module, rules, config=None) -> list[Placement]:
+    """Apply rules to a module tree already in memory (weights present): swap operators
+    in, taking their weights from the replaced modules, and place the rest."""
+    ruleset = parse_rules(rules)
+    placements, _ = plan(module, ruleset)
+    originals = {p.path: p.module for p in placements if p.operator is not None}
+    swap(module, placements, config)
+    for p in placements:
+        if p.operator is not None:
+            p.module.load_from_module(originals[p.path])
+        else:
+            for name, param in list(p.module.named_parameters(recurse=False)):
+                p.module._parameters[name] = nn.Parameter(param.data.to(p.device, p.dtype), requires_grad=False)
+    add_device_hooks(module, placements)
+    return placements

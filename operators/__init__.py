@@ -1,0 +1,16 @@
+"""Replaceable modules that the YAML rules put in place of model modules.
+
+`OPERATORS` maps the short names rule files use to the classes; a rule may also name
+any operator by import path (e.g. `operators.linear.CPULinear`)."""
+
+from .embedding import CPUEmbedding
+from .experts import CPUExperts
+from .linear import CPULinear
+
+OPERATORS = {
+    "CPULinear": CPULinear,
+    "CPUEmbedding": CPUEmbedding,
+    "CPUExperts": CPUExperts,
+}
+
+__all__ = ["OPERATORS", "CPULinear", "CPUEmbedding", "CPUExperts"]

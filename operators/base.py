@@ -1,0 +1,59 @@
+"""What every operator shares: it replaces one module kind, builds itself from the
+module it replaces plus config plus its rule's kwargs, and loads its own tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from torch import nn
+
+Q = GGMLQuantizationType
+_FLOAT_TYPES = {torch.float32: Q.F32, torch.float16: Q.F16, torch.bfloat16: Q.BF16}
+
+
+class Operator(nn.Module):
+    replaces: tuple[type, ...] = ()
+
+    def __init__(self, original: nn.Module, config):
+        super().__init__()
+        # The checkpoint tensors this operator takes are the replaced module's parameters.
+        self.original_shapes = {n: tuple(p.shape) for n, p in original.named_parameters()}
+
+    def load(self, get) -> None:
+        """get(local_name) -> TensorRef (shape already checked)."""
+        raise NotImplementedError
+
+    def load_from_module(self, original: nn.Module) -> None:
+        """Take weights from an in-memory module (used by `hybrid.inject`)."""
+        from hybrid.checkpoint import TensorRef
+
+        params = dict(original.named_parameters())
+
+        def get(name):
+            t = params[name].detach().cpu()
+            raw = t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+            return TensorRef(name, tuple(t.shape), _FLOAT_TYPES[t.dtype], lambda r=raw: r)
+
+        self.load(get)
+
+
+def check_quant(quant) -> None:
+    from .quantize import QUANTIZABLE
+
+    if quant is not None and str(quant).upper() not in QUANTIZABLE:
+        raise ValueError(f"quant {quant!r} is not supported; choose one of {sorted(QUANTIZABLE)} or leave it out")
+
+
+def weight_array(ref, quant) -> tuple[GGMLQuantizationType, np.ndarray]:
+    """The stored form of a weight for the kernels: quantized GGUF blocks as they are;
+    float weights quantized to `quant` when the rule asks for it, else kept as stored."""
+    from .quantize import quantize
+
+    data = ref.raw_rows() if hasattr(ref, "raw_rows") else ref.raw()
+    if quant is None or ref.qtype not in (Q.F32, Q.F16, Q.BF16):
+        return ref.qtype, data
+    target = Q[str(quant).upper()]
+    full = ref.numpy().reshape(-1, ref.shape[-1])
+    blocks = quantize(target, np.ascontiguousarray(full, dtype=np.float32))
+    return target, blocks.reshape(*ref.shape[:-1], -1)

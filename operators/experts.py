@@ -1,0 +1,48 @@
+"""Routed experts on the CPU: one fused numba call per MoE layer over the stored
+(quantized) stacked expert weights."""
+
+from __future__ import annotations
+
+import torch
+
+from hybrid.models.common import Experts
+
+from . import kernels
+from .base import Operator, check_quant, weight_array
+
+
+class CPUExperts(Operator):
+    """Replaces `Experts` (gate_proj/up_proj [E, I, H], down_proj [E, H, I]). Hidden
+    states come from whatever device the router ran on and go back there."""
+
+    replaces = (Experts,)
+
+    def __init__(self, original: Experts, config, *, device: str = "cpu", quant: str | None = None, threads: int | None = None):
+        super().__init__(original, config)
+        check_quant(quant)
+        self.num_experts, self.hidden, self.intermediate = original.num_experts, original.hidden, original.intermediate
+        self.quant, self.threads = quant, threads
+
+    @staticmethod
+    def check_kwargs(device="cpu", quant=None, threads=None):
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"CPUExperts runs on the CPU; device {device!r} is not possible")
+        check_quant(quant)
+
+    def load(self, get) -> None:
+        self.gate = weight_array(get("gate_proj"), self.quant)
+        self.up = weight_array(get("up_proj"), self.quant)
+        self.down = weight_array(get("down_proj"), self.quant)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        xs = x.to("cpu", torch.float32).contiguous().numpy()
+        out = kernels.moe_forward(
+            *self.gate, *self.up, *self.down, xs,
+            ids.to("cpu", torch.int64).contiguous().numpy(),
+            weights.to("cpu", torch.float32).contiguous().numpy(),
+            threads=self.threads,
+        )
+        return torch.from_numpy(out).to(x.device, x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, hidden={self.hidden}, intermediate={self.intermediate}"

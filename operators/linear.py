@@ -1,0 +1,44 @@
+"""CPU linear layer on quantized (or float) weights, computed by the numba kernels."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import kernels
+from .base import Operator, check_quant, weight_array
+
+
+class CPULinear(Operator):
+    """Replaces nn.Linear. Weight [out, in] stays in its stored GGUF form (raw blocks);
+    `quant` quantizes float checkpoints at load (q8_0, q4_0, ...)."""
+
+    replaces = (nn.Linear,)
+
+    def __init__(self, original: nn.Linear, config, *, device: str = "cpu", quant: str | None = None, threads: int | None = None):
+        super().__init__(original, config)
+        check_quant(quant)
+        self.in_features, self.out_features = original.in_features, original.out_features
+        self.quant, self.threads = quant, threads
+        self.has_bias = original.bias is not None
+
+    @staticmethod
+    def check_kwargs(device="cpu", quant=None, threads=None):
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"CPULinear runs on the CPU; device {device!r} is not possible (use 'default' to keep torch's Linear on a GPU)")
+        check_quant(quant)
+
+    def load(self, get) -> None:
+        self.qtype, self.weight = weight_array(get("weight"), self.quant)
+        self.bias = get("bias").tensor() if self.has_bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features).to("cpu", torch.float32).contiguous().numpy()
+        y = torch.from_numpy(kernels.matmul(self.qtype, self.weight, flat, threads=self.threads))
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*lead, self.out_features).to(x.device, x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, type={getattr(self, 'qtype', None)!s}"
