@@ -44,6 +44,8 @@ def describe(source) -> tuple[Source, dict, dict, dict]:
         if cfg.get("gguf_architecture") in ("llama", "mistral"):
             permuted = {name: _heads(cfg, key) for name, key in fam.GGUF_PERMUTED.items()}
         refs = gguf_tensors(readers, fam.GGUF_NAMES, permuted)
+        if "rope_freqs.weight" in refs:
+            cfg["rope_scaling"] = {"rope_type": "default", "freq_factors": refs.pop("rope_freqs.weight").numpy().tolist()}
         if "lm_head.weight" not in refs:
             cfg["tie_word_embeddings"] = True
         return src, cfg, refs, meta
@@ -127,12 +129,25 @@ def load_weights(module: nn.Module, placements, tensors: _Tensors, config, progr
         raise CheckpointError(f"no weights were loaded for: {', '.join(leftover[:8])}")
 
 
+def _tokenizer(src: Source, meta: dict):
+    """The model's tokenizer, or None (with a warning) when the source ships none: logits
+    still work, generation says what is missing."""
+    from .tokenizer import Tokenizer
+
+    if src.is_gguf:
+        if "tokenizer.ggml.model" in meta:
+            return Tokenizer.from_gguf(meta)
+    elif any((src.path / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+        return Tokenizer.from_pretrained(src.path)
+    log.warning("%s has no tokenizer; only logits() is available", src.path)
+    return None
+
+
 def load(source, rules=None, *, progress: bool = False):
     """Load a model from a .gguf file (or the first of a split set), a directory holding
     one, or a Hugging Face checkpoint directory. `rules`: a rule file path, a built-in
     rule file name, YAML text, or None to pick the built-in file for the family."""
     from .model import Model
-    from .tokenizer import Tokenizer
 
     config, module, placements, _, refs, ruleset, src, meta = build(source, rules)
     rules_mod.swap(module, placements, config)
@@ -149,6 +164,6 @@ def load(source, rules=None, *, progress: bool = False):
             bar.close()
     rules_mod.add_device_hooks(module, placements)
     module.eval()
-    tokenizer = Tokenizer.from_gguf(meta) if src.is_gguf else Tokenizer.from_pretrained(src.path)
+    tokenizer = _tokenizer(src, meta)
     name = meta.get("general.name") or re.sub(r"\.gguf$", "", src.path.name)
     return Model(config, module, tokenizer, placements=placements, ruleset=ruleset, source=src, name=name)

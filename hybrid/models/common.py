@@ -48,6 +48,8 @@ def rope_frequencies(params: dict, dim: int, max_positions: int) -> tuple[torch.
     base = params["rope_theta"]
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     kind = params["rope_type"]
+    if "freq_factors" in params:  # llama.cpp stores llama3 scaling as per-frequency divisors
+        return inv_freq / torch.tensor(params["freq_factors"], dtype=torch.float32), 1.0
     if kind == "default":
         return inv_freq, 1.0
     if kind == "linear":

@@ -1,0 +1,117 @@
+"""Write a Hugging Face checkpoint as a GGUF file with llama.cpp's tensor names and
+metadata (the inverse of the loader's tables). Used by the tests to check GGUF loading
+against transformers, and by scripts/ to make synthetic benchmark models."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import quantize
+
+from .checkpoint import _GGUF_ARCH, _GGUF_CONFIG, find_source, gguf_metadata, open_gguf, safetensors_tensors
+from .models import family
+
+Q = GGMLQuantizationType
+_ARCH_OF = {v: k for k, v in _GGUF_ARCH.items() if k != "mistral"} | {"mistral": "llama", "mixtral": "llama", "deepseek_v3": "deepseek2"}
+_METADATA_TYPES = {"rms_norm_eps": float, "rope_theta": float, "routed_scaling_factor": float}
+
+
+def _gguf_name(hf_name: str, names: dict[str, str]) -> str:
+    for hf, g in names.items():
+        m = re.fullmatch(re.escape(hf).replace(r"\{i\}", r"(?P<i>\d+)"), hf_name)
+        if m:
+            return g.format(**m.groupdict())
+    raise KeyError(f"{hf_name}: no GGUF name in the family's table")
+
+
+def permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's q/k row interleave (inverse of checkpoint.unpermute_rows)."""
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(model_dir, out_path, qtype: str = "F32", tokenizer_from=None, extra_metadata: dict | None = None) -> Path:
+    """model_dir: a Hugging Face checkpoint directory. qtype: F32, F16 or a type that
+    gguf's quantizer supports (Q8_0, Q4_0, ...) for 2-D weights whose rows fit its
+    blocks; norms and biases stay F32. tokenizer_from: a GGUF file whose tokenizer.*
+    fields are copied."""
+    src = find_source(model_dir)
+    cfg = json.loads((src.path / "config.json").read_text())
+    fam = family(cfg["model_type"])
+    arch = _ARCH_OF[cfg["model_type"]]
+    refs = safetensors_tensors(src.safetensors_files, fam.STACKED)
+    writer = GGUFWriter(str(out_path), arch)
+    writer.add_name(cfg.get("_name_or_path") or src.path.name)
+    _add_config(writer, arch, fam.Config.from_dict(cfg), cfg)
+    for key, value in (extra_metadata or {}).items():
+        _add_value(writer, key, value)
+    if tokenizer_from:
+        reader = open_gguf(Path(tokenizer_from))
+        for key, value in gguf_metadata(reader).items():
+            if key.startswith("tokenizer."):
+                _add_value(writer, key, value, reader.fields[key])
+    target = Q[qtype.upper()]
+    config = fam.Config.from_dict(cfg)
+    for name, ref in refs.items():
+        if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+            continue
+        w = ref.numpy()
+        if arch == "llama" and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+            w = permute_rows(w, heads)
+        gname = _gguf_name(name, fam.GGUF_NAMES)
+        if w.ndim == 1 or target == Q.F32 or w.shape[-1] % 32:
+            writer.add_tensor(gname, np.ascontiguousarray(w, dtype=np.float32))
+        elif target == Q.F16:
+            writer.add_tensor(gname, w.astype(np.float16))
+        else:
+            blocks = quantize(np.ascontiguousarray(w, dtype=np.float32), target)
+            writer.add_tensor(gname, blocks, raw_shape=blocks.shape, raw_dtype=target)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(out_path)
+
+
+def _add_config(writer: GGUFWriter, arch: str, config, cfg: dict) -> None:
+    values = dict(cfg)
+    values.update({k: getattr(config, k) for k in ("num_key_value_heads", "head_dim") if hasattr(config, k)})
+    if "rope" in config.__dict__:
+        values["rope_theta"] = config.rope["rope_theta"]
+    for gkey, hf in _GGUF_CONFIG.items():
+        if hf in values and values[hf] is not None and not isinstance(values[hf], (dict, list)):
+            v = values[hf]
+            v = _METADATA_TYPES.get(hf, type(v))(v)
+            _add_value(writer, f"{arch}.{gkey}", v)
+    rope = getattr(config, "rope", {}) or {}
+    if rope.get("rope_type") == "llama3":  # llama.cpp's form: a tensor of per-frequency divisors
+        from .models.common import rope_frequencies
+
+        plain, _ = rope_frequencies({**rope, "rope_type": "default"}, config.head_dim, config.max_position_embeddings)
+        scaled, _ = rope_frequencies(rope, config.head_dim, config.max_position_embeddings)
+        writer.add_tensor("rope_freqs.weight", (plain / scaled).numpy().astype(np.float32))
+    elif rope.get("rope_type", "default") != "default":
+        writer.add_string(f"{arch}.rope.scaling.type", rope["rope_type"])
+        writer.add_float32(f"{arch}.rope.scaling.factor", float(rope["factor"]))
+        if rope.get("original_max_position_embeddings"):
+            writer.add_uint32(f"{arch}.rope.scaling.original_context_length", int(rope["original_max_position_embeddings"]))
+
+
+def _add_value(writer: GGUFWriter, key: str, value, field=None) -> None:
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value) if value >= 0 else writer.add_int32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, list):
+        writer.add_array(key, value)
+    else:
+        raise TypeError(f"metadata {key}: cannot write a {type(value).__name__}")
