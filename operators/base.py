@@ -38,9 +38,11 @@ class Operator(nn.Module):
         self.load(get)
 
 
-def check_quant(quant) -> None:
-    from .quantize import QUANTIZABLE
+# Formats a rule's `quant` may ask float checkpoints to be quantized to at load time.
+QUANTIZABLE = {"Q8_0", "Q4_0", "Q4_1"}
 
+
+def check_quant(quant) -> None:
     if quant is not None and str(quant).upper() not in QUANTIZABLE:
         raise ValueError(f"quant {quant!r} is not supported; choose one of {sorted(QUANTIZABLE)} or leave it out")
 

@@ -1,0 +1,36 @@
+"""`hybrid rules`: show what a rule file does to a model, without loading weights."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+HELP = "print the placement plan of a rule file for a model (no weights are read)"
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "rules",
+        help=HELP,
+        description=HELP + ". Exit status 1 if the plan does not fit the memory available, 2 on bad input.",
+    )
+    p.add_argument("--model", help="model file or directory (default: the built-in model)")
+    p.add_argument("--rules", help="rule file path or built-in name (default: chosen by family and CUDA presence)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args) -> int:
+    from .defaults import default_model_path
+    from .loader import build
+    from .plan import format_plan, summarize
+
+    config, module, placements, counts, refs, ruleset, src, meta = build(args.model or default_model_path(), args.rules)
+    plan = summarize(placements, counts, refs, ruleset)
+    plan["model"] = str(src.path)
+    print(json.dumps(plan, indent=2) if args.json else f"model: {src.path}\n" + format_plan(plan))
+    if not plan["fits"]:
+        print("the plan does not fit the memory available", file=sys.stderr)
+        return 1
+    return 0

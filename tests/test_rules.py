@@ -1,0 +1,180 @@
+"""The rules engine: matching, placement, validation with rule numbers and lines, and
+`hybrid rules` plans."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import hybrid
+from hybrid.rules import RuleError, builtin_rules_dir, parse_rules, plan
+
+
+class Leaf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+
+def tree() -> nn.Module:
+    root = nn.Module()
+    root.a = Leaf()
+    root.b = Leaf()
+    root.b.inner = Leaf()
+    root.norm = nn.LayerNorm(4)
+    return root
+
+
+def placed(rules_yaml: str) -> dict:
+    placements, counts = plan(tree(), parse_rules(rules_yaml))
+    return {p.path: p for p in placements}, counts
+
+
+def test_first_match_wins_and_unmatched_inherit():
+    p, counts = placed(
+        """
+default_device: cpu
+dtype: bfloat16
+rules:
+  - match: {name: 'b'}
+    replace: {class: default, kwargs: {dtype: float32}}
+  - match: {name: 'b|a'}
+    replace: {class: default, kwargs: {dtype: float16}}
+"""
+    )
+    assert p["b"].rule.index == 1 and p["b"].dtype == torch.float32
+    assert p["a"].rule.index == 2 and p["a"].dtype == torch.float16
+    assert p["b.inner.proj"].rule is None and p["b.inner.proj"].dtype == torch.float32  # inherited
+    assert p["norm"].dtype == torch.bfloat16  # the file's default
+    assert counts == {1: 1, 2: 1}
+
+
+def test_name_is_matched_against_the_whole_path():
+    p, counts = placed("rules:\n  - match: {name: 'proj'}\n    replace: {class: default, kwargs: {dtype: float16}}\n")
+    assert counts[1] == 0  # 'a.proj' does not fullmatch 'proj' (no silent partial matches)
+    p, counts = placed("rules:\n  - match: {name: '.*proj'}\n    replace: {class: default, kwargs: {dtype: float16}}\n")
+    assert counts[1] == 3
+
+
+def test_class_matching_by_name_and_import_path():
+    _, counts = placed("rules:\n  - match: {class: Linear}\n")
+    assert counts[1] == 3
+    _, counts = placed("rules:\n  - match: {class: torch.nn.modules.normalization.LayerNorm}\n")
+    assert counts[1] == 1
+    _, counts = placed("rules:\n  - match: {class: Leaf, name: 'b.*'}\n")
+    assert counts[1] == 2
+
+
+def test_recursive_false_stops_descending():
+    p, _ = placed(
+        """
+rules:
+  - match: {name: 'b'}
+    replace: {class: default, kwargs: {dtype: float16}}
+    recursive: false
+  - match: {class: Linear}
+    replace: {class: default, kwargs: {dtype: bfloat16}}
+"""
+    )
+    assert "b.proj" not in p and "b.inner" not in p  # b's subtree is not visited: all of it follows b
+    assert p["a.proj"].dtype == torch.bfloat16
+
+
+def test_unmatched_rule_warns(caplog):
+    placed("rules:\n  - match: {name: 'nothing\\.here'}\n")
+    assert "rule 1 (line 2) matches no module" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("rules:\n  - match: {name: a}\n    replace: {class: default}\n    colour: red\n", "rule 1 (line 2): unknown key(s) ['colour']"),
+        ("rules:\n  - match: {name: a}\n  - match: {name: '(unclosed'}\n", "rule 2 (line 3): invalid regex"),
+        ("rules:\n  - match: {name: a}\n    replace: {class: NoSuchOperator}\n", "rule 1 (line 2): unknown operator 'NoSuchOperator'"),
+        ("rules:\n  - match: {name: a}\n    replace: {class: CPULinear, kwargs: {colour: 1}}\n", "rule 1 (line 2): operator CPULinear does not accept ['colour']"),
+        ("rules:\n  - match: {name: a}\n    replace: {class: CPULinear, kwargs: {quant: q3_weird}}\n", "rule 1 (line 2): quant 'q3_weird' is not supported"),
+        ("rules:\n  - match: {naem: a}\n", "rule 1 (line 2): 'match' needs 'name'"),
+        ("rules:\n  - match: {name: a}\n    replace: {class: default, kwargs: {device: tpu}}\n", "rule 1 (line 2): 'tpu' is not a device name"),
+        ("rules: {}\n", "expected a mapping with a 'rules' list"),
+        ("rulez: []\n", "expected a mapping with a 'rules' list"),
+        ("default_device: cpu\ndtype: float8\nrules: []\n", "dtype 'float8'"),
+    ],
+)
+def test_validation_errors_name_rule_and_line(text, message):
+    with pytest.raises(RuleError) as e:
+        parse_rules(text)
+    assert message in str(e.value)
+
+
+def test_operator_that_does_not_fit_its_module():
+    with pytest.raises(RuleError, match=r"rule 1 \(line 2\): operator CPUExperts replaces Experts, but a is a Leaf"):
+        placed("rules:\n  - match: {name: a}\n    replace: {class: CPUExperts}\n")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_rule_on_cpu_machine_names_the_cpu_file():
+    with pytest.raises(RuleError, match=r"llama-gpu.yaml: default_device: device 'cuda:0' but this machine has no CUDA device; use a CPU rule file"):
+        parse_rules("llama-gpu")
+
+
+def test_every_builtin_file_parses_or_needs_cuda():
+    files = sorted(builtin_rules_dir().glob("*.yaml"))
+    assert {f.stem for f in files} >= {f"{fam}-{kind}" for fam in ("llama", "mixtral", "qwen_moe", "deepseek") for kind in ("cpu", "gpu", "multi-gpu")}
+    for f in files:
+        if "gpu" in f.stem and not torch.cuda.is_available():
+            with pytest.raises(RuleError, match="no CUDA device"):
+                parse_rules(f)
+        else:
+            parse_rules(f)
+
+
+def test_unknown_rule_file_lists_builtins():
+    with pytest.raises(RuleError, match="built-in rule files: .*llama-cpu"):
+        parse_rules("no-such-rules")
+
+
+def test_inject_swaps_in_memory_modules_and_keeps_results():
+    torch.manual_seed(0)
+    root = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 64))
+    x = torch.randn(3, 64)
+    want = root(x)
+    placements = hybrid.inject(root, "rules:\n  - match: {name: '0|2'}\n    replace: {class: CPULinear}\n")
+    assert type(root[0]).__name__ == "CPULinear" and type(root[2]).__name__ == "CPULinear"
+    assert {p.path for p in placements if p.operator} == {"0", "2"}
+    torch.testing.assert_close(root(x), want, rtol=1e-5, atol=1e-5)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "hybrid", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from .tiny import make_tiny
+
+    d = tmp_path_factory.mktemp("llama")
+    make_tiny("llama", d)
+    return d
+
+
+def test_rules_command_plan_and_byte_totals(tiny_llama):
+    r = run_cli("rules", "--model", str(tiny_llama), "--rules", "llama-cpu", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    linear_rule = next(x for x in out["rules"] if x["replace"] == "CPULinear")
+    assert linear_rule["matches"] == 2 * 7 + 1  # q k v o gate up down per layer, lm_head
+    params = sum(t.numel() for t in __import__("safetensors.torch").torch.load_file(str(tiny_llama / "model.safetensors")).values())
+    assert out["devices"][0]["device"] == "cpu" and out["devices"][0]["bytes"] == params * 4  # float32 checkpoint
+    assert out["fits"] is True
+    text = run_cli("rules", "--model", str(tiny_llama), "--rules", "llama-cpu")
+    assert "CPULinear" in text.stdout and "fits" in text.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_rules_command_gpu_file_on_cpu_machine_fails_clearly(tiny_llama):
+    r = run_cli("rules", "--model", str(tiny_llama), "--rules", "llama-gpu")
+    assert r.returncode == 2
+    assert "no CUDA device" in r.stderr and "Traceback" not in r.stderr
