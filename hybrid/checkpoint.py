@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 Q = GGMLQuantizationType
@@ -141,33 +141,103 @@ def _safetensors_files(directory: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- GGUF
 
 
-def open_gguf(path: Path) -> GGUFReader:
+@dataclass
+class GGUFTensor:
+    name: str
+    shape: tuple[int, ...]  # logical torch order (GGUF stores dims innermost first)
+    qtype: GGMLQuantizationType
+    data: np.ndarray  # memory-mapped: uint8 blocks [*shape[:-1], row_bytes], or float arrays
+
+
+@dataclass
+class GGUFFile:
+    """A GGUF file's metadata as Python values and its tensors as memory-mapped arrays.
+
+    Read with a small header parser rather than `gguf.GGUFReader`, whose per-string numpy
+    views of a large vocabulary cost more memory than a small model's weights."""
+
+    path: Path
+    metadata: dict
+    tensors: list[GGUFTensor]
+
+
+_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+_STRING, _ARRAY = 8, 9
+
+
+class _Cursor:
+    def __init__(self, buf: np.ndarray):
+        self.buf, self.pos = buf, 0
+
+    def scalar(self, code: int):
+        dt = np.dtype(_SCALARS[code])
+        value = self.buf[self.pos : self.pos + dt.itemsize].view(dt)[0]
+        self.pos += dt.itemsize
+        return value.item()
+
+    def string(self) -> str:
+        n = self.scalar(10)
+        text = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return text
+
+    def value(self, code: int):
+        if code == _STRING:
+            return self.string()
+        if code == _ARRAY:
+            item, count = self.scalar(4), self.scalar(10)
+            if item == _STRING:
+                return [self.string() for _ in range(count)]
+            if item == _ARRAY:
+                return [self.value(_ARRAY) for _ in range(count)]
+            dt = np.dtype(_SCALARS[item])
+            values = self.buf[self.pos : self.pos + dt.itemsize * count].view(dt)
+            self.pos += dt.itemsize * count
+            return values.tolist()
+        return self.scalar(code)
+
+
+def open_gguf(path: Path) -> GGUFFile:
+    path = Path(path)
     try:
-        reader = GGUFReader(path)
-    except Exception as e:  # the reader raises whatever numpy raises on a short file
+        buf = np.memmap(path, mode="r")
+        if bytes(buf[:4]) != b"GGUF":
+            raise ValueError("no GGUF magic number at the start")
+        cur = _Cursor(buf)
+        cur.pos = 4
+        version, n_tensors, n_kv = cur.scalar(4), cur.scalar(10), cur.scalar(10)
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is too old (2 or newer is read)")
+        meta = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            meta[key] = cur.value(cur.scalar(4))
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            dims = [cur.scalar(10) for _ in range(cur.scalar(4))]
+            infos.append((name, tuple(reversed(dims)), Q(cur.scalar(4)), cur.scalar(10)))
+    except (ValueError, IndexError, KeyError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not a readable GGUF file ({e}); is it truncated or corrupt?") from e
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise CheckpointError(f"{path}: tensor {t.name} runs past the end of the file; the file is truncated")
-    return reader
-
-
-def field_value(f):
-    """A GGUF metadata field as a plain Python value."""
-    value = f.contents()
-    return value
-
-
-def gguf_metadata(reader: GGUFReader, skip_arrays: bool = False) -> dict:
-    out = {}
-    for name, f in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        if skip_arrays and len(f.data) > 1:
-            continue
-        out[name] = field_value(f)
-    return out
+    align = int(meta.get("general.alignment", 32))
+    start = -(-cur.pos // align) * align
+    tensors = []
+    for name, shape, qtype, offset in infos:
+        block, size = GGML_QUANT_SIZES[qtype]
+        row_bytes = shape[-1] // block * size
+        n_bytes = int(np.prod(shape[:-1], dtype=np.int64)) * row_bytes
+        begin = start + offset
+        if begin + n_bytes > len(buf):
+            raise CheckpointError(f"{path}: tensor {name} runs past the end of the file; the file is truncated")
+        raw = buf[begin : begin + n_bytes]
+        if qtype in (Q.F32, Q.F16):
+            data = raw.view(np.float32 if qtype == Q.F32 else np.float16).reshape(shape)
+        elif qtype == Q.BF16:
+            data = raw.view(np.uint16).reshape(shape)
+        else:
+            data = raw.reshape(*shape[:-1], row_bytes)
+        tensors.append(GGUFTensor(name, shape, qtype, data))
+    return GGUFFile(path, meta, tensors)
 
 
 # GGUF metadata key (after "{arch}.") -> Hugging Face config key.
@@ -231,9 +301,14 @@ def gguf_config(meta: dict) -> dict:
     if arch == "deepseek2" and meta.get(f"{arch}.expert_gating_func") == 2:
         cfg["model_type"] = "deepseek_v3"
         cfg["scoring_func"] = "sigmoid"
-    if "head_dim" in cfg and cfg["model_type"] in ("deepseek_v2", "deepseek_v3"):
-        # key_length is nope+rope there; the family splits it with rope_dimension_count
-        cfg["qk_head_dim"] = cfg.pop("head_dim")
+    if arch == "qwen3moe":  # llama.cpp always renormalises Qwen3-MoE's top-k weights
+        cfg.setdefault("norm_topk_prob", True)
+    if cfg["model_type"] in ("deepseek_v2", "deepseek_v3"):
+        # key/value_length are the q/k head (nope+rope) and v head; newer llama.cpp files store
+        # its MQA view of MLA there and the real heads under *_mla. The family splits the
+        # q/k head with rope_dimension_count.
+        cfg["qk_head_dim"] = meta.get(f"{arch}.attention.key_length_mla", cfg.pop("head_dim", None))
+        cfg["v_head_dim"] = meta.get(f"{arch}.attention.value_length_mla", cfg.get("v_head_dim"))
     scaling = meta.get(f"{arch}.rope.scaling.type")
     if scaling and scaling != "none":
         cfg["rope_scaling"] = {
@@ -254,26 +329,22 @@ def _templates_to_regex(template: str) -> re.Pattern:
     return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)") + "$")
 
 
-def gguf_tensors(readers: list[GGUFReader], names: dict[str, str], permuted: dict[str, int]) -> dict[str, TensorRef]:
+def gguf_tensors(files: list[GGUFFile], names: dict[str, str], permuted: dict[str, int]) -> dict[str, TensorRef]:
     """Index GGUF tensors under Hugging Face names using a family's name table
     (HF template -> GGUF template). Unknown GGUF names keep their own name, so the
     strict check later reports them."""
     table = [(_templates_to_regex(g), hf) for hf, g in names.items()]
     refs = {}
-    for reader in readers:
-        for t in reader.tensors:
+    for f in files:
+        for t in f.tensors:
             hf_name = t.name
             for pattern, hf in table:
                 m = pattern.match(t.name)
                 if m:
                     hf_name = hf.format(**m.groupdict())
                     break
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            data = t.data
-            if t.tensor_type == Q.BF16:
-                data = data.view(np.uint16).reshape(shape)
             refs[hf_name] = TensorRef(
-                hf_name, shape, t.tensor_type, (lambda d=data: d), permuted.get(_untemplate(hf_name), 0)
+                hf_name, t.shape, t.qtype, (lambda d=t.data: d), permuted.get(_untemplate(hf_name), 0)
             )
     return refs
 

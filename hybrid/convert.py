@@ -12,7 +12,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
-from .checkpoint import _GGUF_ARCH, _GGUF_CONFIG, find_source, gguf_metadata, open_gguf, safetensors_tensors
+from .checkpoint import _GGUF_ARCH, _GGUF_CONFIG, find_source, open_gguf, safetensors_tensors
 from .models import family
 
 Q = GGMLQuantizationType
@@ -50,10 +50,9 @@ def write_gguf(model_dir, out_path, qtype: str = "F32", tokenizer_from=None, ext
     for key, value in (extra_metadata or {}).items():
         _add_value(writer, key, value)
     if tokenizer_from:
-        reader = open_gguf(Path(tokenizer_from))
-        for key, value in gguf_metadata(reader).items():
+        for key, value in open_gguf(Path(tokenizer_from)).metadata.items():
             if key.startswith("tokenizer."):
-                _add_value(writer, key, value, reader.fields[key])
+                _add_value(writer, key, value)
     target = Q[qtype.upper()]
     config = fam.Config.from_dict(cfg)
     for name, ref in refs.items():
@@ -80,7 +79,10 @@ def write_gguf(model_dir, out_path, qtype: str = "F32", tokenizer_from=None, ext
 
 def _add_config(writer: GGUFWriter, arch: str, config, cfg: dict) -> None:
     values = dict(cfg)
-    values.update({k: getattr(config, k) for k in ("num_key_value_heads", "head_dim") if hasattr(config, k)})
+    values.update({k: getattr(config, k) for k in ("num_key_value_heads", "head_dim", "num_local_experts") if hasattr(config, k)})
+    if arch == "deepseek2":  # llama.cpp's key_length is the whole q/k head; gating 1 softmax, 2 sigmoid
+        values.update(head_dim=config.qk_head_dim, rope_dimension_count=config.qk_rope_head_dim)
+        writer.add_uint32(f"{arch}.expert_gating_func", 2 if config.scoring_func == "sigmoid" else 1)
     if "rope" in config.__dict__:
         values["rope_theta"] = config.rope["rope_theta"]
     for gkey, hf in _GGUF_CONFIG.items():
@@ -100,6 +102,8 @@ def _add_config(writer: GGUFWriter, arch: str, config, cfg: dict) -> None:
         writer.add_float32(f"{arch}.rope.scaling.factor", float(rope["factor"]))
         if rope.get("original_max_position_embeddings"):
             writer.add_uint32(f"{arch}.rope.scaling.original_context_length", int(rope["original_max_position_embeddings"]))
+        if rope.get("mscale_all_dim"):  # DeepSeek's YaRN attention temperature, as llama.cpp stores it
+            writer.add_float32(f"{arch}.rope.scaling.yarn_log_multiplier", 0.1 * rope["mscale_all_dim"])
 
 
 def _add_value(writer: GGUFWriter, key: str, value, field=None) -> None:

@@ -21,7 +21,6 @@ from .checkpoint import (
     Source,
     find_source,
     gguf_config,
-    gguf_metadata,
     gguf_tensors,
     open_gguf,
     safetensors_tensors,
@@ -37,7 +36,7 @@ def describe(source) -> tuple[Source, dict, dict, dict]:
     src = find_source(source)
     if src.is_gguf:
         readers = [open_gguf(f) for f in src.gguf_files]
-        meta = gguf_metadata(readers[0])
+        meta = readers[0].metadata
         cfg = gguf_config(meta)
         fam = family(cfg["model_type"])
         permuted = {}
@@ -115,7 +114,7 @@ def load_weights(module: nn.Module, placements, tensors: _Tensors, config, progr
     for p in placements:
         prefix = f"{p.path}." if p.path else ""
         if p.operator is not None:
-            original = {n: tuple(t.shape) for n, t in p.module.original_shapes.items()}
+            original = p.module.original_shapes
             p.module.load(lambda n, pre=prefix, shapes=original: tensors.get(pre + n, shapes[n]))
         else:
             for name, param in list(p.module.named_parameters(recurse=False)):

@@ -51,3 +51,15 @@ class Model:
         cache = self.new_cache(1, ids.shape[1])
         out = [self.forward(ids[:, s : s + chunk], [s], [0], cache)[0] for s in range(0, ids.shape[1], chunk)]
         return torch.cat(out).cpu()
+
+    def generate(self, prompt, params=None, **kw):
+        """Stream `Event`s completing `prompt` (str or token ids); see `hybrid.generate.generate`."""
+        from .generate import generate
+
+        return generate(self, prompt, params, **kw)
+
+    def chat(self, messages, stream: bool = False, params=None, **kw):
+        """Answer a conversation through the chat template; see `hybrid.generate.chat`."""
+        from .generate import chat
+
+        return chat(self, messages, stream, params, **kw)

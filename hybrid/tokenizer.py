@@ -15,6 +15,7 @@ import logging
 import mmap
 import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 # GGUF / SentencePiece token types (the two use the same numbers).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
-# Tokens that end an assistant turn, looked for in the chat template.
+# Tokens that end an assistant turn (stop tokens besides EOS).
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>",
                "<|endoftext|>", "<|end_of_text|>", "<｜end▁of▁sentence｜>", "</s>")
 
@@ -214,8 +215,7 @@ class _SpmEncoder:
 
     def __init__(self, sp, specials: dict[str, int], prefix: str, hf_spaces: bool = False):
         self.sp, self.specials, self.prefix, self.hf_spaces = sp, specials, prefix, hf_spaces
-        alts = sorted(specials, key=len, reverse=True)
-        self.split = re.compile("(" + "|".join(map(re.escape, alts)) + ")") if alts else None
+        self.split = re.compile("(" + _trie_regex(specials) + ")") if specials else None
 
     def encode(self, text: str) -> list[int]:
         parts = self.split.split(text) if self.split else [text]
@@ -230,6 +230,28 @@ class _SpmEncoder:
                 ids.extend(self.sp.encode(part))
             start = False
         return ids
+
+
+def _trie_regex(words) -> str:
+    """A regex matching the longest of `words` at a position, written as a trie so that
+    thousands of special tokens cost one character test per position, not thousands."""
+    trie: dict = {}
+    for w in words:
+        node = trie
+        for c in w:
+            node = node.setdefault(c, {})
+        node[""] = {}
+
+    def pattern(node):
+        alts = [re.escape(c) + pattern(child) for c, child in node.items() if c]
+        if not alts:
+            return ""
+        body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        if "" in node:  # a word may end here: prefer going on (longest match)
+            return "(?:" + body + ")?" if len(alts) == 1 else body + "?"
+        return body
+
+    return pattern(trie)
 
 
 class _HFEncoder:
@@ -259,7 +281,9 @@ class Tokenizer:
         self.bos_token = pieces[bos_id] if bos_id is not None else ""
         self.eos_token = pieces[eos_id] if eos_id is not None else ""
         self._ids = {t: i for i, t in enumerate(pieces)}
-        eot = {self._ids[t] for t in END_OF_TURN if t in self._ids and t in (chat_template or "")}
+        # end-of-turn tokens the template writes, or that the vocabulary marks as special
+        eot = {self._ids[t] for t in END_OF_TURN
+               if t in self._ids and (t in (chat_template or "") or self._ids[t] in special)}
         self.stop_ids = {i for i in (eos_id, *extra_stop_ids) if i is not None} | eot
 
     # -- construction
@@ -300,32 +324,32 @@ class Tokenizer:
         config = _read_json(d / "tokenizer_config.json")
         smap = _read_json(d / "special_tokens_map.json")
         gen = _read_json(d / "generation_config.json")
-
-        def token_name(key):
-            v = config.get(key) or smap.get(key)
-            return v.get("content") if isinstance(v, dict) else v
-
         if (d / "tokenizer.json").exists():
-            pieces, pb, special, ids, enc, strip, bos_from_post = _from_tokenizer_json(d / "tokenizer.json")
+            v = _from_tokenizer_json(d / "tokenizer.json")
         elif (d / "tokenizer.model").exists():
-            pieces, pb, special, ids, enc, strip = _from_sentencepiece_file(d / "tokenizer.model", config, token_name)
-            bos_from_post = None
+            v = _from_sentencepiece_file(d / "tokenizer.model", config)
         else:
             raise FileNotFoundError(f"{d}: neither tokenizer.json nor tokenizer.model")
-        bos = ids.get(token_name("bos_token") or "bos_token")
-        eos = ids.get(token_name("eos_token") or "eos_token")
+
+        ids = {p: i for i, p in enumerate(v.pieces)}
+
+        def token_id(key, default):
+            t = config.get(key) or smap.get(key)
+            t = t.get("content") if isinstance(t, dict) else t
+            return ids.get(t) if t is not None else default
+
+        bos, eos = token_id("bos_token", v.bos_id), token_id("eos_token", v.eos_id)
         add_bos = config.get("add_bos_token")
-        if add_bos is None:
-            add_bos = bos_from_post if bos_from_post is not None else enc.__class__ is _SpmEncoder
+        add_bos = v.add_bos if add_bos is None else add_bos
         gen_eos = gen.get("eos_token_id")
-        extra = gen_eos if isinstance(gen_eos, list) else [gen_eos]
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if template is None and (d / "chat_template.jinja").exists():
-            template = (d / "chat_template.jinja").read_text()
-        return cls(enc, pieces, pb, special, bos_id=bos, eos_id=eos, add_bos=bool(add_bos and bos is not None),
-                   strip_leading_space=strip, chat_template=template, extra_stop_ids=extra)
+            template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+        return cls(v.encoder, v.pieces, v.piece_bytes, v.special, bos_id=bos, eos_id=eos,
+                   add_bos=bool(add_bos and bos is not None), strip_leading_space=v.strip_leading_space,
+                   chat_template=template, extra_stop_ids=gen_eos if isinstance(gen_eos, list) else [gen_eos])
 
     # -- text <-> ids
 
@@ -384,38 +408,50 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
-def _from_tokenizer_json(path: Path):
+@dataclass
+class _Vocab:
+    """What a tokenizer file yields; bos/eos/add_bos are the file's own defaults."""
+    encoder: object
+    pieces: list[str]
+    piece_bytes: list[bytes]
+    special: set[int]
+    strip_leading_space: bool
+    bos_id: int | None = None
+    eos_id: int | None = None
+    add_bos: bool = False
+
+
+def _from_tokenizer_json(path: Path) -> _Vocab:
     from tokenizers import Tokenizer as HFTokenizer
 
     tok = HFTokenizer.from_file(str(path))
     spec = json.loads(path.read_text(encoding="utf-8"))
-    n = tok.get_vocab_size(with_added_tokens=True)
-    pieces = [tok.id_to_token(i) or "" for i in range(n)]
-    added = {a["id"]: a for a in spec.get("added_tokens", [])}
-    decoder = json.dumps(spec.get("decoder"))
-    if "ByteLevel" in decoder:
-        pb = [_added_bytes(added, i) or _byte_level_bytes(p) for i, p in enumerate(pieces)]
-        strip = False
-    elif "ByteFallback" in decoder or "Metaspace" in decoder or "\u2581" in decoder:
+    pieces = [tok.id_to_token(i) or "" for i in range(tok.get_vocab_size(with_added_tokens=True))]
+    added = {a["id"]: a["content"].encode() for a in spec.get("added_tokens", [])}
+    decoder = spec.get("decoder") or {}
+    strip = False
+    if "ByteLevel" in json.dumps(decoder):
+        pb = [added.get(i) or _byte_level_bytes(p) for i, p in enumerate(pieces)]
+    elif "ByteFallback" in json.dumps(decoder) or "\u2581" in json.dumps(decoder) or "Metaspace" in json.dumps(decoder):
         byte_piece = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-        pb = [_added_bytes(added, i) or _spm_bytes(p, BYTE if byte_piece.fullmatch(p) else NORMAL)
-              for i, p in enumerate(pieces)]
-        strip = _decoder_strips(spec.get("decoder") or {})
+        pb = [added.get(i) or _spm_bytes(p, BYTE if byte_piece.fullmatch(p) else NORMAL) for i, p in enumerate(pieces)]
+        strip = _decoder_strips(decoder)
     else:  # WordPiece and friends: whatever the library makes of each token alone
-        pb = [tok.decode([i], skip_special_tokens=False).encode() for i in range(n)]
-        strip = False
-    special = {i for i, a in added.items() if a.get("special")}
-    post = json.dumps(spec.get("post_processor"))
-    bos_from_post = None
-    if spec.get("post_processor"):
-        single = (spec["post_processor"].get("single") or
-                  next((p.get("single") for p in spec["post_processor"].get("processors", []) if p.get("single")), None))
-        if single is not None:
-            bos_from_post = bool(single) and "SpecialToken" in single[0]
-        elif '"add_bos": true' not in post and "BertProcessing" not in post:
-            bos_from_post = False
-    ids = {p: i for i, p in enumerate(pieces)}
-    return pieces, pb, special, ids, _HFEncoder(tok), strip, bos_from_post
+        pb = [tok.decode([i], skip_special_tokens=False).encode() for i in range(len(pieces))]
+    special = {a["id"] for a in spec.get("added_tokens", []) if a.get("special")}
+    return _Vocab(_HFEncoder(tok), pieces, pb, special, strip, add_bos=_post_adds_bos(spec.get("post_processor")))
+
+
+def _post_adds_bos(post: dict | None) -> bool:
+    """Whether a tokenizer.json post-processor puts a special token before the text."""
+    if not post:
+        return False
+    if post.get("type") == "Sequence":
+        return any(_post_adds_bos(p) for p in post.get("processors", []))
+    if post.get("type") == "TemplateProcessing":
+        single = post.get("single") or []
+        return bool(single) and "SpecialToken" in single[0]
+    return post.get("type") in ("BertProcessing", "RobertaProcessing")
 
 
 def _decoder_strips(dec: dict) -> bool:
@@ -423,18 +459,15 @@ def _decoder_strips(dec: dict) -> bool:
     if dec.get("type") == "Sequence":
         return any(_decoder_strips(d) for d in dec.get("decoders", []))
     if dec.get("type") == "Strip":
-        return dec.get("left", 0) > 0
+        return dec.get("start", 0) > 0
     if dec.get("type") == "Metaspace":
         return dec.get("prepend_scheme", "always") != "never" and dec.get("add_prefix_space", True)
     return False
 
 
-def _added_bytes(added: dict, i: int) -> bytes | None:
-    a = added.get(i)
-    return a["content"].encode("utf-8") if a else None
-
-
-def _from_sentencepiece_file(path: Path, config: dict, token_name):
+def _from_sentencepiece_file(path: Path, config: dict) -> _Vocab:
+    """tokenizer.model, tokenized as transformers' LlamaTokenizer does (prefix rule from
+    tokenizer_config's legacy flag, HF's handling of text that starts with a space)."""
     from sentencepiece import sentencepiece_model_pb2 as pb2
 
     proto = pb2.ModelProto()
@@ -455,11 +488,8 @@ def _from_sentencepiece_file(path: Path, config: dict, token_name):
         if a.get("special", True):
             special.add(sid)
     specials = {pieces[i]: i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED, UNKNOWN)}
-    legacy = config.get("legacy", False)
-    enc = _SpmEncoder(sp, specials, "never" if not dummy else "always" if legacy else "first", hf_spaces=True)
-    ids = {p: i for i, p in enumerate(pieces)}
-    # The model's own bos/eos/unk, when the json files name none.
-    for key, sid in (("bos_token", proto.trainer_spec.bos_id), ("eos_token", proto.trainer_spec.eos_id)):
-        if token_name(key) is None and 0 <= sid < len(pieces):
-            ids[key] = sid
-    return pieces, pb, special, ids, enc, dummy
+    prefix = "never" if not dummy else "always" if config.get("legacy", False) else "first"
+    t = proto.trainer_spec
+    return _Vocab(_SpmEncoder(sp, specials, prefix, hf_spaces=True), pieces, pb, special, dummy,
+                  bos_id=t.bos_id if 0 <= t.bos_id < len(pieces) else None,
+                  eos_id=t.eos_id if 0 <= t.eos_id < len(pieces) else None, add_bos=True)

@@ -1,0 +1,273 @@
+"""The engine: one thread owns the model and its KV cache and runs continuous batching.
+
+Requests come in through a bounded queue (`submit`, any thread); each `step` admits
+waiting requests into free cache slots, feeds one prefill chunk of each new sequence,
+then runs ONE batched decode forward over every running sequence (B = running, T = 1,
+each at its own slot and position), samples, sends events and retires finished
+sequences. Events go to a per-request queue read by that request's `Stream`.
+
+Either `start()` a background thread (a server), or leave it stopped and let each
+`Stream` drive `step()` from the thread that iterates it (scripts, the CLI in a pinch).
+Model code (and so the numba kernels) only ever runs inside `step`, under one lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from .generate import ContextLengthExceeded, Event, Sequence, advance, check_fits, decode, finish, new_sequence
+from .generate import pick, prefill
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Engine", "Stream", "QueueFull", "ContextLengthExceeded", "Event"]
+
+
+class QueueFull(RuntimeError):
+    """The engine's waiting queue is full; retry later."""
+
+
+class Stream:
+    """Iterator over the `Event`s of one request; the last one has finish_reason set."""
+
+    def __init__(self, engine: "Engine", seq: Sequence):
+        self.engine, self.seq = engine, seq
+        self._finished = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Event:
+        if self._finished:
+            raise StopIteration
+        ev = self._next_event()
+        self._finished = ev.finish_reason is not None
+        return ev
+
+    def cancel(self) -> None:
+        """Stop generating (e.g. the client went away); the slot is freed at the next step."""
+        if self.seq.finish_reason is None:
+            self.seq.cancelled = True
+            self.engine.wake()
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.seq.prompt)
+
+    def _next_event(self) -> Event:
+        out = self.seq.out
+        while True:
+            try:
+                return out.get_nowait()
+            except queue.Empty:
+                pass
+            if self.engine.alive:
+                return out.get()
+            try:  # no engine thread: this thread runs the engine
+                busy = self.engine.step()
+            except BaseException:
+                self.cancel()
+                raise
+            if not busy and out.empty():
+                return Event(finish_reason="error", error="the engine dropped this request")
+
+
+class Engine:
+    """Continuous batching over `slots` KV-cache slots of `ctx` tokens each."""
+
+    def __init__(self, model, slots: int = 4, ctx: int | None = None, max_queue: int = 64, prefill_chunk: int = 512):
+        if model.tokenizer is None:
+            raise ValueError("this model has no tokenizer; generation needs one")
+        if slots < 1 or max_queue < 1 or prefill_chunk < 1:
+            raise ValueError("slots, max_queue and prefill_chunk must be >= 1")
+        self.model, self.tokenizer = model, model.tokenizer
+        self.ctx = int(ctx or min(model.context_length, 4096))
+        if self.ctx < 2:
+            raise ValueError(f"context size must be at least 2, got {self.ctx}")
+        if self.ctx > model.context_length:
+            log.warning("context %d is longer than the model's %d; quality may drop", self.ctx, model.context_length)
+        self.slots, self.prefill_chunk = slots, prefill_chunk
+        self.cache = model.new_cache(slots, self.ctx)
+        self.free = list(range(slots))
+        self.waiting: queue.Queue[Sequence] = queue.Queue(max_queue)
+        self.prefilling: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # -- any thread
+
+    def submit(self, prompt_ids, params: SamplingParams | None = None, json_mode: bool = False) -> Stream:
+        """Queue a request. Raises ValueError on bad parameters, ContextLengthExceeded when
+        it cannot fit, QueueFull when the waiting queue is full."""
+        params = params or SamplingParams()
+        params.validate()
+        prompt = list(prompt_ids)
+        check_fits(len(prompt), params.max_tokens, self.ctx)
+        vocab = self.tokenizer.vocab_size
+        if any(not 0 <= int(t) < vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        seq = new_sequence(self.tokenizer, prompt, params, json_mode)
+        try:
+            self.waiting.put_nowait(seq)
+        except queue.Full:
+            raise QueueFull(f"{self.waiting.maxsize} requests are already waiting; retry later") from None
+        self.wake()
+        return Stream(self, seq)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> "Engine":
+        """Run `run_forever` on a background thread; generate() on this model then uses it."""
+        if not self.alive:
+            self._stopping = False
+            self._thread = threading.Thread(target=self.run_forever, name="hybrid-engine", daemon=True)
+            self._thread.start()
+            current = getattr(self.model, "_engine", None)
+            if current is None or not current.alive:
+                self.model._engine = self
+        return self
+
+    def stop(self, timeout: float | None = 10) -> None:
+        """Stop the thread; requests still in the engine end with finish_reason "cancelled"."""
+        self._stopping = True
+        self.wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        self._thread = None
+        if getattr(self.model, "_engine", None) is self:
+            del self.model._engine
+        with self._lock:
+            self._end_all("cancelled")
+
+    def run_forever(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                busy = self.step()
+            except Exception:  # a bug in scheduling itself: end everything, keep serving
+                log.exception("engine step failed")
+                with self._lock:
+                    self._end_all("error", "internal engine error")
+                busy = False
+            if not busy:
+                self._wake.wait(0.1)
+
+    # -- the engine thread
+
+    def step(self) -> bool:
+        """Admit, prefill one chunk each, decode one token each. False when there was nothing to do."""
+        with self._lock:
+            self._drop_cancelled()
+            self._admit()
+            if not (self.prefilling or self.running):
+                return False
+            for seq in list(self.prefilling):
+                self._prefill(seq)
+            if self.running:
+                self._decode()
+            return True
+
+    def _admit(self) -> None:
+        while self.free:
+            try:
+                seq = self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            if seq.cancelled or seq.params.max_tokens == 0:
+                seq.out.put(finish(seq, "cancelled" if seq.cancelled else "length"))
+                continue
+            seq.slot = self.free.pop(0)
+            self.prefilling.append(seq)
+
+    def _prefill(self, seq: Sequence) -> None:
+        t0 = time.perf_counter_ns()
+        try:
+            logits = prefill(self.model, self.cache, seq, self.prefill_chunk)
+            if logits is not None:
+                sample = pick(seq, logits, self.ctx)
+            seq.prompt_eval_ns += time.perf_counter_ns() - t0
+            if logits is None:
+                return
+            ev = advance(seq, sample, self.ctx)
+        except Exception as e:
+            return self._fail(seq, e)
+        self.prefilling.remove(seq)
+        self.running.append(seq)
+        self._send(seq, ev)
+
+    def _decode(self) -> None:
+        batch = list(self.running)
+        t0 = time.perf_counter_ns()
+        try:
+            rows = list(decode(self.model, self.cache, batch))
+        except Exception:
+            if len(batch) > 1:  # find which sequence breaks the batch; the others go on
+                log.exception("batched decode failed; retrying one sequence at a time")
+            rows = [self._decode_alone(seq) for seq in batch]
+        dt = time.perf_counter_ns() - t0
+        for seq, row in zip(batch, rows):
+            if row is None:
+                continue
+            try:
+                sample = pick(seq, row, self.ctx)
+                seq.eval_ns += dt
+                ev = advance(seq, sample, self.ctx)
+            except Exception as e:
+                self._fail(seq, e)
+                continue
+            self._send(seq, ev)
+
+    def _decode_alone(self, seq: Sequence):
+        try:
+            return decode(self.model, self.cache, [seq])[0]
+        except Exception as e:
+            self._fail(seq, e)
+            return None
+
+    def _send(self, seq: Sequence, ev: Event) -> None:
+        if ev.finish_reason is not None:
+            self._release(seq)
+        seq.out.put(ev)
+
+    def _release(self, seq: Sequence) -> None:
+        for group in (self.prefilling, self.running):
+            if seq in group:
+                group.remove(seq)
+        if seq.slot >= 0:
+            self.free.append(seq.slot)
+            self.free.sort()
+            seq.slot = -1
+
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
+        log.warning("request failed: %s", error, exc_info=error)
+        ev = finish(seq, "error")
+        ev.error = f"{type(error).__name__}: {error}"
+        self._send(seq, ev)
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self.prefilling + self.running if s.cancelled]:
+            self._send(seq, finish(seq, "cancelled"))
+
+    def _end_all(self, reason: str, error: str | None = None) -> None:
+        pending = self.prefilling + self.running
+        while True:
+            try:
+                pending.append(self.waiting.get_nowait())
+            except queue.Empty:
+                break
+        for seq in pending:
+            ev = finish(seq, reason)
+            ev.error = error
+            self._send(seq, ev)

@@ -1,0 +1,176 @@
+"""The Flask app: state, auth, request bodies, error rendering, health and metrics.
+
+Routes live in openai_api.py and ollama_api.py; validation in requests.py; formatting in
+responses.py; submission in backend.py. The engine thread owns the model.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+import time
+
+from flask import Flask, Response, current_app, g, request
+from werkzeug.exceptions import HTTPException
+
+from .backend import Backend
+from .errors import APIError, internal, invalid, loading
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+
+log = logging.getLogger(__name__)
+
+PUBLIC = {"/", "/health", "/api/version"}     # answered without an API key
+DEFAULT_MAX_BODY = 8 * 1024 * 1024
+
+
+class ServerState:
+    """What the routes share: the backend once the model is ready, the key, the metrics."""
+
+    def __init__(self, api_key: str | None, backend_kwargs: dict):
+        self.api_key = api_key
+        self.metrics = Metrics()
+        self.backend: Backend | None = None
+        self.load_error: str | None = None
+        self._backend_kwargs = backend_kwargs
+        self._lock = threading.Lock()
+
+    def attach(self, engine, model=None) -> Backend:
+        """Serve `engine` (already started); `model` defaults to engine.model."""
+        with self._lock:
+            self.backend = Backend(engine, model or engine.model, self.metrics, **self._backend_kwargs)
+        return self.backend
+
+    def fail(self, message: str) -> None:
+        self.load_error = message
+
+
+def create_app(model_or_engine=None, *, api_key: str | None = None, served_model_name: str | None = None,
+               aliases=(), strict_model_names: bool = False, slots: int = 4, ctx: int | None = None,
+               max_queue: int = 64, max_body: int = DEFAULT_MAX_BODY) -> Flask:
+    """The server app. `model_or_engine`: a started `Engine`, a `Model` (an engine is made and
+    started for it), or None: the app answers 503 until `app.extensions["hybrid"].attach(engine)`."""
+    app = Flask("hybrid.server")
+    app.config["MAX_CONTENT_LENGTH"] = max_body
+    app.json.sort_keys = False
+    state = ServerState(api_key or None, dict(served_name=served_model_name, aliases=aliases,
+                                              strict_names=strict_model_names, ctx=ctx))
+    app.extensions["hybrid"] = state
+    if model_or_engine is not None:
+        engine = model_or_engine
+        if not hasattr(engine, "submit"):
+            from ..engine import Engine
+
+            engine = Engine(model_or_engine, slots=slots, ctx=ctx, max_queue=max_queue)
+            engine.start()
+        state.attach(engine)
+
+    from . import ollama_api, openai_api
+
+    app.register_blueprint(openai_api.bp)
+    app.register_blueprint(ollama_api.bp)
+    app.before_request(_before)
+    app.after_request(_count)
+    app.register_error_handler(APIError, _render_error)
+    app.register_error_handler(HTTPException, lambda e: _render_error(_from_http(e)))
+    app.register_error_handler(Exception, _unexpected)
+
+    @app.get("/")
+    def root():
+        return Response("hybrid is running\n", mimetype="text/plain")
+
+    @app.get("/health")
+    def health():
+        if state.backend is not None:
+            return {"status": "ok", "model": state.backend.name}
+        if state.load_error:
+            return {"status": "error", "error": state.load_error}, 503
+        return {"status": "loading"}, 503, {"Retry-After": "2"}
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(state.metrics.render(), mimetype=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+# ---------------------------------------------------------------- helpers for the routes
+
+def state() -> ServerState:
+    return current_app.extensions["hybrid"]
+
+
+def backend() -> Backend:
+    be = state().backend
+    if be is None:
+        raise loading()
+    return be
+
+
+def json_body(require_json_type: bool = True) -> dict:
+    """The request's JSON object. OpenAI routes require `Content-Type: application/json`;
+    Ollama's accept any (its own docs post with bare `curl -d`)."""
+    if require_json_type and not request.is_json:
+        raise invalid(f"Content-Type must be application/json, got {request.mimetype or 'none'!r}",
+                      code="invalid_content_type")
+    data = request.get_data(cache=False)   # over MAX_CONTENT_LENGTH: 413
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise invalid(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def ollama_path() -> bool:
+    return request.path.startswith("/api/")
+
+
+# ---------------------------------------------------------------- hooks and error rendering
+
+def _before():
+    g.received = time.perf_counter()
+    key = state().api_key
+    if key is None or request.path in PUBLIC or request.method == "OPTIONS":
+        return None
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        msg = "Incorrect API key provided" if given else "Missing API key: send 'Authorization: Bearer KEY'"
+        raise APIError(401, msg, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return None
+
+
+def _count(response):
+    rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    state().metrics.requests.labels(rule, str(response.status_code)).inc()
+    return response
+
+
+def _render_error(err: APIError):
+    body = err.ollama_body() if ollama_path() else err.openai_body()
+    return Response(json.dumps(body), status=err.status, headers=err.headers, mimetype="application/json")
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def _from_http(e: HTTPException) -> APIError:
+    status = e.code or 500
+    if status == 404:
+        msg = f"Unknown route: {request.method} {request.path}"
+    elif status == 405:
+        msg = f"Method {request.method} is not allowed for {request.path}"
+    elif status == 413:
+        msg = f"The request body is larger than {current_app.config['MAX_CONTENT_LENGTH']} bytes"
+    else:
+        msg = e.description or e.name
+    headers = {k: v for k, v in e.get_headers() if k.lower() == "allow"}
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return APIError(status, msg, type=kind, code=_HTTP_CODES.get(status), headers=headers)
+
+
+def _unexpected(e: Exception):
+    log.exception("unhandled error in %s %s", request.method, request.path)
+    return _render_error(internal(f"Internal server error: {type(e).__name__}"))

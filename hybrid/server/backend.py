@@ -1,0 +1,278 @@
+"""The server's side of the engine: model names, prompts, submission, and the events that come back.
+
+Routes turn a request dataclass into prompt ids here, submit them, and iterate a
+`Generation` (the merged events of its n streams). The engine thread owns the model;
+nothing here touches it beyond the tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..chat_template import ChatTemplateError
+from .errors import APIError, context_length_exceeded, internal, invalid, model_not_found, queue_full
+
+
+@dataclass
+class Choice:
+    """One finished stream, gathered for a non-streaming response."""
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    samples: list = field(default_factory=list)          # hybrid.sampling.Sample per token (if logprobs)
+    finish_reason: str | None = None
+    usage: dict = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)
+
+
+@dataclass
+class Timing:
+    """Wall-clock marks of one generation, in seconds (time.perf_counter)."""
+    submitted: float
+    first_token: float | None = None
+    finished: float | None = None
+    engine: dict = field(default_factory=dict)     # the last event's timings: prompt_eval_ns, eval_ns, total_ns
+
+
+class Generation:
+    """The streams of one request (n choices, or several prompts), merged into one iterator of
+    (choice index, event). Closing it (or the generator over it) cancels what is still running."""
+
+    def __init__(self, streams, indices, metrics, prompt_lens):
+        self.streams, self.indices, self.metrics = streams, indices, metrics
+        self.prompt_lens = prompt_lens
+        self.timing = [Timing(time.perf_counter()) for _ in streams]
+        self._done = [False] * len(streams)
+        for n in prompt_lens:
+            metrics.prompt_tokens.inc(n)
+        metrics.active.inc(len(streams))
+
+    def __iter__(self):
+        try:
+            source = iter(self.streams[0]) if len(self.streams) == 1 else None
+            if source is not None:
+                for ev in source:
+                    self._observe(0, ev)
+                    yield self.indices[0], ev
+            else:
+                for k, ev in _merge(self.streams):
+                    self._observe(k, ev)
+                    yield self.indices[k], ev
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        for k, s in enumerate(self.streams):
+            if not self._done[k]:
+                self._done[k] = True
+                self.metrics.active.dec()
+                self.metrics.cancelled.inc()
+                s.cancel()
+
+    def collect(self) -> list[Choice]:
+        choices = {i: Choice(i) for i in self.indices}
+        for i, ev in self:
+            c = choices[i]
+            if failure(ev):
+                raise failure(ev)
+            c.text += ev.text or ""
+            if ev.token is not None:
+                c.token_ids.append(ev.token)
+            if ev.logprobs is not None:
+                c.samples.append(ev.logprobs)
+            if ev.finish_reason:
+                c.finish_reason, c.usage = ev.finish_reason, dict(ev.usage or {})
+                c.timing = self.timing_of(i)
+        return [choices[i] for i in self.indices]
+
+    def timing_of(self, index: int) -> dict:
+        """Wall-clock marks (perf_counter seconds) and the engine's own timings (ns) of one choice."""
+        t = self.timing[self.indices.index(index)]
+        return {"submitted": t.submitted, "first_token": t.first_token or t.finished, "finished": t.finished,
+                **t.engine}
+
+    def _observe(self, k: int, ev) -> None:
+        t = self.timing[k]
+        now = time.perf_counter()
+        if ev.token is not None:
+            if t.first_token is None:
+                t.first_token = now
+                self.metrics.ttft.observe(now - t.submitted)
+            self.metrics.generated_tokens.inc()
+        if ev.finish_reason and not self._done[k]:
+            t.finished, t.engine = now, dict(ev.timings or {})
+            self._done[k] = True
+            self.metrics.active.dec()
+            n = (ev.usage or {}).get("completion_tokens", 0)
+            if n > 1 and t.first_token is not None and now > t.first_token:
+                self.metrics.tokens_per_second.observe((n - 1) / (now - t.first_token))
+
+
+def _merge(streams):
+    """Events of several streams as they come: one feeder thread per stream, one queue."""
+    q: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def feed(k, s):
+        try:
+            for ev in s:
+                q.put((k, ev, None))
+                if stop.is_set():
+                    break
+        except Exception as e:  # handed to the consumer, which reports it
+            q.put((k, None, e))
+        q.put((k, None, StopIteration()))
+
+    for k, s in enumerate(streams):
+        threading.Thread(target=feed, args=(k, s), daemon=True, name=f"merge-{k}").start()
+    live = len(streams)
+    try:
+        while live:
+            k, ev, exc = q.get()
+            if isinstance(exc, StopIteration):
+                live -= 1
+            elif exc is not None:
+                raise exc
+            else:
+                yield k, ev
+    finally:
+        stop.set()
+
+
+def failure(ev) -> APIError | None:
+    """The error an event ends its stream with, if any (an engine error, or a cancellation
+    that did not come from this request, i.e. the engine shutting down)."""
+    if ev.error:
+        return internal(f"generation failed: {ev.error}")
+    if ev.finish_reason == "cancelled":
+        return APIError(503, "generation was cancelled: the server is shutting down", type="server_error",
+                        code="cancelled")
+    return None
+
+
+class Backend:
+    """Model names, tokenizer, limits, and submission to one engine."""
+
+    def __init__(self, engine, model, metrics, *, served_name: str | None = None, aliases=(),
+                 strict_names: bool = False, ctx: int | None = None):
+        self.engine, self.model, self.metrics = engine, model, metrics
+        self.tokenizer = model.tokenizer
+        path = getattr(getattr(model, "source", None), "path", None)
+        stem = Path(str(path)).name.removesuffix(".gguf") if path else None
+        self.name = served_name or stem or model.name
+        self.aliases = {a for a in (self.name, model.name, stem, "default", *aliases) if a}
+        self.strict_names = strict_names
+        self.ctx = getattr(engine, "ctx", None) or ctx or model.context_length
+        self.created = int(time.time())
+        self.fingerprint = "fp_" + hashlib.sha1(f"{self.name}:{path}".encode()).hexdigest()[:10]
+        self._info = None
+        metrics.watch(engine)
+
+    # -- names
+
+    def check_model(self, name: str | None) -> None:
+        """A request's `model`: any name is served unless names are strict (see docs/api.md)."""
+        if self.strict_names and name and name not in self.aliases:
+            raise model_not_found(name)
+
+    def knows(self, name: str) -> bool:
+        return name in self.aliases
+
+    # -- what Ollama's /api/tags, /api/show and /api/ps report
+
+    def model_info(self) -> dict:
+        if self._info is None:
+            from .model_info import describe
+
+            self._info = describe(self.model, self.ctx)
+        return self._info
+
+    def ollama_parameters(self) -> str:
+        stops = sorted(self.tokenizer.token_text(i) for i in self.tokenizer.stop_ids)
+        return "\n".join(f"stop {json.dumps(s)}" for s in stops)
+
+    def modelfile(self) -> str:
+        path = getattr(getattr(self.model, "source", None), "path", "")
+        template = (self.tokenizer.chat_template or "").replace('"""', '\\"\\"\\"')
+        params = "".join(f"PARAMETER {line}\n" for line in self.ollama_parameters().splitlines())
+        return f'# Modelfile served by hybrid\nFROM {path}\nTEMPLATE """{template}"""\n{params}'
+
+    # -- prompts
+
+    def chat_prompt(self, messages: list[dict], tools=None) -> list[int]:
+        from ..generate import chat_prompt_ids
+
+        try:
+            return chat_prompt_ids(self.tokenizer, messages, tools)
+        except ChatTemplateError as e:
+            raise invalid(f"the chat template rejected the messages: {e}", "messages") from None
+        except ValueError as e:   # no chat template
+            raise invalid(str(e), "messages") from None
+
+    def text_prompt(self, text: str, add_bos: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_bos)
+
+    def check_ids(self, ids, param: str) -> list[int]:
+        bad = [t for t in ids if not 0 <= t < self.tokenizer.vocab_size]
+        if bad:
+            raise invalid(f"'{param}' has token ids outside the vocabulary [0, {self.tokenizer.vocab_size}): "
+                          f"{bad[:5]}", param)
+        return list(ids)
+
+    # -- generation
+
+    def submit(self, prompts: list[list[int]], params, *, n: int = 1, json_mode: bool = False,
+               ctx: int | None = None, param: str = "messages") -> Generation:
+        """n streams per prompt; choice index = prompt * n + i. With a seed, choice i samples
+        with seed + i, so choices differ and each one is reproducible. `ctx` (Ollama's
+        num_ctx) narrows the context of this request; the engine checks its own."""
+        if params.logit_bias:
+            self.check_ids(params.logit_bias, "logit_bias")
+        jobs = []
+        for p, ids in enumerate(prompts):
+            self.check_ids(ids, param)
+            sp = params
+            if ctx and ctx < self.ctx:
+                if len(ids) + (params.max_tokens or 1) > ctx:
+                    raise self._too_long(len(ids), params.max_tokens, ctx)
+                sp = replace(params, max_tokens=params.max_tokens or ctx - len(ids))
+            for i in range(n):
+                seeded = sp if sp.seed is None else replace(sp, seed=(sp.seed + i) % 2**63)
+                jobs.append((p * n + i, ids, seeded))
+        streams = []
+        try:
+            for _, ids, sp in jobs:
+                streams.append(self._submit_one(ids, sp, json_mode, param))
+        except BaseException:
+            for s in streams:
+                s.cancel()
+            raise
+        return Generation(streams, [j[0] for j in jobs], self.metrics, [len(ids) for _, ids, _ in jobs])
+
+    def _submit_one(self, ids, params, json_mode, param):
+        from ..engine import ContextLengthExceeded, QueueFull
+
+        try:
+            return self.engine.submit(ids, params, json_mode=json_mode)
+        except QueueFull:
+            raise queue_full() from None
+        except ContextLengthExceeded as e:
+            raise context_length_exceeded(str(e)) from None
+        except ValueError as e:
+            raise invalid(str(e), param) from None
+
+    def _too_long(self, prompt: int, max_tokens: int | None, ctx: int) -> APIError:
+        if max_tokens is None:
+            return context_length_exceeded(
+                f"This model's maximum context length is {ctx} tokens, but the prompt has {prompt} tokens "
+                f"and leaves no room for a completion. Please shorten the messages.")
+        return context_length_exceeded(
+            f"This model's maximum context length is {ctx} tokens. However, you requested "
+            f"{prompt + max_tokens} tokens ({prompt} in the messages, {max_tokens} in the completion). "
+            f"Please reduce the length of the messages or completion.")

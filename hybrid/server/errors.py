@@ -1,0 +1,54 @@
+"""API errors: one exception type, rendered in the OpenAI envelope or Ollama's form.
+
+Routes and validation raise `APIError`; the app's error handlers render it, so a bad
+request never reaches the engine and a handler never formats an error itself.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, dict(headers or {})
+
+    def openai_body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def ollama_body(self) -> dict:
+        return {"error": self.message}
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def context_length_exceeded(message: str) -> APIError:
+    return APIError(400, message, param="messages", code="context_length_exceeded")
+
+
+def model_not_found(name: str) -> APIError:
+    return APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+
+
+def queue_full(retry_after: int = 1) -> APIError:
+    return APIError(429, "The server is busy: the request queue is full; retry later",
+                    type="rate_limit_error", code="queue_full", headers={"Retry-After": str(retry_after)})
+
+
+def loading() -> APIError:
+    return APIError(503, "The model is still loading; retry later", type="server_error",
+                    code="model_loading", headers={"Retry-After": "2"})
+
+
+def internal(message: str = "Internal server error") -> APIError:
+    return APIError(500, message, type="server_error", code="internal_error")
+
+
+def sse_error(err: APIError) -> str:
+    """The event that ends a stream which failed after its headers were sent."""
+    return f"data: {json.dumps(err.openai_body())}\n\n"

@@ -1,0 +1,160 @@
+"""Ollama routes: /api/generate, /api/chat (NDJSON streams), /api/tags, /api/show, /api/ps, /api/version."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, Response, g
+
+from .. import __version__
+from . import responses as R
+from .app import backend, json_body
+from .backend import failure
+from .errors import APIError, model_not_found
+from .requests import Fields, parse_ollama_chat, parse_ollama_generate
+
+log = logging.getLogger(__name__)
+bp = Blueprint("ollama", __name__, url_prefix="/api")
+
+
+@bp.get("/version")
+def version():
+    return {"version": __version__}
+
+
+@bp.get("/tags")
+def tags():
+    be = backend()
+    return {"models": [R.ollama_tag(be.name, be.model_info())]}
+
+
+@bp.get("/ps")
+def ps():
+    be = backend()
+    info = be.model_info()
+    return {"models": [{**R.ollama_tag(be.name, info), "expires_at": "2099-01-01T00:00:00Z",
+                        "size_vram": info["size_vram"], "context_length": be.ctx}]}
+
+
+@bp.post("/show")
+def show():
+    f = Fields(json_body(require_json_type=False))
+    name = f.string("model") or f.string("name")
+    be = backend()
+    if not name or not be.knows(name):
+        raise model_not_found(name or "")
+    info = be.model_info()
+    return {"modelfile": be.modelfile(), "parameters": be.ollama_parameters(),
+            "template": be.tokenizer.chat_template or "", "details": R.ollama_details(info),
+            "model_info": info["model_info"], "capabilities": ["completion"], "modified_at": info["modified_at"]}
+
+
+@bp.post("/generate")
+def generate():
+    req = parse_ollama_generate(json_body(require_json_type=False))
+    be = backend()
+    be.check_model(req.model)
+    model = req.model or be.name
+    if not req.prompt and not req.context:     # Ollama's "load the model" request
+        return {"model": model, "created_at": R.created_at(), "response": "", "done": True, "done_reason": "load"}
+    if req.raw:
+        ids = be.text_prompt(req.prompt, add_bos=not req.context)
+    else:
+        msgs = ([{"role": "system", "content": req.system}] if req.system else []) + \
+               [{"role": "user", "content": req.prompt}]
+        ids = be.chat_prompt(msgs)
+    prompt = be.check_ids(req.context or [], "context") + ids
+    gen = be.submit([prompt], req.params, json_mode=req.json_mode, ctx=req.num_ctx, param="prompt")
+
+    def piece(text, samples):
+        out = {"model": model, "created_at": R.created_at(), "response": text, "done": False}
+        if req.params.logprobs:
+            out["logprobs"] = R.ollama_logprobs(samples, be.tokenizer)
+        return out
+
+    def final(c):
+        return {"model": model, "created_at": R.created_at(), "response": "", "done": True,
+                "done_reason": c.finish_reason, "context": prompt + c.token_ids,
+                **R.ollama_stats(c.timing, len(prompt), c.usage.get("completion_tokens", 0), g.received)}
+
+    return _respond(req.stream, gen, piece, final, "response")
+
+
+@bp.post("/chat")
+def chat():
+    req = parse_ollama_chat(json_body(require_json_type=False))
+    be = backend()
+    be.check_model(req.model)
+    model = req.model or be.name
+    if not req.messages:
+        return {"model": model, "created_at": R.created_at(), "message": {"role": "assistant", "content": ""},
+                "done": True, "done_reason": "load"}
+    prompt = be.chat_prompt(req.messages, req.tools)
+    gen = be.submit([prompt], req.params, json_mode=req.json_mode, ctx=req.num_ctx)
+
+    def piece(text, samples):
+        out = {"model": model, "created_at": R.created_at(),
+               "message": {"role": "assistant", "content": text}, "done": False}
+        if req.params.logprobs:
+            out["logprobs"] = R.ollama_logprobs(samples, be.tokenizer)
+        return out
+
+    def final(c):
+        return {"model": model, "created_at": R.created_at(), "message": {"role": "assistant", "content": ""},
+                "done": True, "done_reason": c.finish_reason,
+                **R.ollama_stats(c.timing, len(prompt), c.usage.get("completion_tokens", 0), g.received)}
+
+    return _respond(req.stream, gen, piece, final, "message")
+
+
+# ---------------------------------------------------------------- shared by generate and chat
+
+def _respond(stream: bool, gen, piece, final, field: str):
+    """One JSON object (stream false) or NDJSON: a piece per text delta, then the final object."""
+    if not stream:
+        c = gen.collect()[0]
+        body = final(c)
+        whole = piece(c.text, c.samples)
+        if field == "response":
+            body["response"] = whole["response"]
+        else:
+            body["message"] = whole["message"]
+        if "logprobs" in whole:
+            body["logprobs"] = whole["logprobs"]
+        return body
+
+    def lines():
+        tokens, samples = [], []
+        try:
+            for _, ev in gen:
+                err = failure(ev)
+                if err is not None:
+                    raise err
+                if ev.token is not None:
+                    tokens.append(ev.token)
+                if ev.logprobs is not None:
+                    samples.append(ev.logprobs)
+                if ev.text:
+                    yield R.ndjson(piece(ev.text, samples))
+                    samples = []
+                if ev.finish_reason:
+                    c = _Finished(tokens, ev, gen)
+                    yield R.ndjson(final(c))
+        except APIError as e:
+            yield R.ndjson(e.ollama_body())
+        except Exception as e:
+            log.exception("stream failed")
+            yield R.ndjson({"error": f"Internal server error: {type(e).__name__}"})
+        finally:
+            gen.cancel()
+
+    return Response(lines(), mimetype="application/x-ndjson", headers={"Cache-Control": "no-cache"})
+
+
+class _Finished:
+    """The final event of a streamed generation, seen as a Choice (what `final` reads)."""
+
+    def __init__(self, tokens, ev, gen):
+        self.token_ids, self.finish_reason = tokens, ev.finish_reason
+        self.usage = dict(ev.usage or {})
+        self.timing = gen.timing_of(0)
