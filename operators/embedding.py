@@ -31,6 +31,9 @@ class CPUEmbedding(Operator):
     def weight_device(self) -> torch.device:
         return torch.device("cpu")
 
+    def decode_bytes(self, top_k: int) -> int:
+        return self.weight[0].nbytes  # one row per token
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = ids.reshape(-1).cpu().numpy()
         out = torch.from_numpy(kernels.dequantize(self.qtype, self.weight[rows]))

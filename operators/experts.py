@@ -34,6 +34,10 @@ class CPUExperts(Operator):
         self.up = weight_array(get("up_proj"), self.quant)
         self.down = weight_array(get("down_proj"), self.quant)
 
+    def decode_bytes(self, top_k: int) -> int:
+        """A token reads top_k of the experts."""
+        return sum(w.nbytes for _, w in (self.gate, self.up, self.down)) * top_k // self.num_experts
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         xs = x.to("cpu", torch.float32).contiguous().numpy()
         out = kernels.moe_forward(

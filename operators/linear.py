@@ -32,6 +32,9 @@ class CPULinear(Operator):
         self.qtype, self.weight = weight_array(get("weight"), self.quant)
         self.bias = get("bias").tensor() if self.has_bias else None
 
+    def decode_bytes(self, top_k: int) -> int:
+        return self.weight.nbytes
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).to("cpu", torch.float32).contiguous().numpy()

@@ -1,0 +1,136 @@
+"""`hybrid bench`: prefill and decode speed of a model under its rules, set against the
+memory bandwidth measured in the same run (the roofline a decode step cannot beat)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numba
+import numpy as np
+import torch
+from torch import nn
+
+from .models.common import Experts
+
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath=True)
+def _read_all(a):  # a [chunks, n]: each thread streams whole chunks; 8 lanes keep it vectorized
+    total = 0.0
+    for c in numba.prange(a.shape[0]):
+        acc = np.zeros(8, np.float32)
+        row = a[c]
+        for i in range(0, row.shape[0], 8):
+            for j in range(8):
+                acc[j] += row[i + j]
+        total += acc.sum()
+    return total
+
+
+def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Memory read bandwidth in bytes/s: best of `repeats` full reads of a buffer much larger
+    than the caches, by all threads."""
+    a = np.ones((max(64, numba.get_num_threads() * 8), nbytes // 4 // max(64, numba.get_num_threads() * 8) // 8 * 8), np.float32)
+    _read_all(a)  # compile and fault the pages in
+    best = min(_timed(lambda: _read_all(a)) for _ in range(repeats))
+    return a.nbytes / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def decode_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads with batch 1, from the actual placement and
+    formats: every weight once, an embedding table one row, routed experts K of E."""
+    top_k = getattr(model.config, "num_experts_per_tok", 1)
+    total = 0
+    for p in model.placements:
+        m = p.module
+        if hasattr(m, "decode_bytes"):
+            total += m.decode_bytes(top_k)
+        elif p.operator is None:
+            own = list(m.parameters(recurse=False))
+            size = sum(t.numel() * t.element_size() for t in own)
+            if isinstance(m, nn.Embedding):
+                size = m.embedding_dim * m.weight.element_size()
+            elif isinstance(m, Experts):
+                size = size * top_k // m.num_experts
+            total += size
+    return total
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@torch.inference_mode()
+def run(model, prompt_tokens: int = 512, gen_tokens: int = 128, batches=(1,), bandwidth: float | None = None) -> dict:
+    """Prefill `prompt_tokens` tokens, then decode `gen_tokens` greedy steps for each batch
+    size (every sequence has its own cache slot and prompt). Stop tokens are ignored."""
+    vocab = model.config.vocab_size
+    rng = np.random.default_rng(0)
+    bandwidth = bandwidth or measure_bandwidth()
+    per_token = decode_bytes_per_token(model)
+    result = {
+        "model": model.name,
+        "rules": model.ruleset.source if model.ruleset else None,
+        "prompt_tokens": prompt_tokens,
+        "gen_tokens": gen_tokens,
+        "bandwidth_gbps": bandwidth / 1e9,
+        "decode_bytes_per_token": per_token,
+        "batches": [],
+    }
+    for batch in batches:
+        cache = model.new_cache(batch, prompt_tokens + gen_tokens + 1)
+        prompts = torch.from_numpy(rng.integers(0, vocab, (batch, prompt_tokens)))
+        # warm-up: compile kernels, touch weights
+        model.forward(prompts[:1, :8], [0], [0], cache)
+        model.forward(prompts[:1, :1], [8], [0], cache)
+        t0 = time.perf_counter()
+        last = []
+        for b in range(batch):
+            logits = None
+            for s in range(0, prompt_tokens, 512):
+                logits = model.forward(prompts[b : b + 1, s : s + 512], [s], [b], cache)
+            last.append(int(logits[0, -1].argmax()))
+            if b == 0:
+                ttft = time.perf_counter() - t0
+        prefill = time.perf_counter() - t0
+        tokens = torch.tensor(last)[:, None]
+        t1 = time.perf_counter()
+        for step in range(gen_tokens):
+            logits = model.forward(tokens, [prompt_tokens + step] * batch, list(range(batch)), cache)
+            tokens = logits[:, -1].argmax(-1, keepdim=True)
+        decode = time.perf_counter() - t1
+        decode_tps = batch * gen_tokens / decode
+        entry = {
+            "batch": batch,
+            "prefill_tokens_per_s": batch * prompt_tokens / prefill,
+            "time_to_first_token_s": ttft,
+            "decode_tokens_per_s": decode_tps,
+        }
+        if batch == 1:
+            entry["roofline_fraction"] = per_token * decode_tps / bandwidth
+        result["batches"].append(entry)
+    result["peak_rss_bytes"] = _peak_rss()
+    return result
+
+
+def format_result(r: dict) -> str:
+    lines = [
+        f"model: {r['model']}  rules: {r['rules']}",
+        f"memory read bandwidth: {r['bandwidth_gbps']:.1f} GB/s; weights read per decoded token: {r['decode_bytes_per_token'] / 1e6:.1f} MB",
+        f"peak RSS: {r['peak_rss_bytes'] / 2**20:.0f} MiB",
+        "",
+        f"batch  prefill tok/s  TTFT s  decode tok/s  roofline   (prompt {r['prompt_tokens']}, generate {r['gen_tokens']})",
+    ]
+    for b in r["batches"]:
+        roof = f"{b['roofline_fraction']:.0%}" if "roofline_fraction" in b else "-"
+        lines.append(f"{b['batch']:>5}  {b['prefill_tokens_per_s']:>13.1f}  {b['time_to_first_token_s']:>6.2f}  {b['decode_tokens_per_s']:>12.1f}  {roof:>8}")
+    return "\n".join(lines)
