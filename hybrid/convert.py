@@ -79,7 +79,8 @@ def write_gguf(model_dir, out_path, qtype: str = "F32", tokenizer_from=None, ext
 
 def _add_config(writer: GGUFWriter, arch: str, config, cfg: dict) -> None:
     values = dict(cfg)
-    values.update({k: getattr(config, k) for k in ("num_key_value_heads", "head_dim", "num_local_experts") if hasattr(config, k)})
+    derived = ("num_key_value_heads", "head_dim", "num_local_experts")
+    values.update({k: getattr(config, k) for k in derived if hasattr(config, k)})
     if arch == "deepseek2":  # llama.cpp's key_length is the whole q/k head; gating 1 softmax, 2 sigmoid
         values.update(head_dim=config.qk_head_dim, rope_dimension_count=config.qk_rope_head_dim)
         writer.add_uint32(f"{arch}.expert_gating_func", 2 if config.scoring_func == "sigmoid" else 1)

@@ -88,6 +88,8 @@ def apply_presence_frequency(logits, counts: torch.Tensor, presence: float, freq
 def apply_logit_bias(logits, bias: dict[int, float] | None):
     if not bias:
         return logits
+    if max(bias) >= logits.shape[-1]:
+        raise ValueError(f"logit_bias token id {max(bias)} is outside the vocabulary ({logits.shape[-1]})")
     ids = torch.tensor(list(bias), device=logits.device)
     return logits.index_add(-1, ids, torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device))
 
@@ -149,9 +151,6 @@ class Sampler:
                 ids = [i for i in self.prompt_ids if i < V]
                 if ids:
                     self._seen[torch.tensor(ids, device=dev)] = True
-                for t in self.generated:
-                    self._seen[t] = True
-                    self._counts[t] += 1
 
     def transform(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits the draw is made from (penalties, bias, temperature and masks applied)."""

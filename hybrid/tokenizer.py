@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import codecs
 import json
-import logging
 import mmap
 import re
 import struct
@@ -22,8 +21,6 @@ import numpy as np
 from gguf import GGUFValueType
 
 from hybrid.chat_template import render
-
-log = logging.getLogger(__name__)
 
 # GGUF / SentencePiece token types (the two use the same numbers).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -198,8 +195,8 @@ def _spm_proto_from_gguf(tokens, scores, types):
     for i, (t, s, ty) in enumerate(zip(tokens, scores, types)):
         p = proto.pieces.add()
         p.piece, p.score = t, s
-        # SentencePiece wants exactly one unknown piece; a vocabulary without one
-        # (rare) gets its first control piece as the stand-in.
+        # SentencePiece wants exactly one unknown piece; in a vocabulary without one
+        # (rare) piece 0 stands in.
         p.type = UNKNOWN if i == proto.trainer_spec.unk_id else (ty if ty != UNKNOWN else CONTROL)
     return proto
 
@@ -316,7 +313,8 @@ class Tokenizer:
                   for t, ty in zip(tokens, types)]
             add_bos = metadata.get("tokenizer.ggml.add_bos_token", True)
             return cls(enc, tokens, pb, special, add_bos=add_bos, strip_leading_space=space, **common)
-        raise ValueError(f"unsupported tokenizer.ggml.model {model!r}; supported: 'gpt2' (BPE), 'llama' (SentencePiece)")
+        raise ValueError(f"unsupported tokenizer.ggml.model {model!r}; "
+                         "supported: 'gpt2' (BPE), 'llama' (SentencePiece)")
 
     @classmethod
     def from_pretrained(cls, directory) -> "Tokenizer":
@@ -425,21 +423,26 @@ def _from_tokenizer_json(path: Path) -> _Vocab:
     from tokenizers import Tokenizer as HFTokenizer
 
     tok = HFTokenizer.from_file(str(path))
-    spec = json.loads(path.read_text(encoding="utf-8"))
-    pieces = [tok.id_to_token(i) or "" for i in range(tok.get_vocab_size(with_added_tokens=True))]
-    added = {a["id"]: a["content"].encode() for a in spec.get("added_tokens", [])}
-    decoder = spec.get("decoder") or {}
+    pieces = [""] * tok.get_vocab_size(with_added_tokens=True)
+    for piece, i in tok.get_vocab(with_added_tokens=True).items():
+        pieces[i] = piece
+    added = tok.get_added_tokens_decoder()
+    decoder = json.loads(tok.decoder.__getstate__()) if tok.decoder else {}
+    post = json.loads(tok.post_processor.__getstate__()) if tok.post_processor else None
+    kind = json.dumps(decoder)
     strip = False
-    if "ByteLevel" in json.dumps(decoder):
-        pb = [added.get(i) or _byte_level_bytes(p) for i, p in enumerate(pieces)]
-    elif "ByteFallback" in json.dumps(decoder) or "\u2581" in json.dumps(decoder) or "Metaspace" in json.dumps(decoder):
+    if "ByteLevel" in kind:
+        pb = [_byte_level_bytes(p) for p in pieces]
+    elif "ByteFallback" in kind or "Metaspace" in kind or "\\u2581" in kind:
         byte_piece = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-        pb = [added.get(i) or _spm_bytes(p, BYTE if byte_piece.fullmatch(p) else NORMAL) for i, p in enumerate(pieces)]
+        pb = [_spm_bytes(p, BYTE if byte_piece.fullmatch(p) else NORMAL) for p in pieces]
         strip = _decoder_strips(decoder)
     else:  # WordPiece and friends: whatever the library makes of each token alone
         pb = [tok.decode([i], skip_special_tokens=False).encode() for i in range(len(pieces))]
-    special = {a["id"] for a in spec.get("added_tokens", []) if a.get("special")}
-    return _Vocab(_HFEncoder(tok), pieces, pb, special, strip, add_bos=_post_adds_bos(spec.get("post_processor")))
+    for i, a in added.items():  # added tokens decode to their text as is
+        pb[i] = a.content.encode()
+    special = {i for i, a in added.items() if a.special}
+    return _Vocab(_HFEncoder(tok), pieces, pb, special, strip, add_bos=_post_adds_bos(post))
 
 
 def _post_adds_bos(post: dict | None) -> bool:

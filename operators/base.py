@@ -50,11 +50,11 @@ def check_quant(quant) -> None:
 def weight_array(ref, quant) -> tuple[GGMLQuantizationType, np.ndarray]:
     """The stored form of a weight for the kernels: quantized GGUF blocks as they are;
     float weights quantized to `quant` when the rule asks for it, else kept as stored."""
-    from .quantize import quantize
-
     data = ref.raw_rows() if hasattr(ref, "raw_rows") else ref.raw()
     if quant is None or ref.qtype not in (Q.F32, Q.F16, Q.BF16):
         return ref.qtype, data
+    from .quantize import quantize
+
     target = Q[str(quant).upper()]
     full = ref.numpy().reshape(-1, ref.shape[-1])
     blocks = quantize(target, np.ascontiguousarray(full, dtype=np.float32))

@@ -27,11 +27,12 @@ rules:
 @pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "deepseek_v3"])
 def tiny(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
-    return d, reference_logits(make_tiny(request.param, d), IDS)
+    family = {"mixtral": "mixtral", "qwen2_moe": "qwen_moe", "deepseek_v3": "deepseek"}[request.param]
+    return d, reference_logits(make_tiny(request.param, d), IDS), family
 
 
 def test_fp32_hybrid_matches_reference_and_places_modules(tiny):
-    d, ref = tiny
+    d, ref, _ = tiny
     m = hybrid.load(d, rules=FP32_HYBRID)
     experts = [mod for name, mod in m.module.named_modules() if name.endswith(".experts")]
     assert experts and all(type(e).__name__ == "CPUExperts" for e in experts)
@@ -40,15 +41,13 @@ def test_fp32_hybrid_matches_reference_and_places_modules(tiny):
 
 
 def test_builtin_gpu_rules_bf16(tiny):
-    d, ref = tiny
-    family = {"mixtral": "mixtral", "qwen2_moe": "qwen_moe", "deepseek_v3": "deepseek"}[d.name.rstrip("0123456789")]
+    d, ref, family = tiny
     logits = hybrid.load(d, rules=f"{family}-gpu").logits(IDS)
     assert rel_err(logits, ref) < 5e-2
 
 
 def test_gpu_experts_rule_puts_first_layers_on_gpu(tiny):
-    d, _ = tiny
-    family = {"mixtral": "mixtral", "qwen2_moe": "qwen_moe", "deepseek_v3": "deepseek"}[d.name.rstrip("0123456789")]
+    d, _, family = tiny
     m = hybrid.load(d, rules=f"{family}-gpu-experts")
     kinds = {name: type(mod).__name__ for name, mod in m.module.named_modules() if name.endswith(".experts")}
     assert any(k == "Experts" for k in kinds.values())  # torch experts on the GPU for layers 0-3

@@ -10,6 +10,11 @@ COMMON = dict(
     num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
 )
 
+_MLA = dict(
+    num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+    moe_intermediate_size=32, num_experts_per_tok=2, first_k_dense_replace=1,
+)
+
 # model_type -> (transformers config class name, model class name, extra config)
 TINY = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
@@ -19,6 +24,22 @@ TINY = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {
+        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 64, "norm_topk_prob": False}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {
+        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 32,
+        "norm_topk_prob": True}),
+    # MLA heads (nope 16 + rope 8, v 16), kv_lora 32; layer 0 dense, layer 1.. MoE
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", {**_MLA,
+        "q_lora_rank": None, "n_routed_experts": 8, "n_shared_experts": 2, "topk_method": "group_limited_greedy",
+        "n_group": 2, "topk_group": 1}),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {**_MLA,
+        "num_hidden_layers": 3, "q_lora_rank": 32, "n_routed_experts": 8, "n_shared_experts": 1, "n_group": 4,
+        "topk_group": 2, "norm_topk_prob": True, "routed_scaling_factor": 2.5, "rope_parameters": {
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128,
+            "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}}),
 }
 
 
@@ -34,6 +55,9 @@ def make_tiny(name: str, directory, seed: int = 0):
         for n, p in model.named_parameters():
             if n.endswith("bias") or "norm" in n or "bias" in n:
                 p.add_(torch.randn_like(p) * 0.1)
+        for n, b in model.named_buffers():  # DeepSeek V3's e_score_correction_bias steers routing
+            if n.endswith("bias"):
+                b.add_(torch.randn_like(b) * 0.1)
     model.save_pretrained(directory)
     return model
 

@@ -8,14 +8,15 @@ first `first_k_dense_replace` layers are dense.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLP, BaseConfig, Block, CausalLM, Experts, RMSNorm, Rotary, apply_rope, attend, rope_parameters
+from .common import (
+    MLP, BaseConfig, Block, CausalLM, Experts, RMSNorm, Rotary, _yarn_mscale, apply_rope, attend, rope_parameters,
+)
 
 
 @dataclass
@@ -57,8 +58,7 @@ class Config(BaseConfig):
         if "qk_head_dim" in d and "rope_dimension_count" in d:  # GGUF: the full head and its rotary part
             d["qk_rope_head_dim"] = d["rope_dimension_count"]
             d["qk_nope_head_dim"] = d["qk_head_dim"] - d["rope_dimension_count"]
-        v3 = d.get("model_type") == "deepseek_v3"
-        if v3:
+        if d.get("model_type") == "deepseek_v3":
             d.update(scoring_func="sigmoid", topk_method="noaux_tc")
         elif d.get("topk_method") is None:  # GGUF: group-limited when there are groups
             d["topk_method"] = "group_limited_greedy" if (d.get("n_group") or 1) > 1 else "greedy"
@@ -87,7 +87,8 @@ class MLA(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         H, hidden = cfg.num_attention_heads, cfg.hidden_size
-        self.n_heads, self.nope, self.rope_dim, self.v_dim = H, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.n_heads, self.nope, self.rope_dim = H, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
         self.kv_lora_rank, self.interleaved = cfg.kv_lora_rank, cfg.rope_interleave
         if cfg.q_lora_rank:
             self.q_a_proj = nn.Linear(hidden, cfg.q_lora_rank, bias=cfg.attention_bias)
@@ -102,7 +103,7 @@ class MLA(nn.Module):
         self.scale = cfg.qk_head_dim**-0.5
         rope = cfg.rope
         if rope["rope_type"] != "default" and rope.get("mscale_all_dim"):  # YaRN's attention temperature
-            self.scale *= (0.1 * rope["mscale_all_dim"] * math.log(rope["factor"]) + 1.0) ** 2
+            self.scale *= _yarn_mscale(rope["factor"], rope["mscale_all_dim"]) ** 2
 
     def cache_shape(self) -> tuple[int, int, int]:
         return self.n_heads, self.nope + self.rope_dim, self.v_dim

@@ -48,14 +48,17 @@ class ServerState:
 
 def create_app(model_or_engine=None, *, api_key: str | None = None, served_model_name: str | None = None,
                aliases=(), strict_model_names: bool = False, slots: int = 4, ctx: int | None = None,
-               max_queue: int = 64, max_body: int = DEFAULT_MAX_BODY) -> Flask:
+               max_queue: int = 64, max_body: int = DEFAULT_MAX_BODY,
+               default_max_tokens: int | None = None) -> Flask:
     """The server app. `model_or_engine`: a started `Engine`, a `Model` (an engine is made and
-    started for it), or None: the app answers 503 until `app.extensions["hybrid"].attach(engine)`."""
+    started for it), or None: the app answers 503 until `app.extensions["hybrid"].attach(engine)`.
+    `default_max_tokens` caps requests that set no max_tokens (None: they may fill the context)."""
     app = Flask("hybrid.server")
     app.config["MAX_CONTENT_LENGTH"] = max_body
     app.json.sort_keys = False
     state = ServerState(api_key or None, dict(served_name=served_model_name, aliases=aliases,
-                                              strict_names=strict_model_names, ctx=ctx))
+                                              strict_names=strict_model_names, ctx=ctx,
+                                              default_max_tokens=default_max_tokens))
     app.extensions["hybrid"] = state
     if model_or_engine is not None:
         engine = model_or_engine

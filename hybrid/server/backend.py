@@ -160,7 +160,7 @@ class Backend:
     """Model names, tokenizer, limits, and submission to one engine."""
 
     def __init__(self, engine, model, metrics, *, served_name: str | None = None, aliases=(),
-                 strict_names: bool = False, ctx: int | None = None):
+                 strict_names: bool = False, ctx: int | None = None, default_max_tokens: int | None = None):
         self.engine, self.model, self.metrics = engine, model, metrics
         self.tokenizer = model.tokenizer
         path = getattr(getattr(model, "source", None), "path", None)
@@ -171,6 +171,7 @@ class Backend:
         self.ctx = getattr(engine, "ctx", None) or ctx or model.context_length
         self.created = int(time.time())
         self.fingerprint = "fp_" + hashlib.sha1(f"{self.name}:{path}".encode()).hexdigest()[:10]
+        self.default_max_tokens = default_max_tokens   # for requests that set no limit (None: fill the context)
         self._info = None
         metrics.watch(engine)
 
@@ -237,11 +238,14 @@ class Backend:
         jobs = []
         for p, ids in enumerate(prompts):
             self.check_ids(ids, param)
-            sp = params
-            if ctx and ctx < self.ctx:
-                if len(ids) + (params.max_tokens or 1) > ctx:
-                    raise self._too_long(len(ids), params.max_tokens, ctx)
-                sp = replace(params, max_tokens=params.max_tokens or ctx - len(ids))
+            sp, limit = params, min(ctx or self.ctx, self.ctx)
+            if limit < self.ctx and len(ids) + (params.max_tokens or 1) > limit:
+                raise self._too_long(len(ids), params.max_tokens, limit)
+            if params.max_tokens is None and len(ids) < limit:
+                default = limit - len(ids)
+                if self.default_max_tokens:
+                    default = min(default, self.default_max_tokens)
+                sp = replace(params, max_tokens=default)
             for i in range(n):
                 seeded = sp if sp.seed is None else replace(sp, seed=(sp.seed + i) % 2**63)
                 jobs.append((p * n + i, ids, seeded))

@@ -65,6 +65,7 @@ def generate():
         ids = be.chat_prompt(msgs)
     prompt = be.check_ids(req.context or [], "context") + ids
     gen = be.submit([prompt], req.params, json_mode=req.json_mode, ctx=req.num_ctx, param="prompt")
+    received = g.received
 
     def piece(text, samples):
         out = {"model": model, "created_at": R.created_at(), "response": text, "done": False}
@@ -75,7 +76,7 @@ def generate():
     def final(c):
         return {"model": model, "created_at": R.created_at(), "response": "", "done": True,
                 "done_reason": c.finish_reason, "context": prompt + c.token_ids,
-                **R.ollama_stats(c.timing, len(prompt), c.usage.get("completion_tokens", 0), g.received)}
+                **R.ollama_stats(c.timing, len(prompt), c.usage.get("completion_tokens", 0), received)}
 
     return _respond(req.stream, gen, piece, final, "response")
 
@@ -91,6 +92,7 @@ def chat():
                 "done": True, "done_reason": "load"}
     prompt = be.chat_prompt(req.messages, req.tools)
     gen = be.submit([prompt], req.params, json_mode=req.json_mode, ctx=req.num_ctx)
+    received = g.received
 
     def piece(text, samples):
         out = {"model": model, "created_at": R.created_at(),
@@ -102,7 +104,7 @@ def chat():
     def final(c):
         return {"model": model, "created_at": R.created_at(), "message": {"role": "assistant", "content": ""},
                 "done": True, "done_reason": c.finish_reason,
-                **R.ollama_stats(c.timing, len(prompt), c.usage.get("completion_tokens", 0), g.received)}
+                **R.ollama_stats(c.timing, len(prompt), c.usage.get("completion_tokens", 0), received)}
 
     return _respond(req.stream, gen, piece, final, "message")
 
