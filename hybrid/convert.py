@@ -63,7 +63,7 @@ def write_gguf(model_dir, out_path, qtype: str = "F32", tokenizer_from=None, ext
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
             w = permute_rows(w, heads)
         gname = _gguf_name(name, fam.GGUF_NAMES)
-        if w.ndim == 1 or target == Q.F32 or w.shape[-1] % 32:
+        if w.ndim == 1 or target == Q.F32 or w.shape[-1] % 32 or gname.endswith("ffn_gate_inp.weight"):  # routers stay F32, as in llama.cpp
             writer.add_tensor(gname, np.ascontiguousarray(w, dtype=np.float32))
         elif target == Q.F16:
             writer.add_tensor(gname, w.astype(np.float16))
