@@ -18,8 +18,8 @@ import queue
 import threading
 import time
 
-from .generate import ContextLengthExceeded, Event, Sequence, advance, check_fits, decode, finish, new_sequence
-from .generate import pick, prefill
+from .generate import (ContextLengthExceeded, Event, Sequence, advance, check_fits, decode, finish, new_sequence,
+                       pick, prefill)
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class Engine:
         params = params or SamplingParams()
         params.validate()
         prompt = list(prompt_ids)
-        check_fits(len(prompt), params.max_tokens, self.ctx)
+        check_fits(len(prompt), params.max_tokens, self.ctx, json_mode)
         vocab = self.tokenizer.vocab_size
         if any(not 0 <= int(t) < vocab for t in prompt):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")

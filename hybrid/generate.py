@@ -82,7 +82,7 @@ def new_sequence(tokenizer, prompt_ids: list[int], params: SamplingParams, json_
                     set(tokenizer.stop_ids), JsonConstraint(tokenizer) if json_mode else None)
 
 
-def check_fits(n_prompt: int, max_tokens: int | None, ctx: int) -> None:
+def check_fits(n_prompt: int, max_tokens: int | None, ctx: int, json_mode: bool = False) -> None:
     if n_prompt == 0:
         raise ValueError("the prompt is empty")
     need = n_prompt + (max_tokens or 1)
@@ -90,6 +90,8 @@ def check_fits(n_prompt: int, max_tokens: int | None, ctx: int) -> None:
         what = f"{n_prompt} prompt tokens" + (f" + max_tokens {max_tokens}" if max_tokens else "")
         raise ContextLengthExceeded(f"{what} = {need} tokens exceed the context length of {ctx}; "
                                     "shorten the prompt, lower max_tokens or raise the context size")
+    if json_mode and min(max_tokens or ctx, ctx - n_prompt) < 2:
+        raise ValueError("json_mode needs room for at least 2 tokens (the shortest document is {})")
 
 
 # ---------------------------------------------------------------- model steps
@@ -114,7 +116,7 @@ def pick(seq: Sequence, logits: torch.Tensor, ctx: int) -> Sample:
     """Sample the next token of seq from its logits [V]."""
     if seq.json is None:
         return seq.sampler(logits)
-    remaining = min(seq.params.max_tokens or ctx, ctx - len(seq.prompt)) - len(seq.generated)
+    remaining = min(seq.params.max_tokens or ctx, ctx - len(seq.prompt)) - len(seq.generated)  # this one included
     return seq.json.pick(seq.sampler, logits, remaining)
 
 
@@ -277,9 +279,11 @@ def json_closer(state) -> str:
 
 
 class JsonConstraint:
-    """Keeps a sequence's output a valid JSON object or array: only the best `TOP`
-    candidates are checked, in order; when the token budget nears its end, or none of
-    them fits, the shortest completion is forced."""
+    """Keeps a sequence's output a valid JSON object or array. Only the best `TOP`
+    candidates are checked, in order; a token is allowed when the document can still be
+    completed within the remaining token budget (its shortest completion, one token per
+    character at worst, must fit), so output closes in time. When none of the
+    candidates is allowed, the first token of the shortest completion is forced."""
 
     TOP = 32
 
@@ -300,14 +304,11 @@ class JsonConstraint:
         self.state = state
 
     def pick(self, sampler: Sampler, logits: torch.Tensor, remaining: int) -> Sample:
-        closer = json_closer(self.state)
-        if remaining <= len(closer):
-            allowed = [self._forced_token(closer)]
-        else:
-            x = sampler.transform(logits)
-            values, ids = torch.topk(x, min(self.TOP, x.shape[-1]))
-            allowed = [i for v, i in zip(values.tolist(), ids.tolist()) if v > -math.inf and self._fits(i)]
-            allowed = allowed or [self._forced_token(closer)]
+        """remaining: tokens left to generate, this one included."""
+        x = sampler.transform(logits)
+        values, ids = torch.topk(x, min(self.TOP, x.shape[-1]))
+        allowed = [i for v, i in zip(values.tolist(), ids.tolist()) if v > -math.inf and self._fits(i, remaining)]
+        allowed = allowed or [self._forced_token(json_closer(self.state))]
         masked = torch.full_like(logits, -math.inf)
         index = torch.tensor(allowed)
         masked[index] = logits[index]
@@ -319,13 +320,16 @@ class JsonConstraint:
             top = list(zip(i.tolist(), v.tolist()))
         return Sample(s.token, float(lp[s.token]), top)
 
-    def _fits(self, token: int) -> bool:
+    def _fits(self, token: int, remaining: int) -> bool:
         text = self.tok.token_text(token)
-        return bool(text) and token not in self.banned and json_run(self.state, text) is not None
+        if not text or token in self.banned:
+            return False
+        state = json_run(self.state, text)
+        return state is not None and len(json_closer(state)) <= remaining - 1
 
     def _forced_token(self, closer: str) -> int:
         ids = self.tok.encode(closer)
-        if ids and closer.startswith(self.tok.token_text(ids[0])) and self._fits(ids[0]):
+        if ids and closer.startswith(self.tok.token_text(ids[0])) and ids[0] not in self.banned:
             return ids[0]
         if self._char_ids is None:  # single-character tokens, built once when needed
             self._char_ids = {}

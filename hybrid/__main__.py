@@ -1,0 +1,7 @@
+"""`python -m hybrid ...` is the `hybrid` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

