@@ -3,12 +3,15 @@ module it replaces plus config plus its rule's kwargs, and loads its own tensors
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
 Q = GGMLQuantizationType
+log = logging.getLogger(__name__)
 _FLOAT_TYPES = {torch.float32: Q.F32, torch.float16: Q.F16, torch.bfloat16: Q.BF16}
 
 
@@ -38,11 +41,9 @@ class Operator(nn.Module):
         self.load(get)
 
 
-# Formats a rule's `quant` may ask float checkpoints to be quantized to at load time.
-QUANTIZABLE = {"Q8_0", "Q4_0", "Q4_1"}
-
-
 def check_quant(quant) -> None:
+    from .quantize import QUANTIZABLE
+
     if quant is not None and str(quant).upper() not in QUANTIZABLE:
         raise ValueError(f"quant {quant!r} is not supported; choose one of {sorted(QUANTIZABLE)} or leave it out")
 
@@ -50,11 +51,15 @@ def check_quant(quant) -> None:
 def weight_array(ref, quant) -> tuple[GGMLQuantizationType, np.ndarray]:
     """The stored form of a weight for the kernels: quantized GGUF blocks as they are;
     float weights quantized to `quant` when the rule asks for it, else kept as stored."""
-    data = ref.raw_rows() if hasattr(ref, "raw_rows") else ref.raw()
-    if quant is None or ref.qtype not in (Q.F32, Q.F16, Q.BF16):
-        return ref.qtype, data
+    from .kernels import SUPPORTED_TYPES
     from .quantize import quantize
 
+    data = ref.raw_rows() if hasattr(ref, "raw_rows") else ref.raw()
+    if ref.qtype not in SUPPORTED_TYPES:  # e.g. Q2_K/Q3_K: no kernel yet, requantize once at load
+        log.warning("%s: no kernel for %s; requantized to Q8_0 at load", ref.name, ref.qtype.name)
+        quant = "Q8_0"
+    elif quant is None or ref.qtype not in (Q.F32, Q.F16, Q.BF16):
+        return ref.qtype, data
     target = Q[str(quant).upper()]
     full = ref.numpy().reshape(-1, ref.shape[-1])
     blocks = quantize(target, np.ascontiguousarray(full, dtype=np.float32))
