@@ -178,3 +178,38 @@ def test_rules_command_gpu_file_on_cpu_machine_fails_clearly(tiny_llama):
     r = run_cli("rules", "--model", str(tiny_llama), "--rules", "llama-gpu")
     assert r.returncode == 2
     assert "no CUDA device" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_gguf(tmp_path_factory):
+    from hybrid.convert import write_gguf
+
+    from .tiny import make_tiny
+
+    d = tmp_path_factory.mktemp("mixtral")
+    make_tiny("mixtral", d)
+    return write_gguf(d, d / "moe.gguf", "Q8_0")
+
+
+def test_rules_command_on_a_moe_model(tiny_moe_gguf):
+    from hybrid.checkpoint import open_gguf
+
+    r = run_cli("rules", "--model", str(tiny_moe_gguf), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["rules_file"].endswith("mixtral-cpu.yaml")
+    experts = next(g for g in out["groups"] if g["operator"] == "CPUExperts")
+    stored = sum(t.data.nbytes for t in open_gguf(tiny_moe_gguf).tensors if "_exps" in t.name)
+    assert experts["modules"] == 2 and experts["bytes"] == stored  # quantized blocks, as stored
+    # every tensor is counted once: operators at their stored size, norms as float32
+    total = sum(t.data.nbytes for t in open_gguf(tiny_moe_gguf).tensors)
+    assert out["devices"][0]["bytes"] == total
+
+
+def test_rules_command_exit_status_when_it_does_not_fit(tiny_moe_gguf, monkeypatch, capsys):
+    from hybrid import cli, plan
+
+    monkeypatch.setattr(plan, "available_bytes", lambda device: 1000)
+    assert cli.main(["rules", "--model", str(tiny_moe_gguf)]) == 1
+    captured = capsys.readouterr()
+    assert "NO" in captured.out and "does not fit" in captured.err
