@@ -213,3 +213,23 @@ def test_rules_command_exit_status_when_it_does_not_fit(tiny_moe_gguf, monkeypat
     assert cli.main(["rules", "--model", str(tiny_moe_gguf)]) == 1
     captured = capsys.readouterr()
     assert "NO" in captured.out and "does not fit" in captured.err
+
+
+def test_rules_quantize_float_checkpoints_at_load(tmp_path):
+    from .tiny import make_tiny, mean_kl, reference_logits
+
+    ids = list(range(5, 40))
+    ref = reference_logits(make_tiny("mixtral", tmp_path), ids)
+    q8 = hybrid.load(tmp_path, rules="""
+rules:
+  - match: {name: 'model\\.layers\\.\\d+\\.block_sparse_moe\\.experts'}
+    replace: {class: CPUExperts, kwargs: {quant: q8_0}}
+  - match: {class: Linear, name: 'model\\.layers.*'}
+    replace: {class: CPULinear, kwargs: {quant: q8_0}}
+""")
+    experts = q8.module.model.layers[0].block_sparse_moe.experts
+    assert experts.gate[0].name == "Q8_0" and experts.gate[1].dtype.name == "uint8"
+    assert mean_kl(q8.logits(ids), ref) < 1e-3
+    q4 = hybrid.load(tmp_path, rules="rules:\n  - match: {class: Linear}\n    replace: {class: CPULinear, kwargs: {quant: q4_0}}\n")
+    assert q4.module.lm_head.qtype.name == "Q4_0"
+    assert mean_kl(q4.logits(ids), ref) < 2e-2  # 4-bit: coarser, still close
