@@ -79,7 +79,9 @@ def build(source, rules=None):
         config = fam.Config.from_dict(cfg_dict)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{src.path}: unusable model configuration: {e}") from e
-    ruleset = rules_mod.parse_rules(rules if rules is not None else default_rules(cfg_dict["model_type"]))
+    ruleset = rules_mod.parse_rules(
+        rules if rules is not None else default_rules(cfg_dict["model_type"]), family=family_name(cfg_dict["model_type"])
+    )
     with torch.device("meta"):
         module = fam.Model(config)
     placements, counts = rules_mod.plan(module, ruleset)

@@ -17,6 +17,11 @@ class Model:
         self.config, self.module, self.tokenizer = config, module, tokenizer
         self.placements, self.ruleset, self.source, self.name = list(placements), ruleset, source, name
         self._placed = {p.path: p for p in self.placements}
+        if any(p.operator is not None and torch.device(p.device).type == "cpu" for p in self.placements):
+            # The numba kernels keep the cores busy; torch's own thread pool only runs the small
+            # ops between them, and two spinning OpenMP pools on the same cores slow both
+            # down several times over.
+            torch.set_num_threads(1)
 
     def placement(self, path: str) -> tuple[torch.device, torch.dtype]:
         """(device, dtype) the rules gave the module at `path` (or its nearest placed ancestor)."""

@@ -118,9 +118,10 @@ def resolve_rules_path(spec: str | Path) -> Path:
     raise RuleError(f"rule file {spec}: not found (built-in rule files: {names})")
 
 
-def parse_rules(spec) -> RuleSet:
+def parse_rules(spec, family: str | None = None) -> RuleSet:
     """Parse and check a rule file (path or built-in name), a YAML string, or a list of
-    rule dicts. Checks keys, regexes, operators, operator kwargs and devices."""
+    rule dicts. Checks keys, regexes, operators, operator kwargs and devices. `family`
+    (e.g. "mixtral") lets a device error name the CPU rule file to use instead."""
     if isinstance(spec, RuleSet):
         return spec
     if isinstance(spec, (list, dict)):
@@ -148,13 +149,15 @@ def parse_rules(spec) -> RuleSet:
     dtype_name = data.get("dtype", "float32")
     if dtype_name not in DTYPES:
         raise RuleError(f"{source}: dtype {dtype_name!r} is not one of {sorted(DTYPES)}")
+    if family is None:
+        family = next((f for f in ("llama", "mixtral", "qwen_moe", "deepseek") if Path(source).name.startswith(f + "-")), None)
     default_device = str(data.get("default_device", "cpu"))
-    _check_device(default_device, f"{source}: default_device")
-    rules = [_parse_rule(r, i + 1, source) for i, r in enumerate(data["rules"])]
+    _check_device(default_device, f"{source}: default_device", family)
+    rules = [_parse_rule(r, i + 1, source, family) for i, r in enumerate(data["rules"])]
     return RuleSet(rules, default_device, DTYPES[dtype_name], source, data.get("description", ""))
 
 
-def _parse_rule(raw, index: int, source: str) -> Rule:
+def _parse_rule(raw, index: int, source: str, family: str | None = None) -> Rule:
     line = raw.get("__line__", 0) if isinstance(raw, dict) else 0
     where = f"{source}: rule {index} (line {line})"
     if not isinstance(raw, dict):
@@ -188,7 +191,7 @@ def _parse_rule(raw, index: int, source: str) -> Rule:
         rule.operator = _find_operator(rule.replace, where)
         _check_kwargs(rule.operator, kwargs, where)
     if "device" in kwargs:
-        _check_device(str(kwargs["device"]), where)
+        _check_device(str(kwargs["device"]), where, family)
     if "dtype" in kwargs and kwargs["dtype"] not in DTYPES:
         raise RuleError(f"{where}: dtype {kwargs['dtype']!r} is not one of {sorted(DTYPES)}")
     return rule
@@ -233,11 +236,13 @@ def _check_kwargs(op: type, kwargs: dict, where: str) -> None:
             raise RuleError(f"{where}: {e}") from e
 
 
-def cpu_rules_hint() -> str:
-    return "use a CPU rule file instead (e.g. --rules <family>-cpu; `hybrid rules --model M` shows the default)"
+def cpu_rules_hint(family: str | None) -> str:
+    if family:
+        return f"use the CPU rule file instead: --rules {family}-cpu ({builtin_rules_dir() / (family + '-cpu.yaml')})"
+    return "use a CPU rule file instead (--rules <family>-cpu; with no --rules the right one is chosen)"
 
 
-def _check_device(device: str, where: str) -> None:
+def _check_device(device: str, where: str, family: str | None = None) -> None:
     try:
         d = torch.device(device)
     except RuntimeError as e:
@@ -248,7 +253,7 @@ def _check_device(device: str, where: str) -> None:
         raise RuleError(f"{where}: device {device!r} is not supported (cpu, cuda, cuda:N)")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
-        raise RuleError(f"{where}: device {device!r} but this machine has no CUDA device; {cpu_rules_hint()}")
+        raise RuleError(f"{where}: device {device!r} but this machine has no CUDA device; {cpu_rules_hint(family)}")
     if (d.index or 0) >= count:
         raise RuleError(f"{where}: device {device!r} but this machine has {count} CUDA device(s)")
 

@@ -116,7 +116,7 @@ def test_operator_that_does_not_fit_its_module():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_rule_on_cpu_machine_names_the_cpu_file():
-    with pytest.raises(RuleError, match=r"llama-gpu.yaml: default_device: device 'cuda:0' but this machine has no CUDA device; use a CPU rule file"):
+    with pytest.raises(RuleError, match=r"llama-gpu.yaml: default_device: device 'cuda:0' but this machine has no CUDA device; use the CPU rule file instead: --rules llama-cpu"):
         parse_rules("llama-gpu")
 
 
@@ -177,7 +177,7 @@ def test_rules_command_plan_and_byte_totals(tiny_llama):
 def test_rules_command_gpu_file_on_cpu_machine_fails_clearly(tiny_llama):
     r = run_cli("rules", "--model", str(tiny_llama), "--rules", "llama-gpu")
     assert r.returncode == 2
-    assert "no CUDA device" in r.stderr and "Traceback" not in r.stderr
+    assert "no CUDA device" in r.stderr and "--rules llama-cpu" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.fixture(scope="module")
