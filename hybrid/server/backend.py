@@ -46,7 +46,6 @@ class Generation:
 
     def __init__(self, streams, indices, metrics, prompt_lens):
         self.streams, self.indices, self.metrics = streams, indices, metrics
-        self.prompt_lens = prompt_lens
         self.timing = [Timing(time.perf_counter()) for _ in streams]
         self._done = [False] * len(streams)
         for n in prompt_lens:
@@ -54,16 +53,11 @@ class Generation:
         metrics.active.inc(len(streams))
 
     def __iter__(self):
+        events = ((0, ev) for ev in self.streams[0]) if len(self.streams) == 1 else _merge(self.streams)
         try:
-            source = iter(self.streams[0]) if len(self.streams) == 1 else None
-            if source is not None:
-                for ev in source:
-                    self._observe(0, ev)
-                    yield self.indices[0], ev
-            else:
-                for k, ev in _merge(self.streams):
-                    self._observe(k, ev)
-                    yield self.indices[k], ev
+            for k, ev in events:
+                self._observe(k, ev)
+                yield self.indices[k], ev
         finally:
             self.cancel()
 
@@ -79,8 +73,9 @@ class Generation:
         choices = {i: Choice(i) for i in self.indices}
         for i, ev in self:
             c = choices[i]
-            if failure(ev):
-                raise failure(ev)
+            err = failure(ev)
+            if err is not None:
+                raise err
             c.text += ev.text or ""
             if ev.token is not None:
                 c.token_ids.append(ev.token)
@@ -240,7 +235,7 @@ class Backend:
             self.check_ids(ids, param)
             sp, limit = params, min(ctx or self.ctx, self.ctx)
             if limit < self.ctx and len(ids) + (params.max_tokens or 1) > limit:
-                raise self._too_long(len(ids), params.max_tokens, limit)
+                raise self._too_long(len(ids), params.max_tokens, limit, param)
             if params.max_tokens is None and len(ids) < limit:
                 default = limit - len(ids)
                 if self.default_max_tokens:
@@ -267,16 +262,17 @@ class Backend:
         except QueueFull:
             raise queue_full() from None
         except ContextLengthExceeded as e:
-            raise context_length_exceeded(str(e)) from None
+            raise context_length_exceeded(str(e), param) from None
         except ValueError as e:
             raise invalid(str(e), param) from None
 
-    def _too_long(self, prompt: int, max_tokens: int | None, ctx: int) -> APIError:
+    @staticmethod
+    def _too_long(prompt: int, max_tokens: int | None, ctx: int, param: str) -> APIError:
         if max_tokens is None:
             return context_length_exceeded(
-                f"This model's maximum context length is {ctx} tokens, but the prompt has {prompt} tokens "
-                f"and leaves no room for a completion. Please shorten the messages.")
+                f"This request's context is {ctx} tokens, but the prompt has {prompt} tokens and leaves "
+                f"no room for a completion. Please shorten the prompt.", param)
         return context_length_exceeded(
-            f"This model's maximum context length is {ctx} tokens. However, you requested "
-            f"{prompt + max_tokens} tokens ({prompt} in the messages, {max_tokens} in the completion). "
-            f"Please reduce the length of the messages or completion.")
+            f"This request's context is {ctx} tokens. However, you requested {prompt + max_tokens} tokens "
+            f"({prompt} in the prompt, {max_tokens} in the completion). Please reduce the length of the "
+            f"prompt or completion.", param)

@@ -27,8 +27,8 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(400, message, param=param, code=code)
 
 
-def context_length_exceeded(message: str) -> APIError:
-    return APIError(400, message, param="messages", code="context_length_exceeded")
+def context_length_exceeded(message: str, param: str = "messages") -> APIError:
+    return APIError(400, message, param=param, code="context_length_exceeded")
 
 
 def model_not_found(name: str) -> APIError:
