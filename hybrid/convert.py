@@ -34,7 +34,8 @@ def permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model_dir, out_path, qtype: str = "F32", tokenizer_from=None, extra_metadata: dict | None = None) -> Path:
+def write_gguf(model_dir, out_path, qtype: str = "F32", tokenizer_from=None, extra_metadata: dict | None = None,
+               split_kv_b: bool = False) -> Path:
     """model_dir: a Hugging Face checkpoint directory. qtype: F32, F16 or a type that
     gguf's quantizer supports (Q8_0, Q4_0, ...) for 2-D weights whose rows fit its
     blocks; norms and biases stay F32. tokenizer_from: a GGUF file whose tokenizer.*
@@ -62,6 +63,14 @@ def write_gguf(model_dir, out_path, qtype: str = "F32", tokenizer_from=None, ext
         if arch == "llama" and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
             w = permute_rows(w, heads)
+        if split_kv_b and name.endswith("self_attn.kv_b_proj.weight"):  # newer llama.cpp layout
+            H, nope, v = config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim
+            kv_b = w.reshape(H, nope + v, -1)
+            writer.add_tensor(_gguf_name(name.replace("kv_b_proj.weight", "k_b"), fam.GGUF_NAMES),
+                              np.ascontiguousarray(kv_b[:, :nope].transpose(0, 2, 1), dtype=np.float32))
+            writer.add_tensor(_gguf_name(name.replace("kv_b_proj.weight", "v_b"), fam.GGUF_NAMES),
+                              np.ascontiguousarray(kv_b[:, nope:], dtype=np.float32))
+            continue
         gname = _gguf_name(name, fam.GGUF_NAMES)
         if w.ndim == 1 or target == Q.F32 or w.shape[-1] % 32 or gname.endswith("ffn_gate_inp.weight"):  # routers stay F32, as in llama.cpp
             writer.add_tensor(gname, np.ascontiguousarray(w, dtype=np.float32))

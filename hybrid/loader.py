@@ -43,6 +43,8 @@ def describe(source) -> tuple[Source, dict, dict, dict]:
         if cfg.get("gguf_architecture") in ("llama", "mistral"):
             permuted = {name: _heads(cfg, key) for name, key in fam.GGUF_PERMUTED.items()}
         refs = gguf_tensors(readers, fam.GGUF_NAMES, permuted)
+        if hasattr(fam, "merge_gguf"):
+            fam.merge_gguf(refs)
         if "rope_freqs.weight" in refs:
             cfg["rope_scaling"] = {"rope_type": "default", "freq_factors": refs.pop("rope_freqs.weight").numpy().tolist()}
         if "lm_head.weight" not in refs:

@@ -45,3 +45,12 @@ def test_gguf_q8_0_keeps_argmax_and_low_kl(tiny, tmp_path, rules):
     assert decisive.sum() >= len(IDS) // 2
     assert torch.equal(logits.argmax(-1)[decisive], ref.argmax(-1)[decisive])
     assert mean_kl(logits, ref) < 1e-3
+
+
+def test_deepseek_gguf_with_split_kv_b_matches_transformers(tmp_path_factory):
+    """Newer llama.cpp DeepSeek files store kv_b_proj as attn_k_b (transposed) + attn_v_b."""
+    for name in ("deepseek_v2", "deepseek_v3"):
+        directory = tmp_path_factory.mktemp(name)
+        ref = reference_logits(make_tiny(name, directory), IDS)
+        path = write_gguf(directory, directory / "split.gguf", "F32", split_kv_b=True)
+        assert rel_err(hybrid.load(path, rules="torch-cpu").logits(IDS), ref) < 1e-4

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -207,6 +208,8 @@ GGUF_NAMES = {
     f"{_L}.kv_a_proj_with_mqa.bias": "blk.{i}.attn_kv_a_mqa.bias",
     f"{_L}.kv_a_layernorm.weight": "blk.{i}.attn_kv_a_norm.weight",
     f"{_L}.kv_b_proj.weight": "blk.{i}.attn_kv_b.weight",
+    f"{_L}.k_b": "blk.{i}.attn_k_b.weight",  # newer llama.cpp files: kv_b split, see merge_gguf
+    f"{_L}.v_b": "blk.{i}.attn_v_b.weight",
     f"{_L}.o_proj.weight": "blk.{i}.attn_output.weight",
     f"{_L}.o_proj.bias": "blk.{i}.attn_output.bias",
     f"{_MLP}.gate_proj.weight": "blk.{i}.ffn_gate.weight",
@@ -227,3 +230,21 @@ GGUF_PERMUTED: dict[str, str] = {}
 STACKED = {
     f"{_MLP}.experts.{p}": f"{_MLP}.experts.{{e}}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")
 }
+
+
+def merge_gguf(refs: dict) -> None:
+    """Newer llama.cpp files store kv_b_proj per head as k_b [H, kv_lora, nope] (transposed)
+    and v_b [H, v, kv_lora]; rebuild kv_b_proj [H * (nope + v), kv_lora] from them."""
+    from hybrid.checkpoint import Q, TensorRef
+
+    for k_name in [n for n in refs if n.endswith(".self_attn.k_b")]:
+        prefix = k_name[: -len("k_b")]
+        k_b, v_b = refs.pop(k_name), refs.pop(prefix + "v_b")
+        H, lora, nope = k_b.shape
+        shape = (H * (nope + v_b.shape[1]), lora)
+
+        def raw(k_b=k_b, v_b=v_b, shape=shape):
+            k = k_b.numpy().reshape(H, lora, nope).transpose(0, 2, 1)
+            return np.ascontiguousarray(np.concatenate([k, v_b.numpy().reshape(H, -1, lora)], axis=1).reshape(shape))
+
+        refs[prefix + "kv_b_proj.weight"] = TensorRef(prefix + "kv_b_proj.weight", shape, Q.F32, raw)
