@@ -82,6 +82,7 @@ def _load(app, args, url: str, loaded: dict) -> None:
     t0 = time.perf_counter()
     try:
         model = load_from_args(args)
+        model.warm_up()
         engine = Engine(model, slots=args.slots, ctx=args.ctx, max_queue=args.max_queue).start()
         loaded["engine"] = engine
         be = state.attach(engine)

@@ -50,6 +50,16 @@ class Model:
         return self.module(tokens.to(self.input_device), step, cache)
 
     @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run every kernel path once (decode, small batch, prefill tiles) so the first
+        request does not pay for compiling or loading them."""
+        cache = self.new_cache(1, 40)
+        ids = torch.zeros(1, 32, dtype=torch.long)
+        self.forward(ids, [0], [0], cache)
+        self.forward(ids[:, :4], [32], [0], cache)
+        self.forward(ids[:, :1], [36], [0], cache)
+
+    @torch.inference_mode()
     def logits(self, token_ids, chunk: int = 512) -> torch.Tensor:
         """Logits [len(token_ids), vocab] float32 for a fresh sequence (chunked prefill)."""
         ids = torch.as_tensor(list(token_ids), dtype=torch.long)[None]
