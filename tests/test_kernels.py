@@ -69,7 +69,7 @@ def test_matmul(qtype, tokens):
     assert_close(kernels.matmul(qtype, w, x), x @ reference(qtype, w).T)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K, Q.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.F16, Q.F32], ids=lambda t: t.name)
 @pytest.mark.parametrize("rows", [1, 2, 33])
 def test_gemv_edges(qtype, rows):
     """Odd and tiny row counts, one block per row, a given out and thread count."""
@@ -132,6 +132,13 @@ def test_moe_matches_torch(types, tokens):
 @pytest.mark.parametrize("tokens", [2, 20])
 def test_moe_edges(experts, top_k, tokens):
     y, ref, _ = run_moe(MOE_TYPES[1], experts, top_k, tokens)
+    assert_close(y, ref)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 16])
+def test_moe_row_chunks(tokens):
+    """Several row chunks per expert (CHUNK rows each) and experts shared by tokens."""
+    y, ref, _ = run_moe(MOE_TYPES[1], experts=3, top_k=2, tokens=tokens, hidden=96, inter=160)
     assert_close(y, ref)
 
 

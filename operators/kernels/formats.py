@@ -10,6 +10,10 @@ decoded blocks live in stack buffers (`_lanes`), which cannot alias the weights 
 promoted to vector registers (heap scratch arrays: 3 GB/s; stack: 13 GB/s); two rows are
 dotted at once for two independent FMA chains (19 GB/s); integers are narrowed to int32
 before conversion (numba computes in int64, which halves the lanes: Q4_0 3 -> 11 GB/s).
+Bit fields that combine two bytes (Q5_*, Q6_K) are extracted by `_bits`, all in int32:
+numba's int64 steps were not narrowed back by LLVM there (Q5_K 7 -> 11, Q6_K 9 -> 14 GB/s).
+F32 rows take a plain dot: through the block loop LLVM vectorized across blocks with
+gathers. Which two rows are paired matters for DRAM reads: see `far_pair`.
 """
 
 import numba
@@ -56,6 +60,27 @@ def _bf2f(typingctx, bits):
 
 
 @intrinsic
+def _bits(typingctx, a, sa, ma, b, sb, mb, sc, off):
+    """float32((a >> sa & ma | (b >> sb & mb) << sc) - off) for unsigned integers a, b, computed
+    in int32: numba would widen each step to int64, which halves the vector lanes (and, in
+    Q5/Q6 decodes, kept LLVM from narrowing them back)."""
+    if not all(isinstance(t, types.Integer) for t in (a, sa, ma, b, sb, mb, sc, off)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+
+        def i(v):
+            w = v.type.width
+            return v if w == 32 else builder.trunc(v, i32) if w > 32 else builder.zext(v, i32)
+        a, sa, ma, b, sb, mb, sc, off = (i(v) for v in args)
+        lo = builder.and_(builder.lshr(a, sa), ma)
+        hi = builder.shl(builder.and_(builder.lshr(b, sb), mb), sc)
+        return builder.sitofp(builder.sub(builder.or_(lo, hi), off), ir.FloatType())
+    return types.float32(a, sa, ma, b, sb, mb, sc, off), codegen
+
+
+@intrinsic
 def _stack_f32(typingctx, n):
     """Pointer to a float32[n] on the stack (n a literal)."""
     if not isinstance(n, types.IntegerLiteral):
@@ -94,12 +119,6 @@ def _k_scale_min(row, o, s):
 @numba.njit(inline="always")
 def _i(q):
     return np.float32(np.int32(q))
-
-
-@numba.njit(inline="always", fastmath=FASTMATH)
-def _acc_f32(row, v, o, x, xo, a):
-    for j in range(32):
-        a[j] += v[xo + j] * x[xo + j]
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
@@ -152,11 +171,10 @@ def _deq_q8_0(row, v, o, w):
 @numba.njit(inline="always", fastmath=FASTMATH)
 def _acc_q4_0(row, v, o, x, xo, a):
     d = _f16(row, o)
-    m = np.float32(-8) * d
     for j in range(16):
         q = row[o + 2 + j]
-        a[j] += (d * _i(q & 15) + m) * x[xo + j]
-        a[j + 16] += (d * _i(q >> 4) + m) * x[xo + j + 16]
+        a[j] += d * _bits(q, 0, 15, q, 0, 0, 0, 8) * x[xo + j]
+        a[j + 16] += d * _bits(q, 4, 15, q, 0, 0, 0, 8) * x[xo + j + 16]
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
@@ -203,10 +221,8 @@ def _acc_q5(row, o, q0, d, m, x, xo, a):
     qh = _u32(row, q0 - 4)
     for j in range(16):
         q = row[q0 + j]
-        lo = (q & 15) | (((qh >> j) & 1) << 4)
-        hi = (q >> 4) | (((qh >> (j + 16)) & 1) << 4)
-        a[j] += (d * _i(lo) + m) * x[xo + j]
-        a[j + 16] += (d * _i(hi) + m) * x[xo + j + 16]
+        a[j] += (d * _bits(q, 0, 15, qh, j, 1, 4, 0) + m) * x[xo + j]
+        a[j + 16] += (d * _bits(q, 4, 15, qh, j + 16, 1, 4, 0) + m) * x[xo + j + 16]
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
@@ -214,8 +230,8 @@ def _deq_q5(row, o, q0, d, m, w):
     qh = _u32(row, q0 - 4)
     for j in range(16):
         q = row[q0 + j]
-        w[j] = d * _i((q & 15) | (((qh >> j) & 1) << 4)) + m
-        w[j + 16] = d * _i((q >> 4) | (((qh >> (j + 16)) & 1) << 4)) + m
+        w[j] = d * _bits(q, 0, 15, qh, j, 1, 4, 0) + m
+        w[j + 16] = d * _bits(q, 4, 15, qh, j + 16, 1, 4, 0) + m
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
@@ -286,11 +302,9 @@ def _acc_q5_k(row, v, o, x, xo, a):
         q0 = o + 48 + 32 * c
         x0 = xo + 64 * c
         for j in range(32):
-            q = row[q0 + j]
-            h = row[o + 16 + j] >> (2 * c)
-            lo = (q & 15) | ((h & 1) << 4)
-            hi = (q >> 4) | ((h & 2) << 3)
-            a[j] += (d0 * _i(lo) + n0) * x[x0 + j] + (d1 * _i(hi) + n1) * x[x0 + 32 + j]
+            q, h = row[q0 + j], row[o + 16 + j]
+            a[j] += ((d0 * _bits(q, 0, 15, h, 2 * c, 1, 4, 0) + n0) * x[x0 + j]
+                     + (d1 * _bits(q, 4, 15, h, 2 * c + 1, 1, 4, 0) + n1) * x[x0 + 32 + j])
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
@@ -303,18 +317,18 @@ def _deq_q5_k(row, v, o, w):
         d0, n0, d1, n1 = d * sc0, -dmin * m0, d * sc1, -dmin * m1
         q0 = o + 48 + 32 * c
         for j in range(32):
-            q = row[q0 + j]
-            h = row[o + 16 + j] >> (2 * c)
-            w[64 * c + j] = d0 * _i((q & 15) | ((h & 1) << 4)) + n0
-            w[64 * c + 32 + j] = d1 * _i((q >> 4) | ((h & 2) << 3)) + n1
+            q, h = row[q0 + j], row[o + 16 + j]
+            w[64 * c + j] = d0 * _bits(q, 0, 15, h, 2 * c, 1, 4, 0) + n0
+            w[64 * c + 32 + j] = d1 * _bits(q, 4, 15, h, 2 * c + 1, 1, 4, 0) + n1
 
 
 # Q6_K, 210 bytes: ql:u8[128] | qh:u8[64] | scales:i8[16] (one per 16 weights) | d:f16.
 # Half h (128 weights), quarter k, j < 32: weight 128h + 32k + j has low bits
 # ql[64h + 32(k & 1) + j] >> 4(k >> 1) and high bits qh[32h + j] >> 2k; w = d*sc*(q - 32)
 @numba.njit(inline="always")
-def _q6(lo, hi):
-    return _i(((lo & 15) | (hi & 48)) - 32)
+def _q6(lo, k, hi):
+    """q - 32 of quarter k from its low-bits byte lo and high-bits byte hi."""
+    return _bits(lo, 4 * (k >> 1), 15, hi, 2 * k, 3, 4, 32)
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
@@ -330,11 +344,11 @@ def _acc_q6_k(row, v, o, x, xo, a):
         x0 = xo + 128 * h
         for j in range(16):
             l0, l1, m = row[ql + j], row[ql + 32 + j], row[qh + j]
-            a[j] += (d0 * _q6(l0, m << 4) * x[x0 + j] + d1 * _q6(l1, m << 2) * x[x0 + 32 + j]
-                     + d2 * _q6(l0 >> 4, m) * x[x0 + 64 + j] + d3 * _q6(l1 >> 4, m >> 2) * x[x0 + 96 + j])
+            a[j] += (d0 * _q6(l0, 0, m) * x[x0 + j] + d1 * _q6(l1, 1, m) * x[x0 + 32 + j]
+                     + d2 * _q6(l0, 2, m) * x[x0 + 64 + j] + d3 * _q6(l1, 3, m) * x[x0 + 96 + j])
             l0, l1, m = row[ql + 16 + j], row[ql + 48 + j], row[qh + 16 + j]
-            a[j + 16] += (e0 * _q6(l0, m << 4) * x[x0 + 16 + j] + e1 * _q6(l1, m << 2) * x[x0 + 48 + j]
-                          + e2 * _q6(l0 >> 4, m) * x[x0 + 80 + j] + e3 * _q6(l1 >> 4, m >> 2) * x[x0 + 112 + j])
+            a[j + 16] += (e0 * _q6(l0, 0, m) * x[x0 + 16 + j] + e1 * _q6(l1, 1, m) * x[x0 + 48 + j]
+                          + e2 * _q6(l0, 2, m) * x[x0 + 80 + j] + e3 * _q6(l1, 3, m) * x[x0 + 112 + j])
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
@@ -346,13 +360,13 @@ def _deq_q6_k(row, v, o, w):
         for j in range(32):  # bits as in _acc_q6_k
             l0, l1, m = row[ql + j], row[ql + 32 + j], row[qh + j]
             sc = d * np.float32(v[o + 192 + 8 * h + j // 16])
-            w[128 * h + j] = sc * _q6(l0, m << 4)
+            w[128 * h + j] = sc * _q6(l0, 0, m)
             sc = d * np.float32(v[o + 194 + 8 * h + j // 16])
-            w[128 * h + 32 + j] = sc * _q6(l1, m << 2)
+            w[128 * h + 32 + j] = sc * _q6(l1, 1, m)
             sc = d * np.float32(v[o + 196 + 8 * h + j // 16])
-            w[128 * h + 64 + j] = sc * _q6(l0 >> 4, m)
+            w[128 * h + 64 + j] = sc * _q6(l0, 2, m)
             sc = d * np.float32(v[o + 198 + 8 * h + j // 16])
-            w[128 * h + 96 + j] = sc * _q6(l1 >> 4, m >> 2)
+            w[128 * h + 96 + j] = sc * _q6(l1, 3, m)
 
 
 # --- generic loops, specialized per format ---------------------------------------------
@@ -405,7 +419,21 @@ _dot2_q5_k, _deqrow_q5_k = _specialize(_acc_q5_k, _deq_q5_k, 256, 176, np.uint8)
 _dot2_q6_k, _deqrow_q6_k = _specialize(_acc_q6_k, _deq_q6_k, 256, 210, np.int8)
 _dot2_f16, _deqrow_f16 = _specialize(_acc_f16, _deq_f16, 32, 64, np.uint16)
 _dot2_bf16, _deqrow_bf16 = _specialize(_acc_bf16, _deq_bf16, 32, 64, np.uint16)
-_dot2_f32, _deqrow_f32 = _specialize(_acc_f32, _deq_f32, 32, 128, np.float32)
+_deqrow_f32 = _specialize(None, _deq_f32, 32, 128, np.float32)[1]
+
+
+@numba.njit(nogil=True, fastmath=FASTMATH)
+def _dot2_f32(r0, r1, x):
+    # A plain contiguous dot: through the 32-lane block loop, LLVM vectorized across blocks
+    # and gathered (6 GB/s).
+    v0 = r0.view(np.float32)
+    v1 = r1.view(np.float32)
+    s0 = np.float32(0)
+    s1 = np.float32(0)
+    for i in range(x.size):
+        s0 += v0[i] * x[i]
+        s1 += v1[i] * x[i]
+    return s0, s1
 
 
 @numba.njit(nogil=True, fastmath=FASTMATH)
@@ -432,6 +460,21 @@ def dot2(t, r0, r1, x):
     if t == BF16:
         return _dot2_bf16(r0, r1, x)
     return _dot2_f32(r0, r1, x)
+
+
+@numba.njit(inline="always")
+def far_pair(lo, hi, half, i):
+    """Pair i of rows [lo, hi) with half = (hi - lo + 1) // 2: rows lo + i and lo + i + half
+    (the last row twice when the count is odd).
+
+    A thread's rows are read as two long sequential streams. Pairing adjacent rows (two
+    read fronts a row apart, one stream) halves the DRAM read speed of Q4_0/Q8_0 GEMVs,
+    1 thread and 2 (the hardware prefetchers lose track: Q4_0 5 vs 15 GB/s on one core);
+    so do short streams (pairs 16 rows apart: 9 GB/s).
+    """
+    r0 = lo + i
+    r1 = r0 + half
+    return r0, (r1 if r1 < hi else r0)
 
 
 @numba.njit(nogil=True, fastmath=FASTMATH)

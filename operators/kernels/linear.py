@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from numba import prange
 
-from .formats import FASTMATH, as_blocks, dequantize_row, dot, dot2
+from .formats import FASTMATH, as_blocks, dequantize_row, dot, dot2, far_pair
 
 # Up to this many tokens, decode each weight row once into L1 and dot it with every token;
 # above, decode a tile of rows and hand it to BLAS (measured crossover: scripts/bench_kernels.py).
@@ -33,17 +33,17 @@ def num_threads(threads):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
-def _gemv(t, w, x, y):
-    """w: uint8 [rows, row_bytes]; x: float32 [cols]; y: float32 [rows]."""
-    # Row p is paired with row p + half: each thread reads two long sequential streams. Pairs
-    # of adjacent rows (two read fronts a row apart) halve the DRAM read speed of Q4_0/Q8_0:
-    # the hardware prefetchers lose track (measured 5 vs 12 GB/s per core for Q4_0).
+def _gemv(t, w, x, y, chunks):
+    """w: uint8 [rows, row_bytes]; x: float32 [cols]; y: float32 [rows]; rows split in
+    chunks (one per thread: more, shorter streams read slower)."""
     rows = w.shape[0]
-    half = (rows + 1) // 2
-    for p in prange(half):
-        r0 = np.int64(p)  # prange's index is unsigned: r0 + half would be float64
-        r1 = r0 + half if r0 + half < rows else r0
-        y[r0], y[r1] = dot2(t, w[r0], w[r1], x)
+    for c in prange(chunks):
+        lo = c * rows // chunks
+        hi = (c + 1) * rows // chunks
+        half = (hi - lo + 1) // 2
+        for i in range(half):
+            r0, r1 = far_pair(lo, hi, half, i)
+            y[r0], y[r1] = dot2(t, w[r0], w[r1], x)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
@@ -63,6 +63,11 @@ def _dequantize(t, w, out):
     """w: uint8 [rows, row_bytes]; out: float32 [rows, cols]."""
     for r in prange(w.shape[0]):
         dequantize_row(t, w[r], out[r])
+
+
+def gemv_chunks(rows):
+    """Row chunks for a GEMV: one per numba thread (call inside `num_threads`)."""
+    return max(1, min(numba.get_num_threads(), rows // 2))
 
 
 def dequantize(qtype, w: np.ndarray, threads: int | None = None) -> np.ndarray:
@@ -87,7 +92,7 @@ def gemv(qtype, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, thr
         raise ValueError(f"x has shape {x.shape}, the weight wants ({cols},)")
     y = np.empty(w.shape[0], np.float32) if out is None else out
     with num_threads(threads):
-        _gemv(t, w, x, y)
+        _gemv(t, w, x, y, gemv_chunks(w.shape[0]))
     return y
 
 
@@ -104,7 +109,7 @@ def matmul(qtype, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, t
     y = np.empty((n, rows), np.float32) if out is None else out
     with num_threads(threads):
         if n == 1:
-            _gemv(t, w, x[0], y[0])
+            _gemv(t, w, x[0], y[0], gemv_chunks(rows))
         elif n <= SMALL_BATCH:
             _matmul_small(t, w, x, y, min(rows, 16 * numba.get_num_threads()))
         else:
