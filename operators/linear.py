@@ -30,6 +30,7 @@ class CPULinear(Operator):
 
     def load(self, get) -> None:
         self.qtype, self.weight = weight_array(get("weight"), self.quant)
+        self.prepared = kernels.Prepared(self.qtype, self.weight)
         self.bias = get("bias").tensor() if self.has_bias else None
 
     def decode_bytes(self, top_k: int) -> int:
@@ -38,7 +39,11 @@ class CPULinear(Operator):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).to("cpu", torch.float32).contiguous().numpy()
-        y = torch.from_numpy(kernels.matmul(self.qtype, self.weight, flat, threads=self.threads))
+        if flat.shape[0] == 1 and self.threads is None:  # decode: the lean path
+            y = torch.empty(1, self.out_features)
+            self.prepared.gemv(flat[0], y.numpy()[0])
+        else:
+            y = torch.from_numpy(kernels.matmul(self.qtype, self.weight, flat, threads=self.threads))
         if self.bias is not None:
             y += self.bias
         return y.view(*lead, self.out_features).to(x.device, x.dtype)

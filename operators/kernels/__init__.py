@@ -6,7 +6,7 @@ weights are float32/float16/uint16 (bf16 bits) arrays [rows, cols].
 """
 
 from .formats import SUPPORTED_TYPES
-from .linear import dequantize, gemv, matmul
+from .linear import Prepared, dequantize, gemv, matmul
 from .moe import moe_forward
 
-__all__ = ["SUPPORTED_TYPES", "dequantize", "gemv", "matmul", "moe_forward"]
+__all__ = ["SUPPORTED_TYPES", "Prepared", "dequantize", "gemv", "matmul", "moe_forward"]

@@ -70,6 +70,20 @@ def gemv_chunks(rows):
     return max(1, min(numba.get_num_threads(), rows // 2))
 
 
+class Prepared:
+    """A weight checked and viewed once, for the one-token path that runs hundreds of times
+    per decoded token: `gemv` skips the per-call checks of `matmul` (about 20 us each)."""
+
+    def __init__(self, qtype, w: np.ndarray):
+        self.qtype = qtype
+        self.t, self.w, self.cols = as_blocks(qtype, w)
+        self.rows = self.w.shape[0]
+
+    def gemv(self, x: np.ndarray, y: np.ndarray) -> None:
+        """x: float32 [cols] contiguous; y: float32 [rows], written."""
+        _gemv(self.t, self.w, x, y, gemv_chunks(self.rows))
+
+
 def dequantize(qtype, w: np.ndarray, threads: int | None = None) -> np.ndarray:
     """float32 [..., rows, cols] of a weight in the kernels' form (blocks, or float arrays)."""
     t, w, cols = as_blocks(qtype, w)
