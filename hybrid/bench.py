@@ -6,33 +6,24 @@ from __future__ import annotations
 import json
 import time
 
-import numba
 import numpy as np
 import torch
 from torch import nn
 
 from .models.common import Experts
 
-@numba.njit(parallel=True, cache=True, nogil=True, fastmath=True)
-def _read_all(a):  # a [chunks, n]: each thread streams whole chunks; 8 lanes keep it vectorized
-    total = 0.0
-    for c in numba.prange(a.shape[0]):
-        acc = np.zeros(8, np.float32)
-        row = a[c]
-        for i in range(0, row.shape[0], 8):
-            for j in range(8):
-                acc[j] += row[i + j]
-        total += acc.sum()
-    return total
-
-
 def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Memory read bandwidth in bytes/s: best of `repeats` full reads of a buffer much larger
-    than the caches, by all threads."""
-    a = np.ones((max(64, numba.get_num_threads() * 8), nbytes // 4 // max(64, numba.get_num_threads() * 8) // 8 * 8), np.float32)
-    _read_all(a)  # compile and fault the pages in
-    best = min(_timed(lambda: _read_all(a)) for _ in range(repeats))
-    return a.nbytes / best
+    """Memory read bandwidth in bytes/s: the best of `repeats` F16 GEMVs over `nbytes` of
+    weights with all threads. It costs about one instruction per byte, so memory bounds it;
+    a plain parallel sum is compute-bound on these cores and reads slower."""
+    from gguf import GGMLQuantizationType as Q
+
+    from operators import kernels
+
+    w = np.ones((nbytes // 8192, 4096), np.float16)
+    x = np.ones(4096, np.float32)
+    kernels.gemv(Q.F16, w, x)  # compile and fault the pages in
+    return w.nbytes / min(_timed(lambda: kernels.gemv(Q.F16, w, x)) for _ in range(repeats))
 
 
 def _timed(fn) -> float:

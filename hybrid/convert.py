@@ -49,11 +49,11 @@ def write_gguf(model_dir, out_path, qtype: str = "F32", tokenizer_from=None, ext
     writer.add_name(cfg.get("_name_or_path") or src.path.name)
     _add_config(writer, arch, fam.Config.from_dict(cfg), cfg)
     for key, value in (extra_metadata or {}).items():
-        _add_value(writer, key, value)
+        add_metadata(writer, key, value)
     if tokenizer_from:
         for key, value in open_gguf(Path(tokenizer_from)).metadata.items():
             if key.startswith("tokenizer."):
-                _add_value(writer, key, value)
+                add_metadata(writer, key, value)
     target = Q[qtype.upper()]
     config = fam.Config.from_dict(cfg)
     for name, ref in refs.items():
@@ -99,7 +99,7 @@ def _add_config(writer: GGUFWriter, arch: str, config, cfg: dict) -> None:
         if hf in values and values[hf] is not None and not isinstance(values[hf], (dict, list)):
             v = values[hf]
             v = _METADATA_TYPES.get(hf, type(v))(v)
-            _add_value(writer, f"{arch}.{gkey}", v)
+            add_metadata(writer, f"{arch}.{gkey}", v)
     rope = getattr(config, "rope", {}) or {}
     if rope.get("rope_type") == "llama3":  # llama.cpp's form: a tensor of per-frequency divisors
         from .models.common import rope_frequencies
@@ -116,7 +116,7 @@ def _add_config(writer: GGUFWriter, arch: str, config, cfg: dict) -> None:
             writer.add_float32(f"{arch}.rope.scaling.yarn_log_multiplier", 0.1 * rope["mscale_all_dim"])
 
 
-def _add_value(writer: GGUFWriter, key: str, value, field=None) -> None:
+def add_metadata(writer: GGUFWriter, key: str, value) -> None:
     if isinstance(value, bool):
         writer.add_bool(key, value)
     elif isinstance(value, int):

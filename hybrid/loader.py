@@ -114,7 +114,7 @@ class _Tensors:
             raise CheckpointError(f"unexpected tensor(s) in the checkpoint: {shown}")
 
 
-def load_weights(module: nn.Module, placements, tensors: _Tensors, config, progress=None) -> None:
+def load_weights(module: nn.Module, placements, tensors: _Tensors, progress=None) -> None:
     for p in placements:
         prefix = f"{p.path}." if p.path else ""
         if p.operator is not None:
@@ -161,7 +161,7 @@ def load(source, rules=None, *, progress: bool = False):
 
         bar = tqdm(total=len(placements), desc=f"loading {src.path.name}", unit="module", leave=False)
     try:
-        load_weights(module, placements, tensors, config, bar)
+        load_weights(module, placements, tensors, bar)
     finally:
         if bar is not None:
             bar.close()

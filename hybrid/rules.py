@@ -281,8 +281,7 @@ def plan(root: nn.Module, ruleset: RuleSet) -> tuple[list[Placement], dict[int, 
                         f"{rule.where(ruleset.source)}: operator {rule.operator.__name__} replaces {names}, "
                         f"but {path} is a {type(module).__name__}"
                     )
-                op_kwargs = {k: v for k, v in rule.kwargs.items()}
-                placements.append(Placement(path, module, device, dtype, rule, rule.operator, op_kwargs))
+                placements.append(Placement(path, module, device, dtype, rule, rule.operator, dict(rule.kwargs)))
                 return  # an operator owns its whole subtree
         placements.append(Placement(path, module, device, dtype, rule))
         if rule is not None and not rule.recursive:
@@ -303,8 +302,7 @@ def swap(root: nn.Module, placements: list[Placement], config) -> None:
     for p in placements:
         if p.operator is None:
             continue
-        kwargs = dict(p.kwargs)
-        op = p.operator(p.module, config, **kwargs)
+        op = p.operator(p.module, config, **p.kwargs)
         parent_path, _, name = p.path.rpartition(".")
         parent = root.get_submodule(parent_path) if parent_path else root
         setattr(parent, name, op)

@@ -11,6 +11,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
 from .checkpoint import open_gguf
+from .convert import add_metadata
 
 Q = GGMLQuantizationType
 
@@ -78,13 +79,14 @@ def write_moe_gguf(
     writer.add_vocab_size(vocab)
     for key, value in meta.items():
         if key.startswith("tokenizer."):
-            writer.add_key_value(key, value, _value_type(value))
+            add_metadata(writer, key, value)
 
     head_dim = hidden // heads
     w_scale = 0.5 / np.sqrt(hidden) / 64  # quant range ~±64..127: weights ~ 1/sqrt(fan_in)
 
     def quant(name, shape):
-        writer.add_tensor(name, random_blocks(q, shape, rng, w_scale), raw_shape=random_blocks_shape(q, shape), raw_dtype=q)
+        blocks = random_blocks(q, shape, rng, w_scale)
+        writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=q)
 
     def f32(name, shape, value=None):
         data = np.full(shape, value, np.float32) if value is not None else rng.standard_normal(shape).astype(np.float32) * 0.02
@@ -109,16 +111,3 @@ def write_moe_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return Path(path)
-
-
-def random_blocks_shape(qtype, shape):
-    block, size = GGML_QUANT_SIZES[qtype]
-    return (*shape[:-1], shape[-1] // block * size)
-
-
-def _value_type(value):
-    from gguf import GGUFValueType
-
-    if isinstance(value, list):
-        return GGUFValueType.ARRAY
-    return GGUFValueType.get_type(value)

@@ -27,10 +27,6 @@ class CPUEmbedding(Operator):
     def load(self, get) -> None:
         self.qtype, self.weight = weight_array(get("weight"), self.quant)
 
-    @property
-    def weight_device(self) -> torch.device:
-        return torch.device("cpu")
-
     def decode_bytes(self, top_k: int) -> int:
         return self.weight[0].nbytes  # one row per token
 
