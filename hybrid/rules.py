@@ -61,7 +61,7 @@ class Rule:
 
     @property
     def device(self) -> str | None:
-        return self.kwargs.get("device")
+        return self.kwargs.get("device", self.kwargs.get("generate_device"))
 
 
 @dataclass
@@ -190,8 +190,9 @@ def _parse_rule(raw, index: int, source: str, family: str | None = None) -> Rule
     else:
         rule.operator = _find_operator(rule.replace, where)
         _check_kwargs(rule.operator, kwargs, where)
-    if "device" in kwargs:
-        _check_device(str(kwargs["device"]), where, family)
+    for key in ("device", "generate_device", "prefill_device"):
+        if key in kwargs:
+            _check_device(str(kwargs[key]), where if key == "device" else f"{where}: {key}", family)
     if "dtype" in kwargs and kwargs["dtype"] not in DTYPES:
         raise RuleError(f"{where}: dtype {kwargs['dtype']!r} is not one of {sorted(DTYPES)}")
     return rule
@@ -271,7 +272,7 @@ def plan(root: nn.Module, ruleset: RuleSet) -> tuple[list[Placement], dict[int, 
         rule = next((r for r in ruleset.rules if path and r.matches(path, module)), None)
         if rule is not None:
             counts[rule.index] += 1
-            device = str(rule.kwargs.get("device", device))
+            device = str(rule.kwargs.get("device", rule.kwargs.get("generate_device", device)))
             dtype = DTYPES[rule.kwargs["dtype"]] if "dtype" in rule.kwargs else dtype
             if rule.operator is not None:
                 fits = getattr(rule.operator, "replaces", ())

@@ -7,7 +7,7 @@ import torch
 
 from hybrid.models.common import Experts
 
-from . import kernels
+from . import kernels, offload
 from .base import Operator, check_quant, weight_array
 
 
@@ -17,16 +17,19 @@ class CPUExperts(Operator):
 
     replaces = (Experts,)
 
-    def __init__(self, original: Experts, config, *, device: str = "cpu", quant: str | None = None, threads: int | None = None):
+    def __init__(
+        self, original: Experts, config, *, device: str = "cpu", quant: str | None = None, threads: int | None = None,
+        generate_device: str | None = None, prefill_device: str | None = None, prefill_min_tokens: int = offload.PREFILL_MIN_TOKENS,
+    ):
         super().__init__(original, config)
-        check_quant(quant)
+        self.check_kwargs(device, quant, threads, generate_device, prefill_device, prefill_min_tokens)
         self.num_experts, self.hidden, self.intermediate = original.num_experts, original.hidden, original.intermediate
         self.quant, self.threads = quant, threads
+        self.prefill = offload.Prefill(prefill_device, prefill_min_tokens)
 
     @staticmethod
-    def check_kwargs(device="cpu", quant=None, threads=None):
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"CPUExperts runs on the CPU; device {device!r} is not possible")
+    def check_kwargs(device="cpu", quant=None, threads=None, generate_device=None, prefill_device=None, prefill_min_tokens=offload.PREFILL_MIN_TOKENS):
+        offload.check_devices("CPUExperts", device, generate_device, prefill_device, prefill_min_tokens)
         check_quant(quant)
 
     def load(self, get) -> None:
@@ -39,6 +42,10 @@ class CPUExperts(Operator):
         return sum(w.nbytes for _, w in (self.gate, self.up, self.down)) * top_k // self.num_experts
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.prefill.wants(x.shape[0]):
+            d = self.prefill.device
+            out = offload.experts(self.gate, self.up, self.down, x.to(d, torch.float32), ids.to(d), weights.to(d))
+            return out.to(x.device, x.dtype)
         xs = x.to("cpu", torch.float32).contiguous().numpy()
         out = kernels.moe_forward(
             *self.gate, *self.up, *self.down, xs,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import kernels
+from . import kernels, offload
 from .base import Operator, check_quant, weight_array
 
 
@@ -15,17 +15,20 @@ class CPULinear(Operator):
 
     replaces = (nn.Linear,)
 
-    def __init__(self, original: nn.Linear, config, *, device: str = "cpu", quant: str | None = None, threads: int | None = None):
+    def __init__(
+        self, original: nn.Linear, config, *, device: str = "cpu", quant: str | None = None, threads: int | None = None,
+        generate_device: str | None = None, prefill_device: str | None = None, prefill_min_tokens: int = offload.PREFILL_MIN_TOKENS,
+    ):
         super().__init__(original, config)
-        check_quant(quant)
+        self.check_kwargs(device, quant, threads, generate_device, prefill_device, prefill_min_tokens)
         self.in_features, self.out_features = original.in_features, original.out_features
         self.quant, self.threads = quant, threads
+        self.prefill = offload.Prefill(prefill_device, prefill_min_tokens)
         self.has_bias = original.bias is not None
 
     @staticmethod
-    def check_kwargs(device="cpu", quant=None, threads=None):
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"CPULinear runs on the CPU; device {device!r} is not possible (use 'default' to keep torch's Linear on a GPU)")
+    def check_kwargs(device="cpu", quant=None, threads=None, generate_device=None, prefill_device=None, prefill_min_tokens=offload.PREFILL_MIN_TOKENS):
+        offload.check_devices("CPULinear", device, generate_device, prefill_device, prefill_min_tokens)
         check_quant(quant)
 
     def load(self, get) -> None:
@@ -38,6 +41,11 @@ class CPULinear(Operator):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        if self.prefill.wants(lead.numel()):
+            y = offload.linear(self.qtype, self.weight, x.reshape(-1, self.in_features).to(self.prefill.device, torch.float32))
+            if self.bias is not None:
+                y += self.bias.to(y.device)
+            return y.view(*lead, self.out_features).to(x.device, x.dtype)
         flat = x.reshape(-1, self.in_features).to("cpu", torch.float32).contiguous().numpy()
         if flat.shape[0] == 1 and self.threads is None:  # decode: the lean path
             y = torch.empty(1, self.out_features)

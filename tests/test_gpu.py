@@ -51,3 +51,29 @@ def test_gpu_experts_rule_puts_first_layers_on_gpu(tiny):
     m = hybrid.load(d, rules=f"{family}-gpu-experts")
     kinds = {name: type(mod).__name__ for name, mod in m.module.named_modules() if name.endswith(".experts")}
     assert any(k == "Experts" for k in kinds.values())  # torch experts on the GPU for layers 0-3
+
+
+PREFILL_ON_GPU = """
+default_device: cuda:0
+dtype: float32
+rules:
+  - match: {name: 'model\\.layers\\.\\d+\\.(block_sparse_moe|mlp)\\.experts'}
+    replace: {class: CPUExperts, kwargs: {prefill_device: 'cuda:0', prefill_min_tokens: 8}}
+"""
+
+
+def test_experts_prefill_on_gpu_decode_on_cpu(tiny, monkeypatch):
+    from operators import offload
+
+    d, ref, _ = tiny
+    m = hybrid.load(d, rules=PREFILL_ON_GPU)
+    devices = []
+    real = offload._weights
+    monkeypatch.setattr(offload, "_weights", lambda q, w, dev: devices.append(torch.device(dev).type) or real(q, w, dev))
+    cache = m.new_cache(1, len(IDS))
+    prefill = m.forward(torch.tensor([IDS[:20]]), [0], [0], cache)[0]
+    assert devices and set(devices) == {"cuda"}
+    devices.clear()
+    decode = [m.forward(torch.tensor([[t]]), [20 + i], [0], cache)[0, -1] for i, t in enumerate(IDS[20:])]
+    assert devices == []
+    assert rel_err(torch.cat([prefill, torch.stack(decode)]).cpu(), ref) < 1e-3

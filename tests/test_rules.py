@@ -233,3 +233,62 @@ rules:
     q4 = hybrid.load(tmp_path, rules="rules:\n  - match: {class: Linear}\n    replace: {class: CPULinear, kwargs: {quant: q4_0}}\n")
     assert q4.module.lm_head.qtype.name == "Q4_0"
     assert mean_kl(q4.logits(ids), ref) < 2e-2  # 4-bit: coarser, still close
+
+
+PREFILL_ON_CPU = """
+rules:
+  - match: {name: 'model\\.layers\\.\\d+\\.block_sparse_moe\\.experts'}
+    replace: {class: CPUExperts, kwargs: {generate_device: cpu, prefill_device: cpu, prefill_min_tokens: 8}}
+  - match: {class: Linear}
+    replace: {class: CPULinear, kwargs: {prefill_device: cpu, prefill_min_tokens: 8}}
+"""
+
+
+def test_prefill_device_takes_long_calls_and_leaves_decode_to_the_kernels(tmp_path, monkeypatch):
+    """prefill_device: calls of >= prefill_min_tokens tokens stream dequantized tiles to that
+    device (here the CPU itself, the path a GPU takes) and give the same logits."""
+    from operators import offload
+
+    from .tiny import make_tiny, reference_logits, rel_err
+
+    ids = list(range(5, 25))
+    ref = reference_logits(make_tiny("mixtral", tmp_path), ids)
+    m = hybrid.load(tmp_path, rules=PREFILL_ON_CPU)
+    streamed = []
+    real = offload._weights
+    monkeypatch.setattr(offload, "_weights", lambda q, w, d: streamed.append(w.shape) or real(q, w, d))
+    assert rel_err(m.logits(ids[:12]), ref[:12]) < 1e-4  # one 12-token call: offloaded
+    layers = m.config.num_hidden_layers
+    assert len(streamed) >= layers * (4 + 3)  # q/k/v/o and at least one expert's gate/up/down per layer
+    streamed.clear()
+    cache = m.new_cache(1, 32)
+    m.forward(torch.tensor([ids[:12]]), [0], [0], cache)
+    streamed.clear()
+    logits = [m.forward(torch.tensor([[t]]), [12 + i], [0], cache)[0, -1] for i, t in enumerate(ids[12:])]
+    assert streamed == []  # decode stays on the numba kernels
+    assert rel_err(torch.stack(logits), ref[12:]) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ("{generate_device: 'cuda:0'}", "CPUExperts keeps its weights in host RAM and decodes on the CPU; generate_device 'cuda:0' is not possible"),
+        ("{prefill_min_tokens: 0}", "prefill_min_tokens must be a positive integer"),
+        ("{prefill_device: gpu}", "rule 1 (line 2): prefill_device: 'gpu' is not a device name"),
+    ],
+)
+def test_prefill_and_generate_device_validation(kwargs, message):
+    with pytest.raises(RuleError) as e:
+        parse_rules(f"rules:\n  - match: {{name: a}}\n    replace: {{class: CPUExperts, kwargs: {kwargs}}}\n")
+    assert message in str(e.value) and "rule 1 (line 2)" in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_prefill_device_cuda_on_cpu_machine_fails_clearly():
+    with pytest.raises(RuleError, match=r"rule 1 \(line 2\): prefill_device: device 'cuda:0' but this machine has no CUDA device"):
+        parse_rules("rules:\n  - match: {name: a}\n    replace: {class: CPUExperts, kwargs: {prefill_device: 'cuda:0'}}\n")
+
+
+def test_prefill_device_is_for_operators_only():
+    with pytest.raises(RuleError, match=r"unknown key\(s\) \['prefill_device'\] in kwargs of 'default'"):
+        parse_rules("rules:\n  - match: {name: a}\n    replace: {class: default, kwargs: {prefill_device: cpu}}\n")
