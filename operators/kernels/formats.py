@@ -14,6 +14,16 @@ Bit fields that combine two bytes (Q5_*, Q6_K) are extracted by `_bits`, all in 
 numba's int64 steps were not narrowed back by LLVM there (Q5_K 7 -> 11, Q6_K 9 -> 14 GB/s).
 F32 rows take a plain dot: through the block loop LLVM vectorized across blocks with
 gathers. Which two rows are paired matters for DRAM reads: see `far_pair`.
+
+Formats in INT_TYPES also have an integer path (`dot2x`, taken by the GEMV and the fused
+MoE): x is rounded per 32-block to int16 (`quantize_rows`, ~2e-5 relative error), a block is
+32 int16 weights (`_Lanes`, a vector written in LLVM IR: LLVM made no vpmaddwd of scalar
+integer loops) and `_madd` takes it with int32 pairwise products, one convert and one FMA
+(one core, weights in DRAM: Q8_0 17 -> 39 GB/s, Q4_K 13 -> 19, Q6_K 16 -> 20, Q4_0 17 -> 18;
+Q4_1 gained nothing). What mattered there: the f16 scale load kept off vpinsrw (`_f16`),
+blocks taken in pairs into separate lanes, K-quant scales unpacked as one vector and fed to
+the FMAs from memory (`_k_scales`, `_opaque`). Q4_0 is bound by instruction count, about
+13 per block; fewer needs int8 activations or a repacked layout.
 """
 
 import numba
@@ -22,7 +32,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, models, register_model
 
 # LLVM may reassociate and contract (needed to vectorize sums), but must keep NaN/Inf.
 FASTMATH = {"contract", "reassoc", "nsz", "arcp", "afn"}
@@ -57,6 +67,14 @@ def _bf2f(typingctx, bits):
         wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
         return builder.bitcast(wide, ir.FloatType())
     return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _u2f(typingctx, bits):
+    """float32 with the bits of a uint32."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
 
 
 @intrinsic
@@ -97,9 +115,32 @@ def _lanes():
     return numba.carray(_stack_f32(32), (32,))
 
 
-@numba.njit(inline="always")
-def _f16(row, o):
-    return _h2f(np.uint16(row[o]) | (np.uint16(row[o + 1]) << np.uint16(8)))
+@intrinsic
+def _f16(typingctx, row, o):
+    """The IEEE half at byte o of row (uint8/int8) as float32: one 2-byte load (indexing
+    with a signed o would add numba's negative-index fix-up, several instructions a block)."""
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        at = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(16).as_pointer())
+        bits = builder.zext(builder.load(at, align=1), ir.IntType(32))
+        # Through a general register (an empty asm) into a zeroed vector (vmovd): LLVM's own
+        # choice, vpinsrw, merges into the register the previous block's scale was in, which
+        # chained every block of a row (Q8_0: 12 -> 33 GB/s on one core).
+        i32 = ir.IntType(32)
+        bits = builder.asm(ir.FunctionType(i32, [i32]), "", "=r,0", [bits], False)
+        vec = builder.insert_element(ir.Constant(ir.VectorType(i32, 4), None), bits, ir.Constant(i32, 0))
+        halves = builder.fpext(builder.bitcast(vec, ir.VectorType(ir.HalfType(), 8)), ir.VectorType(ir.FloatType(), 8))
+        return builder.extract_element(halves, ir.Constant(i32, 0))
+    return types.float32(row, o), codegen
+
+
+@intrinsic
+def _get(typingctx, arr, i):
+    """arr[i] for 0 <= i < arr.size, without numba's negative-index fix-up."""
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        return builder.load(builder.gep(data, [args[1]]))
+    return arr.dtype(arr, i), codegen
 
 
 @numba.njit(inline="always")
@@ -369,6 +410,209 @@ def _deq_q6_k(row, v, o, w):
             w[128 * h + 96 + j] = sc * _q6(l1, 3, m)
 
 
+# --- integer path: x quantized per 32-block to int16, weights multiplied in int32 ---------
+# One block of 32 weights is a `_Lanes` value (an LLVM <32 x i16> vector: numba has no
+# vector type, and LLVM did not turn scalar integer loops into these instructions). `_madd`
+# multiplies it with 32 int16 activations and adds neighbouring products (vpmaddwd), so a
+# block costs about 4 vector instructions instead of 8 float ones plus their conversions.
+# int16 activations cost ~2e-5 relative error (int8, as llama.cpp uses, broke the tests).
+
+class _LanesType(types.Type):
+    def __init__(self):
+        super().__init__(name="Lanes16x32")
+
+
+_LANES = _LanesType()
+_V16 = ir.VectorType(ir.IntType(16), 32)
+
+
+@register_model(_LanesType)
+class _LanesModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V16)
+
+
+def _vec_at(context, builder, aty, arr, off, n):
+    """Pointer to n elements of array `arr` (numba type aty) from element `off`, as a vector."""
+    data = context.make_array(aty)(context, builder, arr).data
+    return builder.bitcast(builder.gep(data, [off]), ir.VectorType(data.type.pointee, n).as_pointer())
+
+
+def _splat(builder, v, n):
+    vec = builder.insert_element(ir.Constant(ir.VectorType(v.type, n), None), v, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), n), [0] * n))
+
+
+def _i16(builder, v):
+    return builder.trunc(v, ir.IntType(16)) if v.type.width > 16 else builder.zext(v, ir.IntType(16))
+
+
+@intrinsic
+def _bytes(typingctx, row, o, shift, mask):
+    """Lanes (row[o + j] >> shift) & mask for j < 32 (row: uint8, or int8 with mask 0 = all
+    bits, sign-extended)."""
+    def codegen(context, builder, sig, args):
+        row, o, shift, mask = args
+        v = builder.load(_vec_at(context, builder, sig.args[0], row, o, 32), align=1)
+        if sig.args[0].dtype.signed:
+            return builder.sext(v, _V16)
+        v = builder.lshr(builder.zext(v, _V16), _splat(builder, _i16(builder, shift), 32))
+        return builder.and_(v, _splat(builder, _i16(builder, mask), 32))
+    return _LANES(row, o, shift, mask), codegen
+
+
+@intrinsic
+def _nibbles(typingctx, row, o):
+    """Lanes row[o + j] & 15, then row[o + j] >> 4, for j < 16 (the Q4_0/Q4_1 order)."""
+    def codegen(context, builder, sig, args):
+        v = builder.load(_vec_at(context, builder, sig.args[0], args[0], args[1], 16), align=1)
+        w = builder.zext(v, ir.VectorType(ir.IntType(16), 16))
+        lo = builder.and_(w, _splat(builder, ir.Constant(ir.IntType(16), 15), 16))
+        hi = builder.lshr(w, _splat(builder, ir.Constant(ir.IntType(16), 4), 16))
+        return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
+    return _LANES(row, o), codegen
+
+
+@intrinsic
+def _with_high(typingctx, q, row, o, shift, sub):
+    """Lanes q | ((row[o + j] >> shift) & 3) << 4, minus sub (the Q6_K high bits)."""
+    def codegen(context, builder, sig, args):
+        q, row, o, shift, sub = args
+        h = builder.zext(builder.load(_vec_at(context, builder, sig.args[1], row, o, 32), align=1), _V16)
+        h = builder.lshr(h, _splat(builder, _i16(builder, shift), 32))
+        h = builder.and_(h, ir.Constant(_V16, [3] * 32))
+        q = builder.or_(q, builder.shl(h, ir.Constant(_V16, [4] * 32)))
+        return builder.sub(q, _splat(builder, _i16(builder, sub), 32))
+    return _LANES(q, row, o, shift, sub), codegen
+
+
+@intrinsic
+def _minus(typingctx, q, c):
+    """Lanes q - c."""
+    def codegen(context, builder, sig, args):
+        return builder.sub(args[0], _splat(builder, _i16(builder, args[1]), 32))
+    return _LANES(q, c), codegen
+
+
+@intrinsic
+def _madd(typingctx, a, ao, s0, s1, q, xq, xo):
+    """a[ao + k] += s * (q[2k] * xq[xo + 2k] + q[2k + 1] * xq[xo + 2k + 1]) for k < 16, the
+    products summed in int32 (one vpmaddwd); s = s0 for k < 8 (weights 0-15), s1 above."""
+    def codegen(context, builder, sig, args):
+        a, ao, s0, s1, q, xq, xo = args
+        i32x16, i32x32 = ir.VectorType(ir.IntType(32), 16), ir.VectorType(ir.IntType(32), 32)
+        x = builder.load(_vec_at(context, builder, sig.args[5], xq, xo, 32), align=2)
+        p = builder.mul(builder.sext(q, i32x32), builder.sext(x, i32x32), flags=["nsw"])
+        even, odd = (ir.Constant(i32x16, list(range(k, 32, 2))) for k in (0, 1))
+        pairs = builder.add(builder.shuffle_vector(p, p, even), builder.shuffle_vector(p, p, odd), flags=["nsw"])
+        f32x16 = ir.VectorType(ir.FloatType(), 16)
+        s = builder.shuffle_vector(_splat(builder, s0, 16), _splat(builder, s1, 16),
+                                   ir.Constant(i32x16, [0] * 8 + [16] * 8))
+        at = _vec_at(context, builder, sig.args[0], a, ao, 16)
+        prod = builder.fmul(builder.sitofp(pairs, f32x16), s, flags=["fast"])
+        builder.store(builder.fadd(builder.load(at, align=4), prod, flags=["fast"]), at, align=4)
+        return context.get_dummy_value()
+    return types.none(a, ao, s0, s1, q, xq, xo), codegen
+
+
+def _opaque(builder, ptr):
+    """ptr, hidden from LLVM by an empty asm: a store through it is not forwarded to later
+    loads, which stay loads and fold into the FMAs as broadcasts (from a register, each
+    broadcast of a lane past the first cost two shuffles)."""
+    return builder.asm(ir.FunctionType(ptr.type, [ptr.type]), "", "=r,0", [ptr], True)
+
+
+@intrinsic
+def _opaque_f32(typingctx, ptr):
+    """A float32 pointer as `_opaque` gives it."""
+    def codegen(context, builder, sig, args):
+        return _opaque(builder, args[0])
+    return ptr(ptr), codegen
+
+
+@intrinsic
+def _k_scales(typingctx, row, o, d, xs, xsum, g, out):
+    """K-quant block at byte o (Q4_K/Q5_K layout): out[i] = d * scale_i * xs[g + i] for its 8
+    groups; returns sum_i min_i * xsum[g + i]. The 6-bit fields are unpacked as vectors (as
+    scalars they cost more than the block's dot products)."""
+    def codegen(context, builder, sig, args):
+        row, o, d, xs, xsum, g, out = args
+        i8, i32, f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+        off = builder.add(o, ir.Constant(o.type, 4))
+        q = builder.load(_vec_at(context, builder, sig.args[0], row, off, 16), align=1)
+
+        def pick(idx):
+            return builder.shuffle_vector(q, q, ir.Constant(ir.VectorType(i32, 8), idx))
+
+        def c8(vals):
+            return ir.Constant(ir.VectorType(i8, 8), vals)
+        # group i < 4: scale q[i] & 63, min q[i+4] & 63; i >= 4: low 4 bits in q[i+4] (scale
+        # low nibble, min high nibble), high 2 bits the top bits of q[i-4] (scale), q[i] (min)
+        top = c8([0] * 4 + [0x30] * 4)
+        sc = builder.or_(builder.and_(pick([0, 1, 2, 3, 8, 9, 10, 11]), c8([63] * 4 + [15] * 4)),
+                         builder.and_(builder.lshr(pick([0, 1, 2, 3, 0, 1, 2, 3]), c8([2] * 8)), top))
+        mn = builder.and_(builder.lshr(pick([4, 5, 6, 7, 8, 9, 10, 11]), c8([0] * 4 + [4] * 4)),
+                          c8([63] * 4 + [15] * 4))
+        mn = builder.or_(mn, builder.and_(builder.lshr(pick([4, 5, 6, 7, 4, 5, 6, 7]), c8([2] * 8)), top))
+        f8 = ir.VectorType(f32, 8)
+
+        def per_group(arr, i):  # xs[g:g + 8] or xsum[g:g + 8]
+            return builder.load(_vec_at(context, builder, sig.args[i], arr, g, 8), align=4)
+        scale = builder.fmul(builder.uitofp(sc, f8), _splat(builder, d, 8), flags=["fast"])
+        scale = builder.fmul(scale, per_group(xs, 3), flags=["fast"])
+        builder.store(scale, builder.bitcast(_opaque(builder, out), f8.as_pointer()), align=4)
+        mins = builder.fmul(builder.uitofp(mn, f8), per_group(xsum, 4), flags=["fast"])
+        total = builder.extract_element(mins, ir.Constant(i32, 0))
+        for i in range(1, 8):
+            total = builder.fadd(total, builder.extract_element(mins, ir.Constant(i32, i)), flags=["fast"])
+        return total
+    return types.float32(row, o, d, xs, xsum, g, out), codegen
+
+
+# _int_<fmt>(row, v, o, xq, xs, xsum, b, a, ao): block b of the row (bytes from o) times x
+# as `quantize_rows` gives it (xq: int16 [cols], xs: scale and xsum: sum per 32) into
+# a[ao:ao + 16] (K-quants: into both halves of a); returns what does not depend on the lanes.
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _int_q8_0(row, v, o, xq, xs, xsum, b, a, ao):
+    s = _f16(row, o) * _get(xs, b)
+    _madd(a, ao, s, s, _bytes(v, o + 2, 0, 0), xq, 32 * b)
+    return np.float32(0)
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _int_q4_0(row, v, o, xq, xs, xsum, b, a, ao):
+    s = _f16(row, o) * _get(xs, b)
+    _madd(a, ao, s, s, _minus(_nibbles(row, o + 2), 8), xq, 32 * b)
+    return np.float32(0)
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _int_q4_k(row, v, o, xq, xs, xsum, b, a, ao):
+    buf = _stack_f32(8)
+    mins = _k_scales(row, o, _f16(row, o), xs, xsum, 8 * b, buf)
+    sc = numba.carray(_opaque_f32(buf), (8,))
+    for c in range(4):
+        g = 8 * b + 2 * c
+        _madd(a, 0, sc[2 * c], sc[2 * c], _bytes(row, o + 16 + 32 * c, 0, 15), xq, 32 * g)
+        _madd(a, 16, sc[2 * c + 1], sc[2 * c + 1], _bytes(row, o + 16 + 32 * c, 4, 15), xq, 32 * g + 32)
+    return -_f16(row, o + 2) * mins
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _int_q6_k(row, v, o, xq, xs, xsum, b, a, ao):
+    d = _f16(row, o + 208)
+    for h in range(2):
+        for k in range(4):  # weights 128h + 32k + j, bits as in _acc_q6_k
+            low = _bytes(row, o + 64 * h + 32 * (k & 1), 4 * (k >> 1), 15)
+            q = _with_high(low, row, o + 128 + 32 * h, 2 * k, 32)
+            g = 8 * b + 4 * h + k
+            s = d * _get(xs, g)
+            sc = o + 192 + 8 * h + 2 * k
+            _madd(a, 16 * (k & 1), s * np.float32(v[sc]), s * np.float32(v[sc + 1]), q, xq, 32 * g)
+    return np.float32(0)
+
+
 # --- generic loops, specialized per format ---------------------------------------------
 
 def _specialize(acc, deq, block_elems, block_bytes, view):
@@ -422,6 +666,75 @@ _dot2_bf16, _deqrow_bf16 = _specialize(_acc_bf16, _deq_bf16, 32, 64, np.uint16)
 _deqrow_f32 = _specialize(None, _deq_f32, 32, 128, np.float32)[1]
 
 
+def _specialize_int(acc, block_bytes, view):
+    """dot2 on the integer path for one format: xq, xs, xsum as `quantize_rows` gives them."""
+    if block_bytes > 34:
+        return _specialize_int_k(acc, block_bytes, view)
+
+    @numba.njit(nogil=True, fastmath=FASTMATH)
+    def dot2_int(r0, r1, xq, xs, xsum):
+        # 32-weight blocks in pairs, into lanes 0-15 and 16-31: two FMA chains per row.
+        a0 = _lanes()
+        a1 = _lanes()
+        for j in range(32):
+            a0[j] = 0
+            a1[j] = 0
+        c0 = np.float32(0)
+        c1 = np.float32(0)
+        v0 = r0.view(view)
+        v1 = r1.view(view)
+        nb = r0.size // block_bytes
+        for b in range(0, nb - 1, 2):
+            o = b * block_bytes
+            c0 += acc(r0, v0, o, xq, xs, xsum, b, a0, 0)
+            c1 += acc(r1, v1, o, xq, xs, xsum, b, a1, 0)
+            c0 += acc(r0, v0, o + block_bytes, xq, xs, xsum, b + 1, a0, 16)
+            c1 += acc(r1, v1, o + block_bytes, xq, xs, xsum, b + 1, a1, 16)
+        if nb % 2:
+            o = (nb - 1) * block_bytes
+            c0 += acc(r0, v0, o, xq, xs, xsum, nb - 1, a0, 0)
+            c1 += acc(r1, v1, o, xq, xs, xsum, nb - 1, a1, 0)
+        for j in range(32):
+            c0 += a0[j]
+            c1 += a1[j]
+        return c0, c1
+
+    return dot2_int
+
+
+def _specialize_int_k(acc, block_bytes, view):
+    """As `_specialize_int` for K-quants: a 256-weight block alternates lanes 0-15 and 16-31
+    itself; blocks go one at a time (in pairs, the scalar scale decoding spilled registers)."""
+
+    @numba.njit(nogil=True, fastmath=FASTMATH)
+    def dot2_int(r0, r1, xq, xs, xsum):
+        a0 = _lanes()
+        a1 = _lanes()
+        for j in range(32):
+            a0[j] = 0
+            a1[j] = 0
+        c0 = np.float32(0)
+        c1 = np.float32(0)
+        v0 = r0.view(view)
+        v1 = r1.view(view)
+        for b in range(r0.size // block_bytes):
+            c0 += acc(r0, v0, b * block_bytes, xq, xs, xsum, b, a0, 0)
+            c1 += acc(r1, v1, b * block_bytes, xq, xs, xsum, b, a1, 0)
+        for j in range(32):
+            c0 += a0[j]
+            c1 += a1[j]
+        return c0, c1
+
+    return dot2_int
+
+
+_int2_q8_0 = _specialize_int(_int_q8_0, 34, np.int8)
+_int2_q4_0 = _specialize_int(_int_q4_0, 18, np.uint8)
+_int2_q4_k = _specialize_int(_int_q4_k, 144, np.uint8)
+_int2_q6_k = _specialize_int(_int_q6_k, 210, np.int8)
+INT_TYPES = (Q8_0, Q4_0, Q4_K, Q6_K)  # Q4_1 gained nothing and lost precision (1e-4)
+
+
 @numba.njit(nogil=True, fastmath=FASTMATH)
 def _dot2_f32(r0, r1, x):
     # A plain contiguous dot: through the 32-lane block loop, LLVM vectorized across blocks
@@ -460,6 +773,57 @@ def dot2(t, r0, r1, x):
     if t == BF16:
         return _dot2_bf16(r0, r1, x)
     return _dot2_f32(r0, r1, x)
+
+
+@numba.njit(nogil=True, fastmath=FASTMATH)
+def quantize_rows(x, needed=True):
+    """(x, xq, xs, xsum): each 32-block of each row of x (float32 [N, cols]) as int16 xq
+    [N, cols] times scale xs [N, cols // 32], and the block's sum xsum (of xq * xs); the
+    form `dot2x` takes.
+    A block holding NaN or Inf gets scale NaN or Inf and zeros, so its dots are NaN. Not
+    `needed` (no row of a format on the integer path): only x, with empty quantized arrays."""
+    n, cols = x.shape
+    nb = cols // 32 if needed else 0
+    xq = np.empty((n, 32 * nb), np.int16)
+    xs = np.empty((n, nb), np.float32)
+    xsum = np.empty((n, nb), np.float32)
+    for i in range(n):
+        bits = x[i].view(np.uint32)
+        for b in range(nb):
+            # max |x| as the max of the bit patterns without sign (an integer max vectorizes,
+            # a float one without NaN flags does not)
+            top = np.uint32(0)
+            for j in range(32):
+                top = max(top, bits[32 * b + j] & np.uint32(0x7FFFFFFF))
+            m = _u2f(top)
+            inv = np.float32(32767) / m if m > 0 else np.float32(0)  # 0 for NaN and Inf
+            s = np.float32(0)
+            for j in range(32):
+                q = np.floor(x[i, 32 * b + j] * inv + np.float32(0.5))
+                xq[i, 32 * b + j] = np.int16(q)
+                s += q
+            xs[i, b] = m / np.float32(32767)
+            # the sum of the rounded block: a min term (Q4_K) then cancels against the
+            # integer dot exactly as in w . rounded x (with the sum of x itself, real Q4_K
+            # rows were 9e-5 off, not 2e-5)
+            xsum[i, b] = s * xs[i, b]
+    return x, xq, xs, xsum
+
+
+@numba.njit(nogil=True, fastmath=FASTMATH)
+def dot2x(t, r0, r1, xa, n):
+    """`dot2` with row n of activations xa from `quantize_rows`: formats in INT_TYPES take the
+    integer path, the others the float one."""
+    x, xq, xs, xsum = xa
+    if t == Q8_0:
+        return _int2_q8_0(r0, r1, xq[n], xs[n], xsum[n])
+    if t == Q4_0:
+        return _int2_q4_0(r0, r1, xq[n], xs[n], xsum[n])
+    if t == Q4_K:
+        return _int2_q4_k(r0, r1, xq[n], xs[n], xsum[n])
+    if t == Q6_K:
+        return _int2_q6_k(r0, r1, xq[n], xs[n], xsum[n])
+    return dot2(t, r0, r1, x[n])
 
 
 @numba.njit(inline="always")

@@ -1,5 +1,6 @@
-"""y = W @ x on GGUF blocks: GEMV for one token, a numba kernel for small batches, and
-tile dequantization + BLAS for prefill (weights are read once per batch in every case)."""
+"""y = W @ x on GGUF blocks: GEMV for one token, decoded L1 tiles (batch.py) up to
+SMALL_BATCH tokens, and tile dequantization + BLAS above (weights are read once per batch
+in every case)."""
 
 from contextlib import contextmanager
 
@@ -8,11 +9,14 @@ import numpy as np
 import torch
 from numba import prange
 
-from .formats import FASTMATH, as_blocks, dequantize_row, dot, dot2, far_pair
+from .batch import matmul_small
+from .formats import FASTMATH, INT_TYPES, as_blocks, dequantize_row, dot2x, far_pair, quantize_rows
 
-# Up to this many tokens, decode each weight row once into L1 and dot it with every token;
-# above, decode a tile of rows and hand it to BLAS (measured crossover: scripts/bench_kernels.py).
-SMALL_BATCH = 16
+# Up to this many tokens, decode each group of 4 weight rows once into L1 and multiply it
+# there with every token (batch.py); above, decode a tile of rows and hand it to BLAS.
+# The L1 path measured 2-3.5x faster than BLAS (torch, one thread beside numba's) at every
+# size tried, 32..2048 tokens (docs/performance.md, "Server").
+SMALL_BATCH = 4096
 # fp32 rows dequantized per BLAS call. Large on purpose: switching between numba's and
 # BLAS's thread pools costs milliseconds (both spin), far more than the cache misses.
 TILE_BYTES = 256 << 20
@@ -37,25 +41,14 @@ def _gemv(t, w, x, y, chunks):
     """w: uint8 [rows, row_bytes]; x: float32 [cols]; y: float32 [rows]; rows split in
     chunks (one per thread: more, shorter streams read slower)."""
     rows = w.shape[0]
+    xa = quantize_rows(x.reshape(1, x.size), t in INT_TYPES)
     for c in prange(chunks):
         lo = c * rows // chunks
         hi = (c + 1) * rows // chunks
         half = (hi - lo + 1) // 2
         for i in range(half):
             r0, r1 = far_pair(lo, hi, half, i)
-            y[r0], y[r1] = dot2(t, w[r0], w[r1], x)
-
-
-@numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
-def _matmul_small(t, w, x, y, chunks):
-    """w: uint8 [rows, row_bytes]; x: float32 [N, cols]; y: float32 [N, rows]; rows split in chunks."""
-    rows = w.shape[0]
-    for c in prange(chunks):
-        buf = np.empty(x.shape[1], np.float32)
-        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
-            dequantize_row(t, w[r], buf)
-            for n in range(x.shape[0]):
-                y[n, r] = dot(buf, x[n])
+            y[r0], y[r1] = dot2x(t, w[r0], w[r1], xa, 0)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
@@ -98,7 +91,8 @@ def gemv(qtype, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, thr
     """y = W @ x.
 
     w: [rows, row_bytes] uint8 GGUF blocks (or [rows, cols] float32/float16/uint16-bf16);
-    x: float32 [cols]; out: optional float32 [rows].
+    x: float32 [cols]; out: optional float32 [rows]. Q8_0, Q4_0, Q4_K and Q6_K weights take
+    x rounded to int16 per 32 values (`formats.quantize_rows`: ~2e-5 relative error).
     """
     t, w, cols = as_blocks(qtype, w)
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -125,7 +119,7 @@ def matmul(qtype, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, t
         if n == 1:
             _gemv(t, w, x[0], y[0], gemv_chunks(rows))
         elif n <= SMALL_BATCH:
-            _matmul_small(t, w, x, y, min(rows, 16 * numba.get_num_threads()))
+            matmul_small(t, w, x, y, gemv_chunks(rows))
         else:
             # yT[r0:r1] = tile @ x.T keeps every BLAS output contiguous.
             tile_rows = max(16, TILE_BYTES // (4 * cols))

@@ -1,0 +1,120 @@
+"""Batched kernels (operators/kernels/batch.py and the fused MoE over it) against gguf's
+dequantize, and the engine's batched prefill."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from hybrid.engine import prefill_groups
+from operators import kernels
+from operators.kernels import batch, linear, moe
+from operators.kernels.formats import as_blocks
+
+from .test_kernels import FORMATS, MOE_TYPES, assert_close, cols_for, make_weight, reference, run_moe
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+def test_decode_row_matches_gguf(qtype):
+    w = make_weight(qtype, (3, cols_for(qtype, 5)))
+    t, wb, cols = as_blocks(qtype, w)
+    ref = reference(qtype, w).astype(np.float32)
+    for r in range(3):
+        out = np.full(cols, np.nan, np.float32)
+        batch.decode_row(t, wb[r], out)
+        np.testing.assert_array_equal(out, ref[r])
+
+
+@pytest.mark.parametrize("tokens", [2, 3, 5, 8, 13, 16])
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+def test_small_batch_matches_gguf(qtype, tokens):
+    """Through `matmul`'s dispatch: 37 rows (a short last group of 4) over 2 threads' chunks."""
+    w = make_weight(qtype, (37, cols_for(qtype, 3)))
+    x = np.random.default_rng(tokens).standard_normal((tokens, cols_for(qtype, 3)), dtype=np.float32)
+    assert_close(kernels.matmul(qtype, w, x), x @ reference(qtype, w).T)
+
+
+@pytest.mark.parametrize("rows,chunks", [(1, 1), (2, 2), (5, 3), (9, 2)])
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_1, Q.Q6_K, Q.BF16], ids=lambda t: t.name)
+def test_small_batch_odd_shapes(qtype, rows, chunks):
+    """Fewer rows than a tile, chunks that end inside a tile; one block per row."""
+    cols = cols_for(qtype, 1)
+    w = make_weight(qtype, (rows, cols))
+    t, wb, _ = as_blocks(qtype, w)
+    x = np.random.default_rng(rows).standard_normal((3, cols), dtype=np.float32)
+    y = np.full((3, rows), np.nan, np.float32)
+    batch.matmul_small(t, wb, x, y, chunks)
+    assert_close(y, x @ reference(qtype, w).T)
+
+
+def test_token_blocks():
+    """More tokens than one L2 block of x (4096 columns: 32 tokens a block)."""
+    w = make_weight(Q.Q4_0, (9, 4096))
+    x = np.random.default_rng(6).standard_normal((70, 4096), dtype=np.float32)
+    assert_close(kernels.matmul(Q.Q4_0, w, x), x @ reference(Q.Q4_0, w).T)
+
+
+def test_rows_do_not_depend_on_the_batch():
+    """A token's outputs are bitwise the same whatever else is in the batch (2+ tokens), so
+    a request batched with others computes what it computes with any other company."""
+    w = make_weight(Q.Q4_K, (21, 512))
+    x = np.random.default_rng(7).standard_normal((9, 512), dtype=np.float32)
+    full = kernels.matmul(Q.Q4_K, w, x)
+    np.testing.assert_array_equal(kernels.matmul(Q.Q4_K, w, x[[4, 1, 7]]), full[[4, 1, 7]])
+    np.testing.assert_array_equal(kernels.matmul(Q.Q4_K, w, x[[2, 2]]), full[[2, 2]])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_small_batch_nan_inf(bad):
+    """A bad activation spoils its own token only; a bad weight scale its own row only."""
+    w = make_weight(Q.Q8_0, (6, 64))
+    x = np.random.default_rng(8).standard_normal((5, 64), dtype=np.float32)
+    x[3, 40] = bad
+    y = kernels.matmul(Q.Q8_0, w, x)
+    assert not np.isfinite(y[3]).any() and np.isfinite(np.delete(y, 3, 0)).all()
+    w[4, :2] = np.array([bad], np.float16).view(np.uint8)  # fp16 scale of row 4's first block
+    x[3, 40] = 0
+    y = kernels.matmul(Q.Q8_0, w, x)
+    assert not np.isfinite(y[:, 4]).any() and np.isfinite(np.delete(y, 4, 1)).all()
+
+
+@pytest.mark.parametrize("tokens", [2, 8, 16, 40])
+@pytest.mark.parametrize("types", MOE_TYPES, ids=lambda ts: "-".join(t.name for t in ts))
+def test_fused_moe_shared_experts(types, tokens):
+    """Few experts for many tokens: every expert has several tokens (the tile path),
+    an odd number of them included."""
+    y, ref, _ = run_moe(types, experts=3, top_k=2, tokens=tokens, hidden=256, inter=256)
+    assert_close(y, ref)
+
+
+def test_moe_by_expert_path(monkeypatch):
+    """Inputs above FUSED_MAX_TOKENS go expert by expert through BLAS."""
+    monkeypatch.setattr(moe, "FUSED_MAX_TOKENS", 16)
+    y, ref, _ = run_moe(MOE_TYPES[0], experts=8, top_k=3, tokens=40)
+    assert_close(y, ref)
+
+
+def test_matmul_blas_path(monkeypatch):
+    """Inputs above SMALL_BATCH tokens go through dequantized tiles and BLAS."""
+    monkeypatch.setattr(linear, "SMALL_BATCH", 16)
+    w = make_weight(Q.Q4_K, (37, 512))
+    x = np.random.default_rng(9).standard_normal((40, 512), dtype=np.float32)
+    assert_close(kernels.matmul(Q.Q4_K, w, x), x @ reference(Q.Q4_K, w).T)
+
+
+def test_prefill_groups():
+    def seq(n_prompt, prefilled=0):
+        return SimpleNamespace(prompt=[0] * n_prompt, prefilled=prefilled)
+
+    short = [seq(n) for n in (38, 40, 36, 39)]
+    assert prefill_groups(short, 512, 1024) == [[short[1], short[3], short[0], short[2]]]
+    # a 10-token chunk is not padded to 400; at most `chunk` padded tokens in one forward
+    long_, tiny = seq(400), seq(10)
+    assert prefill_groups([tiny, long_], 512, 1024) == [[long_], [tiny]]
+    many = [seq(300) for _ in range(3)]
+    assert [len(g) for g in prefill_groups(many, 512, 1024)] == [1, 1, 1]
+    # a chunk padded past the context is left for a forward of its own
+    late, early = seq(100, prefilled=80), seq(30)
+    assert prefill_groups([late, early], 512, 100) == [[early], [late]]
+    assert prefill_groups([], 512, 100) == []
