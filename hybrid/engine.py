@@ -1,10 +1,12 @@
 """The engine: one thread owns the model and its KV cache and runs continuous batching.
 
 Requests come in through a bounded queue (`submit`, any thread); each `step` admits
-waiting requests into free cache slots, feeds one prefill chunk of each new sequence,
-then runs ONE batched decode forward over every running sequence (B = running, T = 1,
-each at its own slot and position), samples, sends events and retires finished
-sequences. Events go to a per-request queue read by that request's `Stream`.
+waiting requests into free cache slots, feeds one prefill chunk of each new sequence
+(batched: sequences whose chunks are of similar length share one forward), then runs ONE
+batched decode forward over every running sequence (B = running, T = 1, each at its own
+slot and position), samples, sends events and retires finished sequences. A batch-8
+decode step reads the same dense weights as a batch-1 step, so throughput grows with the
+batch. Events go to a per-request queue read by that request's `Stream`.
 
 Either `start()` a background thread (a server), or leave it stopped and let each
 `Stream` drive `step()` from the thread that iterates it (scripts, the CLI in a pinch).
@@ -25,6 +27,27 @@ from .sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 __all__ = ["Engine", "Stream", "QueueFull", "ContextLengthExceeded", "Event"]
+
+
+def prefill_groups(seqs: list[Sequence], chunk: int, ctx: int) -> list[list[Sequence]]:
+    """The prefilling sequences in batches of one forward each. Chunks are padded to the
+    longest of their batch, so a batch takes only chunks at least half as long as its
+    longest, whose padded end fits the context, and at most `chunk` padded tokens in all
+    (the forward's activations and logits stay those of one full chunk)."""
+    def need(s):
+        return min(len(s.prompt) - s.prefilled, chunk)
+
+    todo = sorted(seqs, key=need, reverse=True)
+    groups = []
+    while todo:
+        T = need(todo[0])
+        group, rest = [], []
+        for s in todo:
+            fits = 2 * need(s) >= T and s.prefilled + T <= ctx and (len(group) + 1) * T <= max(chunk, T)
+            (group if fits else rest).append(s)
+        groups.append(group)
+        todo = rest
+    return groups
 
 
 class QueueFull(RuntimeError):
@@ -173,8 +196,8 @@ class Engine:
             self._admit()
             if not (self.prefilling or self.running):
                 return False
-            for seq in list(self.prefilling):
-                self._prefill(seq)
+            for group in prefill_groups(self.prefilling, self.prefill_chunk, self.ctx):
+                self._prefill(group)
             if self.running:
                 self._decode()
             return True
@@ -191,21 +214,30 @@ class Engine:
             seq.slot = self.free.pop(0)
             self.prefilling.append(seq)
 
-    def _prefill(self, seq: Sequence) -> None:
+    def _prefill(self, group: list[Sequence]) -> None:
         t0 = time.perf_counter_ns()
         try:
-            logits = prefill(self.model, self.cache, seq, self.prefill_chunk)
-            if logits is not None:
-                sample = pick(seq, logits, self.ctx)
-            seq.prompt_eval_ns += time.perf_counter_ns() - t0
-            if logits is None:
-                return
-            ev = advance(seq, sample, self.ctx)
+            rows = prefill(self.model, self.cache, group, self.prefill_chunk)
         except Exception as e:
-            return self._fail(seq, e)
-        self.prefilling.remove(seq)
-        self.running.append(seq)
-        self._send(seq, ev)
+            if len(group) == 1:
+                return self._fail(group[0], e)
+            log.exception("batched prefill failed; retrying one sequence at a time")
+            for seq in group:  # the forward raised before any sequence advanced
+                self._prefill([seq])
+            return
+        dt = time.perf_counter_ns() - t0
+        for seq, logits in zip(group, rows):
+            seq.prompt_eval_ns += dt
+            if logits is None:
+                continue
+            try:
+                ev = advance(seq, pick(seq, logits, self.ctx), self.ctx)
+            except Exception as e:
+                self._fail(seq, e)
+                continue
+            self.prefilling.remove(seq)
+            self.running.append(seq)
+            self._send(seq, ev)
 
     def _decode(self) -> None:
         batch = list(self.running)

@@ -96,13 +96,23 @@ def check_fits(n_prompt: int, max_tokens: int | None, ctx: int, json_mode: bool 
 
 # ---------------------------------------------------------------- model steps
 
-def prefill(model, cache, seq: Sequence, chunk: int) -> torch.Tensor | None:
-    """Feed the next `chunk` prompt tokens of seq; the last logits [V] once the whole prompt is in."""
-    start = seq.prefilled
-    ids = torch.tensor([seq.prompt[start : start + chunk]], dtype=torch.long)
-    logits = model.forward(ids, [start], [seq.slot], cache)
-    seq.prefilled = start + ids.shape[1]
-    return logits[0, -1] if seq.prefilled == len(seq.prompt) else None
+def prefill(model, cache, seqs: list[Sequence], chunk: int) -> list[torch.Tensor | None]:
+    """Feed the next `chunk` prompt tokens of each sequence in one batched forward; for each,
+    its last logits [V] once its whole prompt is in, else None.
+
+    Shorter chunks are padded at the end to the longest. The padding lands in cache positions
+    past the sequence's own tokens, which none of them attends to (keys <= position) and
+    which its next chunk or decoded token overwrites before it can be seen.
+    """
+    parts = [s.prompt[s.prefilled : s.prefilled + chunk] for s in seqs]
+    T = max(map(len, parts))
+    ids = torch.tensor([p + p[-1:] * (T - len(p)) for p in parts], dtype=torch.long)  # [B, T]
+    logits = model.forward(ids, [s.prefilled for s in seqs], [s.slot for s in seqs], cache)
+    out = []
+    for b, (s, p) in enumerate(zip(seqs, parts)):
+        s.prefilled += len(p)
+        out.append(logits[b, len(p) - 1] if s.prefilled == len(s.prompt) else None)
+    return out
 
 
 def decode(model, cache, seqs: list[Sequence]) -> torch.Tensor:
