@@ -3,14 +3,20 @@
 `OPERATORS` maps the short names rule files use to the classes; a rule may also name
 any operator by import path (e.g. `operators.linear.CPULinear`)."""
 
+from .attention import CPUAttention
 from .embedding import CPUEmbedding
 from .experts import CPUExperts
 from .linear import CPULinear
+from .mlp import CPUMLP
+from .norm import CPURMSNorm
 
 OPERATORS = {
     "CPULinear": CPULinear,
     "CPUEmbedding": CPUEmbedding,
     "CPUExperts": CPUExperts,
+    "CPUAttention": CPUAttention,
+    "CPUMLP": CPUMLP,
+    "CPURMSNorm": CPURMSNorm,
 }
 
-__all__ = ["OPERATORS", "CPULinear", "CPUEmbedding", "CPUExperts"]
+__all__ = ["OPERATORS", "CPULinear", "CPUEmbedding", "CPUExperts", "CPUAttention", "CPUMLP", "CPURMSNorm"]

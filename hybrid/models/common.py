@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +156,11 @@ class Step:
     def length(self) -> int:
         return max(self.starts) + self.positions.shape[1]
 
+    @cached_property
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(slots, starts) as int64 arrays for the CPU kernels, made once per step."""
+        return np.asarray(self.slots, np.int64), np.asarray(self.starts, np.int64)
+
     def to(self, device) -> "Step":
         if self.positions.device == torch.device(device):
             return self
@@ -167,6 +175,12 @@ class KVCache(nn.Module):
         super().__init__()
         self.register_buffer("k", torch.zeros(slots, kv_heads, max_len, k_dim, dtype=dtype, device=device))
         self.register_buffer("v", torch.zeros(slots, kv_heads, max_len, v_dim, dtype=dtype, device=device))
+
+    @cached_property
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """k and v as numpy views for the CPU kernels (float16 as its uint16 bits)."""
+        k, v = self.k.numpy(), self.v.numpy()
+        return (k.view(np.uint16), v.view(np.uint16)) if k.dtype == np.float16 else (k, v)
 
     def update(self, step: Step, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v [B, Hkv, T, D] and return all keys/values visible to the batch [B, Hkv, L, D]."""
@@ -186,6 +200,7 @@ class KVCache(nn.Module):
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, scale: float) -> torch.Tensor:
     """q [B, H, T, D], k/v [B, Hkv, L, D] -> [B, T, H*Dv]."""
     B, H, T, _ = q.shape
+    k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may keep a narrower type
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=step.mask, scale=scale, enable_gqa=k.shape[1] != H
     )
@@ -280,10 +295,12 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def make_cache(self, slots: int, max_len: int, placement) -> list[KVCache]:
-        """One KVCache per layer; placement(path) -> (device, dtype) of that layer's attention."""
+        """One KVCache per layer; placement(path) -> (device, dtype) of that layer's attention;
+        an attention operator with a `kv_dtype` of its own keeps its cache in that type."""
         caches = []
         for i, layer in enumerate(self.model.layers):
             device, dtype = placement(f"model.layers.{i}.self_attn")
+            dtype = getattr(layer.self_attn, "kv_dtype", dtype)
             kv_heads, k_dim, v_dim = layer.self_attn.cache_shape()
             caches.append(KVCache(slots, max_len, kv_heads, k_dim, v_dim, dtype, device))
         return caches

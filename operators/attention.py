@@ -1,0 +1,87 @@
+"""CPU attention for the Llama family (GQA, optional q/k/v bias, q/k RMSNorm): a decode
+step is one numba call per layer; prefill runs the module's own torch code with the
+projections on the numba kernels."""
+
+from __future__ import annotations
+
+import numba
+import torch
+
+from hybrid.models.common import Attention, KVCache, RMSNorm, Step
+
+from .base import Operator, check_quant
+from .kernels import decode
+from .linear import CPULinear
+
+KV_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+_NONE = torch.empty(0)  # "no bias" / "no norm" for the kernel
+
+
+class CPUAttention(Operator):
+    """Replaces `Attention`: forward(x [B, T, hidden], rope, step, cache) -> [B, T, hidden].
+
+    With T = 1 (decode, any number of sequences at their own slots and lengths) one numba
+    call computes q/k/v from the stored weights, adds bias, normalises q/k, rotates, writes
+    k/v into the cache, attends over each sequence's keys in place (no gather) and applies
+    o_proj. `kv_dtype: float16` halves the KV cache and the bytes long-context decode reads.
+    """
+
+    replaces = (Attention,)
+
+    def __init__(self, original: Attention, config, *, device: str = "cpu", quant: str | None = None, kv_dtype: str = "float32"):
+        super().__init__(original, config)
+        self.check_kwargs(device, quant, kv_dtype)
+        self.n_heads, self.n_kv_heads, self.head_dim = original.n_heads, original.n_kv_heads, original.head_dim
+        self.scale, self.kv_dtype = original.scale, KV_DTYPES[kv_dtype]
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self, name, CPULinear(getattr(original, name), config, quant=quant))
+        self.eps = 0.0
+        if hasattr(original, "q_norm"):
+            self.eps = original.q_norm.eps
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim, self.eps), RMSNorm(self.head_dim, self.eps)
+
+    @staticmethod
+    def check_kwargs(device="cpu", quant=None, kv_dtype="float32"):
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"CPUAttention runs on the CPU; device {device!r} is not possible")
+        check_quant(quant)
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype {kv_dtype!r} is not one of {sorted(KV_DTYPES)}")
+
+    def load(self, get) -> None:
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            getattr(self, name).load(lambda n, p=name: get(f"{p}.{n}"))
+        if hasattr(self, "q_norm"):
+            self.q_norm.weight = torch.nn.Parameter(get("q_norm.weight").tensor(), requires_grad=False)
+            self.k_norm.weight = torch.nn.Parameter(get("k_norm.weight").tensor(), requires_grad=False)
+        # What the kernel takes, in the order it takes it: (type, blocks) per projection,
+        # then the biases and q/k norm weights as float32 arrays ([0]: none).
+        projections = (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
+        self.weights = tuple(a for p in projections for a in (p.prepared.t, p.prepared.w))
+        self.biases = tuple((p.bias if p.bias is not None else _NONE).numpy() for p in projections)
+        norms = (self.q_norm.weight, self.k_norm.weight) if hasattr(self, "q_norm") else (_NONE, _NONE)
+        self.norms = tuple(w.detach().numpy() for w in norms)
+
+    def decode_bytes(self, top_k: int) -> int:
+        return sum(p.decode_bytes(top_k) for p in (self.q_proj, self.k_proj, self.v_proj, self.o_proj))
+
+    def cache_shape(self) -> tuple[int, int, int]:
+        return self.n_kv_heads, self.head_dim, self.head_dim
+
+    def forward(self, x: torch.Tensor, rope, step: Step, cache: KVCache) -> torch.Tensor:
+        B, T, C = x.shape
+        if T > 1:  # prefill: compute-bound; torch's attention, projections on the kernels
+            return Attention.forward(self, x, rope, step, cache)
+        if step.length > cache.k.shape[2]:
+            raise ValueError(f"sequence of {step.length} tokens does not fit the KV cache of {cache.k.shape[2]}")
+        cos, sin = rope  # [B, 1, D] at each sequence's position
+        slots, starts = step.arrays
+        k, v = cache.arrays
+        y = decode.attention_step(
+            x.reshape(B, C).to(torch.float32).numpy(), *self.weights, *self.biases, *self.norms, self.eps,
+            cos.reshape(B, -1).numpy(), sin.reshape(B, -1).numpy(), k, v, slots, starts, self.scale, numba.get_num_threads(),
+        )
+        return torch.from_numpy(y).view(B, T, -1).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, kv_dtype={self.kv_dtype}"

@@ -1,0 +1,48 @@
+"""CPU gated MLP: a decode step is one numba call (gate, up, SiLU, down)."""
+
+from __future__ import annotations
+
+import numba
+import torch
+
+from hybrid.models.common import MLP
+
+from .base import Operator, check_quant
+from .kernels import decode
+from .kernels.linear import SMALL_BATCH
+from .linear import CPULinear
+
+
+class CPUMLP(Operator):
+    """Replaces `MLP`: forward(x [..., hidden]) -> [..., hidden]. Up to a few tokens (decode,
+    small batches) one numba call reads each weight row once for all of them; longer calls
+    run the module's own code with the projections on the numba kernels."""
+
+    replaces = (MLP,)
+
+    def __init__(self, original: MLP, config, *, device: str = "cpu", quant: str | None = None):
+        super().__init__(original, config)
+        self.check_kwargs(device, quant)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self, name, CPULinear(getattr(original, name), config, quant=quant))
+
+    @staticmethod
+    def check_kwargs(device="cpu", quant=None):
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"CPUMLP runs on the CPU; device {device!r} is not possible")
+        check_quant(quant)
+
+    def load(self, get) -> None:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(self, name).load(lambda n, p=name: get(f"{p}.{n}"))
+        self.weights = tuple(a for p in (self.gate_proj, self.up_proj, self.down_proj) for a in (p.prepared.t, p.prepared.w))
+
+    def decode_bytes(self, top_k: int) -> int:
+        return sum(p.decode_bytes(top_k) for p in (self.gate_proj, self.up_proj, self.down_proj))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, C = x.shape[:-1], x.shape[-1]
+        if lead.numel() > SMALL_BATCH or x.device.type != "cpu" or x.dtype != torch.float32:
+            return MLP.forward(self, x)
+        y = decode.mlp_step(x.reshape(-1, C).contiguous().numpy(), *self.weights, numba.get_num_threads())
+        return torch.from_numpy(y).view(*lead, C)
