@@ -89,7 +89,8 @@ def run(model, prompt_tokens: int = 512, gen_tokens: int = 128, batches=(1,), ba
         for b in range(batch):
             logits = None
             for s in range(0, prompt_tokens, 512):
-                logits = model.forward(prompts[b : b + 1, s : s + 512], [s], [b], cache)
+                chunk = prompts[b : b + 1, s : s + 512]
+                logits = model.forward(chunk, [s], [b], cache, keep=[chunk.shape[1] - 1])  # as the engine prefills
             last.append(int(logits[0, -1].argmax()))
             if b == 0:
                 ttft = time.perf_counter() - t0

@@ -107,11 +107,11 @@ def prefill(model, cache, seqs: list[Sequence], chunk: int) -> list[torch.Tensor
     parts = [s.prompt[s.prefilled : s.prefilled + chunk] for s in seqs]
     T = max(map(len, parts))
     ids = torch.tensor([p + p[-1:] * (T - len(p)) for p in parts], dtype=torch.long)  # [B, T]
-    logits = model.forward(ids, [s.prefilled for s in seqs], [s.slot for s in seqs], cache)
+    logits = model.forward(ids, [s.prefilled for s in seqs], [s.slot for s in seqs], cache, keep=[len(p) - 1 for p in parts])
     out = []
     for b, (s, p) in enumerate(zip(seqs, parts)):
         s.prefilled += len(p)
-        out.append(logits[b, len(p) - 1] if s.prefilled == len(s.prompt) else None)
+        out.append(logits[b, 0] if s.prefilled == len(s.prompt) else None)
     return out
 
 

@@ -43,11 +43,12 @@ class Model:
         return self.module.make_cache(slots, max_len or self.context_length, self.placement)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, starts: list[int], slots: list[int], cache) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, starts: list[int], slots: list[int], cache, keep: list[int] | None = None) -> torch.Tensor:
         """tokens [B, T]; sequence b's tokens go to cache slot slots[b] at positions
-        starts[b]... Returns logits [B, T, V] float32."""
+        starts[b]... Returns logits [B, T, V] float32, or with `keep` only those of
+        position keep[b] of each row: [B, 1, V]."""
         step = Step.make(list(slots), list(starts), tokens.shape[1], self.input_device)
-        return self.module(tokens.to(self.input_device), step, cache)
+        return self.module(tokens.to(self.input_device), step, cache, keep)
 
     @torch.inference_mode()
     def warm_up(self) -> None:

@@ -217,3 +217,13 @@ def test_abandoned_generator_frees_its_slot(model):
     gen.close()
     out = collect(model.generate("Hello", temperature=0, max_tokens=3, logit_bias=NO_STOP))
     assert out.finish_reason == "length"
+
+
+def test_forward_keep_gives_the_kept_positions_logits(smollm_path):
+    """`keep` (what prefill uses) returns exactly the logits of the kept position of each row."""
+    m = hybrid.load(smollm_path)
+    ids = torch.tensor([[1, 9690, 198, 2683, 359, 253], [1, 9690, 198, 4093, 12, 3]])
+    full = m.forward(ids, [0, 0], [0, 1], m.new_cache(2, 8))
+    kept = m.forward(ids, [0, 0], [0, 1], m.new_cache(2, 8), keep=[5, 2])
+    assert kept.shape == (2, 1, full.shape[-1])
+    torch.testing.assert_close(kept[:, 0], torch.stack([full[0, 5], full[1, 2]]), rtol=1e-5, atol=1e-5)

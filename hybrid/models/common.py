@@ -305,12 +305,16 @@ class CausalLM(nn.Module):
             caches.append(KVCache(slots, max_len, kv_heads, k_dim, v_dim, dtype, device))
         return caches
 
-    def forward(self, tokens: torch.Tensor, step: Step, caches: list[KVCache]) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V] (float32)."""
+    def forward(self, tokens: torch.Tensor, step: Step, caches: list[KVCache], keep: list[int] | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] (float32); with `keep`, only position keep[b]
+        of each row: [B, 1, V] (a prefill needs one position, and the vocabulary
+        projection of all of them can cost as much as the layers)."""
         x = self.model.embed_tokens(tokens)
         rope = self.rotary(step.positions.to(x.device))
         for layer, cache in zip(self.model.layers, caches):
             x = layer(x, rope, step, cache)
+        if keep is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), torch.as_tensor(keep, device=x.device)][:, None]
         return self.lm_head(self.model.norm(x)).float()
 
 
