@@ -2,15 +2,25 @@
 torch modules they replace: several sequences at different lengths decoded in one batch,
 a float16 KV cache, NaN propagation."""
 
+import copy
+from types import SimpleNamespace
+
+import numba
+import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType as Q
 from torch import nn
 
 import hybrid
-from hybrid.models.common import MLP, RMSNorm, Step
+from hybrid.models.common import MLP, Attention, KVCache, RMSNorm, Rotary, Step
 from hybrid.rules import RuleError, parse_rules
 from operators import CPUAttention, CPUMLP, CPURMSNorm
+from operators.kernels import decode
+from operators.kernels.formats import as_blocks
+from operators.kernels.linear import dequantize
 
+from .test_kernels import make_weight
 from .tiny import make_tiny, rel_err
 
 # Llama-family attention: plain, q/k/v bias (qwen2), q/k norm (qwen3), in dense and MoE models.
@@ -130,3 +140,76 @@ def test_kv_dtype_is_validated():
         parse_rules(
             "rules:\n  - match: {class: Attention}\n    replace: {class: CPUAttention, kwargs: {kv_dtype: int4}}\n"
         )
+
+
+# (heads, kv heads, head_dim, cache dtype): a group of 3 (padded to 4 in the kernel), a group
+# of 6 (two passes), no grouping, head sizes with and without a specialized copy.
+@pytest.mark.parametrize("H, Hkv, D, dtype", [
+    (9, 3, 64, torch.float32), (12, 2, 32, torch.float32), (4, 4, 128, torch.float16), (6, 1, 48, torch.float16),
+])
+def test_long_context_attention_matches_torch(H, Hkv, D, dtype):
+    """Contexts of several key blocks, one long enough to be split between threads."""
+    torch.manual_seed(0)
+    cfg = SimpleNamespace(num_attention_heads=H, num_key_value_heads=Hkv, head_dim=D, hidden_size=96,
+                          attention_bias=False, qk_norm=False, rms_norm_eps=1e-6)
+    ref = Attention(cfg)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    holder = _Holder(attn=copy.deepcopy(ref))
+    hybrid.inject(holder, [{"match": {"class": "Attention"}, "replace": {"class": "CPUAttention", "kwargs": {"kv_dtype": str(dtype).removeprefix("torch.")}}}])
+    rotary = Rotary({"rope_theta": 10000.0, "rope_type": "default"}, D, 1024)
+    lengths, slots = [600, 70], [1, 0]
+    caches = [KVCache(2, 640, Hkv, D, D, torch.float32, "cpu"), KVCache(2, 640, Hkv, D, D, dtype, "cpu")]
+    with torch.inference_mode():
+        for slot, n in zip(slots, lengths):
+            x, step = torch.randn(1, n, 96), Step.make([slot], [0], n, "cpu")
+            for attn, cache in zip((ref, holder.attn), caches):
+                attn(x, rotary(step.positions), step, cache)
+        x, step = torch.randn(2, 1, 96), Step.make(slots, lengths, 1, "cpu")
+        want, got = (attn(x, rotary(step.positions), step, cache) for attn, cache in zip((ref, holder.attn), caches))
+    assert rel_err(got, want) < (1e-4 if dtype == torch.float32 else 5e-3)
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_1"])
+def test_quantized_projections_match_their_float_weights(quant):
+    """Integer-path formats (int16 activations) and a float-path one, against torch modules
+    holding the dequantized weights."""
+    torch.manual_seed(0)
+    cfg = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, head_dim=64, hidden_size=256,
+                          attention_bias=False, qk_norm=False, rms_norm_eps=1e-6)
+    ref = _Holder(attn=Attention(cfg), mlp=MLP(256, 512))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    holder = copy.deepcopy(ref)
+    hybrid.inject(holder, [
+        {"match": {"class": "Attention"}, "replace": {"class": "CPUAttention", "kwargs": {"quant": quant}}},
+        {"match": {"class": "MLP"}, "replace": {"class": "CPUMLP", "kwargs": {"quant": quant}}},
+    ])
+    with torch.no_grad():  # the reference gets the weights the kernels read
+        for name, module in holder.named_modules():
+            if hasattr(module, "prepared"):
+                ref.get_submodule(name).weight.copy_(torch.from_numpy(dequantize(module.qtype, module.weight)))
+    rotary = Rotary({"rope_theta": 10000.0, "rope_type": "default"}, 64, 64)
+    caches = [KVCache(2, 16, 2, 64, 64, torch.float32, "cpu") for _ in range(2)]
+    x = torch.randn(2, 1, 256)
+    step = Step.make([0, 1], [0, 0], 1, "cpu")
+    with torch.inference_mode():
+        want, got = ((h.attn(x, rotary(step.positions), step, c), h.mlp(x)) for h, c in zip((ref, holder), caches))
+    assert rel_err(got[0], want[0]) < 1e-4
+    assert rel_err(got[1], want[1]) < 1e-4
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0])
+def test_mlp_step_on_k_quants(qtype):
+    """The fused MLP kernel on formats no rule quantizes to (random K-quant blocks)."""
+    weights = [make_weight(qtype, shape, seed) for seed, shape in enumerate([(512, 256), (512, 256), (256, 512)])]
+    x = np.random.default_rng(0).standard_normal((3, 256), dtype=np.float32)
+    y = decode.mlp_step(x, *(a for w in weights for a in as_blocks(qtype, w)[:2]), numba.get_num_threads())
+    g, u, d = (torch.from_numpy(dequantize(qtype, w)) for w in weights)
+    xt = torch.from_numpy(x)
+    want = (torch.nn.functional.silu(xt @ g.T) * (xt @ u.T)) @ d.T
+    # x and the activations are each rounded to int16 (~2e-5); random K-quant rows (large
+    # mins against large sums) cancel more than real ones: measured 1.0e-4 for Q4_K.
+    assert rel_err(torch.from_numpy(y), want) < 3e-4

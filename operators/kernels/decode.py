@@ -13,7 +13,7 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic, overload
 
-from .formats import FASTMATH, _h2f, dot2, far_pair
+from .formats import FASTMATH, INT_TYPES, _h2f, _stack_f32, dot2, dot2x, far_pair, quantize_rows
 
 
 @intrinsic
@@ -51,14 +51,30 @@ def _store_impl(a, i, value):
     return store
 
 
-@numba.njit(inline="always", fastmath=FASTMATH)
-def _rows(t, w, x, y, lo, hi):
-    """y[b, r] = w[r] . x[b] for rows lo..hi-1 and every token b (far row pairs, as `_gemv`)."""
+@numba.njit(nogil=True, fastmath=FASTMATH)
+def _rows_int(t, w, xa, y, lo, hi):
+    """`_rows` for formats in INT_TYPES."""
     half = (hi - lo + 1) // 2
     for i in range(half):
         r0, r1 = far_pair(lo, hi, half, i)
-        for b in range(x.shape[0]):
-            y[b, r0], y[b, r1] = dot2(t, w[r0], w[r1], x[b])
+        for b in range(xa[0].shape[0]):
+            y[b, r0], y[b, r1] = dot2x(t, w[r0], w[r1], xa, b)
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _rows(t, w, xa, y, lo, hi):
+    """y[b, r] = w[r] . x[b] for rows lo..hi-1 and every token b (far row pairs, as `_gemv`);
+    xa: the tokens x as `quantize_rows` gives them. Formats in INT_TYPES take the int16 path
+    in a function of its own (inlined four times, it ran 20% slower than the float path in
+    attention_step); the others stay inline (a call cost SmolLM2's Q4_1 decode 10%)."""
+    if t in INT_TYPES:
+        _rows_int(t, w, xa, y, lo, hi)
+        return
+    half = (hi - lo + 1) // 2
+    for i in range(half):
+        r0, r1 = far_pair(lo, hi, half, i)
+        for b in range(xa[0].shape[0]):
+            y[b, r0], y[b, r1] = dot2(t, w[r0], w[r1], xa[0][b])
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
@@ -112,6 +128,79 @@ def _exp(x):
     return (p * r * r + r + np.float32(1)) * _pow2(np.int32(n))
 
 
+KEYS = 64  # keys scored per block of the online softmax
+MAX_D = 256  # head_dim limit of the stack buffers
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _attend(q, q0, gc, keys, vals, lo, hi, scale, m_out, l_out, o_out, D):
+    """Softmax attention of gc <= 4 query heads (q[q0:q0 + gc * D], consecutive) over keys
+    and values lo..hi-1 of one kv head (keys, vals: [max_len, D], float32 or float16 bits);
+    writes each head's max score, exp-sum and unnormalized output to m_out, l_out, o_out.
+    Online softmax in blocks of KEYS keys; each key and value row is read once for all gc
+    heads. Queries, scores and outputs live in stack buffers (no aliasing with the cache, so
+    LLVM keeps them in vector registers). D: the head size, a constant where the caller
+    can make it one (fully unrolled loops over a head)."""
+    qg = numba.carray(_stack_f32(1024), (4, MAX_D))  # 4 * MAX_D
+    o = numba.carray(_stack_f32(1024), (4, MAX_D))  # 4 * MAX_D
+    p = numba.carray(_stack_f32(256), (4, KEYS))  # 4 * KEYS
+    m = numba.carray(_stack_f32(4), (4,))
+    l = numba.carray(_stack_f32(4), (4,))
+    f = numba.carray(_stack_f32(4), (4,))
+    for g in range(4):
+        m[g] = -np.inf
+        l[g] = 0
+        for d in range(D):
+            qg[g, d] = q[q0 + g * D + d] * scale if g < gc else np.float32(0)
+            o[g, d] = 0
+    for j0 in range(lo, hi, KEYS):
+        nb = min(KEYS, hi - j0)
+        # Four dot products per pass over a key: one horizontal sum per key and head.
+        for j in range(nb):
+            row = keys[j0 + j]
+            a0 = a1 = a2 = a3 = np.float32(0)
+            for d in range(D):
+                kd = _load(row, d)
+                a0 += qg[0, d] * kd
+                a1 += qg[1, d] * kd
+                a2 += qg[2, d] * kd
+                a3 += qg[3, d] * kd
+            p[0, j], p[1, j], p[2, j], p[3, j] = a0, a1, a2, a3
+        for g in range(gc):
+            mb = m[g]
+            for j in range(nb):
+                mb = max(mb, p[g, j])
+            # A NaN score makes mb NaN and so every output of the head: NaN stays NaN.
+            c = _exp(m[g] - mb) if m[g] != -np.inf else np.float32(0)
+            total = np.float32(0)
+            for j in range(nb):
+                e = _exp(p[g, j] - mb)
+                p[g, j] = e
+                total += e
+            l[g] = l[g] * c + total
+            m[g] = mb
+            f[g] = c
+        for g in range(gc, 4):
+            f[g] = 0
+            for j in range(nb):
+                p[g, j] = 0
+        # Constant trip counts from here on: o stays in registers over the whole range.
+        for g in range(4):
+            for d in range(D):
+                o[g, d] *= f[g]
+        for j in range(nb):
+            row = vals[j0 + j]
+            for g in range(4):
+                pj = p[g, j]
+                for d in range(D):
+                    o[g, d] += pj * _load(row, d)
+    for g in range(gc):
+        m_out[g] = m[g]
+        l_out[g] = l[g]
+        for d in range(D):
+            o_out[g, d] = o[g, d]
+
+
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
 def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, eps, cos, sin, kc, vc, slots, pos, scale, threads):
     """Grouped-query attention of one new token per sequence; returns float32 [B, hidden].
@@ -129,17 +218,20 @@ def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, ep
     Hkv, D = kc.shape[1], kc.shape[3]
     H = wq.shape[0] // D
     G = H // Hkv
+    if D > MAX_D:
+        raise ValueError("head_dim above MAX_D")
 
     # q, k, v for every token: one parallel region, each thread its share of all three.
     q = np.empty((B, H * D), np.float32)
     k = np.empty((B, Hkv * D), np.float32)
     v = np.empty((B, Hkv * D), np.float32)
+    xa = quantize_rows(x, tq in INT_TYPES or tk in INT_TYPES or tv in INT_TYPES)
     for c in prange(threads):
         lo, hi = _share(H * D, c, threads)
-        _rows(tq, wq, x, q, lo, hi)
+        _rows(tq, wq, xa, q, lo, hi)
         lo, hi = _share(Hkv * D, c, threads)
-        _rows(tk, wk, x, k, lo, hi)
-        _rows(tv, wv, x, v, lo, hi)
+        _rows(tk, wk, xa, k, lo, hi)
+        _rows(tv, wv, xa, v, lo, hi)
 
     # bias, q/k norm, rotary; k and v go into the cache.
     for b in range(B):
@@ -179,47 +271,15 @@ def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, ep
         lo, hi = _share(pos[b] + 1, s, S)
         n = hi - lo
         keys, vals = kc[sl, h], vc[sl, h]  # [max_len, D]
-        # This kv head's query heads, scaled, padded to a multiple of 4: four dot products
-        # share one pass over a key (one horizontal sum per key instead of per head).
-        G4 = (G + 3) // 4 * 4
-        qg = np.zeros((G4, D), np.float32)
-        for g in range(G):
-            for d in range(D):
-                qg[g, d] = q[b, (h * G + g) * D + d] * scale
-        row = np.empty(D, np.float32)
-        p = np.empty((G4, max(n, 1)), np.float32)
-        for j in range(n):
-            for d in range(D):
-                row[d] = _load(keys, (lo + j, d))
-            for g in range(0, G4, 4):
-                a0 = a1 = a2 = a3 = np.float32(0)
-                for d in range(D):
-                    a0 += qg[g, d] * row[d]
-                    a1 += qg[g + 1, d] * row[d]
-                    a2 += qg[g + 2, d] * row[d]
-                    a3 += qg[g + 3, d] * row[d]
-                p[g, j], p[g + 1, j], p[g + 2, j], p[g + 3, j] = a0, a1, a2, a3
-        for g in range(G):
-            m = np.float32(-np.inf)
-            for j in range(n):
-                if p[g, j] > m:
-                    m = p[g, j]
-            total = np.float32(0)
-            for j in range(n):
-                e = _exp(p[g, j] - m)
-                p[g, j] = e
-                total += e
-            part_m[b, h, s, g] = m
-            part_l[b, h, s, g] = total
-        o = np.zeros((G, D), np.float32)
-        for j in range(n):
-            for d in range(D):
-                row[d] = _load(vals, (lo + j, d))
-            for g in range(G):
-                pj = p[g, j]
-                for d in range(D):
-                    o[g, d] += pj * row[d]
-        part_o[b, h, s] = o
+        for g0 in range(0, G, 4):
+            q0, gc = (h * G + g0) * D, min(4, G - g0)
+            pm, pl, po = part_m[b, h, s, g0:], part_l[b, h, s, g0:], part_o[b, h, s, g0:]
+            if D == 64:
+                _attend(q[b], q0, gc, keys, vals, lo, hi, scale, pm, pl, po, 64)
+            elif D == 128:
+                _attend(q[b], q0, gc, keys, vals, lo, hi, scale, pm, pl, po, 128)
+            else:
+                _attend(q[b], q0, gc, keys, vals, lo, hi, scale, pm, pl, po, D)
 
     # Merge the parts of each head: out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s;
     # an empty part (m = -inf, l = 0) adds nothing; a NaN anywhere stays NaN.
@@ -242,9 +302,10 @@ def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, ep
                     att[b, qo + d] /= total
 
     y = np.empty((B, wo.shape[0]), np.float32)
+    atta = quantize_rows(att, to in INT_TYPES)
     for c in prange(threads):
         lo, hi = _share(wo.shape[0], c, threads)
-        _rows(to, wo, att, y, lo, hi)
+        _rows(to, wo, atta, y, lo, hi)
     if bo.size:
         for b in range(B):
             y[b] += bo
@@ -260,20 +321,22 @@ def mlp_step(x, tg, wg, tu, wu, td, wd, threads):
     """
     N, I = x.shape[0], wg.shape[0]
     act = np.empty((N, I), np.float32)
+    xa = quantize_rows(x, tg in INT_TYPES or tu in INT_TYPES)
     for c in prange(threads):
         lo, hi = _share(I, c, threads)
         half = (hi - lo + 1) // 2
         for i in range(half):
             r0, r1 = far_pair(lo, hi, half, i)
             for n in range(N):
-                g0, g1 = dot2(tg, wg[r0], wg[r1], x[n])
-                u0, u1 = dot2(tu, wu[r0], wu[r1], x[n])
+                g0, g1 = dot2x(tg, wg[r0], wg[r1], xa, n)
+                u0, u1 = dot2x(tu, wu[r0], wu[r1], xa, n)
                 act[n, r0] = g0 / (np.float32(1) + np.exp(-g0)) * u0
                 act[n, r1] = g1 / (np.float32(1) + np.exp(-g1)) * u1
     y = np.empty((N, wd.shape[0]), np.float32)
+    acta = quantize_rows(act, td in INT_TYPES)
     for c in prange(threads):
         lo, hi = _share(wd.shape[0], c, threads)
-        _rows(td, wd, act, y, lo, hi)
+        _rows(td, wd, acta, y, lo, hi)
     return y
 
 
