@@ -4,7 +4,8 @@
 
 1. the built-in model (SmolLM2-135M Q4_1): hybrid decode tokens/s against transformers
    loading the same GGUF (dequantized to float32, its own KV cache, greedy `generate`);
-2. decode speed at 2,000 tokens of context against 100;
+2. decode speed at 2,000 tokens of context against 100, with the float32 KV cache of the
+   built-in rules and with `kv_dtype: float16`;
 3. synthetic Mixtral-shaped MoE GGUFs (16 layers, hidden 1024, 32 experts of width 512,
    top-4) in Q8_0 and Q4_0, made on demand in a temporary directory: `hybrid bench`
    figures (prefill of 512 tokens, decode, roofline fraction against the memory read
@@ -87,6 +88,14 @@ def main() -> None:
         out["smollm2"].update(transformers_tokens_per_s=tf, speedup_vs_transformers=r100 / tf)
         print(f"transformers on the same GGUF ({threads} threads): {tf:.1f} tok/s -> hybrid is {r100 / tf:.2f}x")
         torch.set_num_threads(1)
+    del model
+    # The same with the KV cache in float16 (a rule kwarg): half the bytes per key.
+    rules = (hybrid.rules.builtin_rules_dir() / "llama-cpu.yaml").read_text().replace(
+        "replace: {class: CPUAttention}", "replace: {class: CPUAttention, kwargs: {kv_dtype: float16}}")
+    model = hybrid.load(path, rules=rules)
+    h100, h2000 = decode_rate(model, 100, steps), decode_rate(model, 2000, steps)
+    out["smollm2_kv_float16"] = {"decode_tokens_per_s": h100, "decode_tokens_per_s_at_2000": h2000, "slowdown_at_2000": 1 - h2000 / h100}
+    print(f"same, float16 KV cache: {h100:.1f} tok/s at 100 tokens of context, {h2000:.1f} at 2000 ({1 - h2000 / h100:.0%} slower)")
     del model
 
     shape = dict(layers=8 if args.quick else 16, hidden=1024, experts=32, expert_width=512, top_k=4)
