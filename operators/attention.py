@@ -9,7 +9,7 @@ import torch
 
 from hybrid.models.common import Attention, KVCache, RMSNorm, Step
 
-from .base import Operator, check_quant
+from .base import Operator, check_cpu, check_quant
 from .kernels import decode
 from .linear import CPULinear
 
@@ -42,8 +42,7 @@ class CPUAttention(Operator):
 
     @staticmethod
     def check_kwargs(device="cpu", quant=None, kv_dtype="float32"):
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"CPUAttention runs on the CPU; device {device!r} is not possible")
+        check_cpu("CPUAttention", device)
         check_quant(quant)
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype {kv_dtype!r} is not one of {sorted(KV_DTYPES)}")
@@ -72,8 +71,7 @@ class CPUAttention(Operator):
         B, T, C = x.shape
         if T > 1:  # prefill: compute-bound; torch's attention, projections on the kernels
             return Attention.forward(self, x, rope, step, cache)
-        if step.length > cache.k.shape[2]:
-            raise ValueError(f"sequence of {step.length} tokens does not fit the KV cache of {cache.k.shape[2]}")
+        cache.check_fits(step)
         cos, sin = rope  # [B, 1, D] at each sequence's position
         slots, starts = step.arrays
         k, v = cache.arrays

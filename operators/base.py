@@ -41,6 +41,12 @@ class Operator(nn.Module):
         self.load(get)
 
 
+def check_cpu(op: str, device) -> None:
+    """Operators whose kernels run on the CPU accept no other device."""
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"{op} runs on the CPU; device {device!r} is not possible")
+
+
 def check_quant(quant) -> None:
     from .quantize import QUANTIZABLE
 

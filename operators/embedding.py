@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .base import Operator, check_quant, weight_array
+from .base import Operator, check_cpu, check_quant, weight_array
 
 
 class CPUEmbedding(Operator):
@@ -20,8 +20,7 @@ class CPUEmbedding(Operator):
 
     @staticmethod
     def check_kwargs(device="cpu", quant=None):
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"CPUEmbedding runs on the CPU; device {device!r} is not possible")
+        check_cpu("CPUEmbedding", device)
         check_quant(quant)
 
     def load(self, get) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from hybrid.models.common import MLP
 
-from .base import Operator, check_quant
+from .base import Operator, check_cpu, check_quant
 from .kernels import decode
 from .linear import CPULinear
 
@@ -33,8 +33,7 @@ class CPUMLP(Operator):
 
     @staticmethod
     def check_kwargs(device="cpu", quant=None):
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"CPUMLP runs on the CPU; device {device!r} is not possible")
+        check_cpu("CPUMLP", device)
         check_quant(quant)
 
     def load(self, get) -> None:

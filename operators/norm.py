@@ -7,7 +7,7 @@ import torch
 
 from hybrid.models.common import RMSNorm
 
-from .base import Operator
+from .base import Operator, check_cpu
 from .kernels import decode
 
 
@@ -23,8 +23,7 @@ class CPURMSNorm(Operator):
 
     @staticmethod
     def check_kwargs(device="cpu"):
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"CPURMSNorm runs on the CPU; device {device!r} is not possible")
+        check_cpu("CPURMSNorm", device)
 
     def load(self, get) -> None:
         self.weight = get("weight").tensor()

@@ -182,11 +182,14 @@ class KVCache(nn.Module):
         k, v = self.k.numpy(), self.v.numpy()
         return (k.view(np.uint16), v.view(np.uint16)) if k.dtype == np.float16 else (k, v)
 
+    def check_fits(self, step: Step) -> None:
+        if step.length > self.k.shape[2]:
+            raise ValueError(f"sequence of {step.length} tokens does not fit the KV cache of {self.k.shape[2]}")
+
     def update(self, step: Step, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v [B, Hkv, T, D] and return all keys/values visible to the batch [B, Hkv, L, D]."""
         T, L = k.shape[2], step.length
-        if L > self.k.shape[2]:
-            raise ValueError(f"sequence of {L} tokens does not fit the KV cache of {self.k.shape[2]}")
+        self.check_fits(step)
         for b, (slot, start) in enumerate(zip(step.slots, step.starts)):
             self.k[slot, :, start : start + T] = k[b]
             self.v[slot, :, start : start + T] = v[b]

@@ -1,4 +1,4 @@
-"""Small batches (2..16 tokens): each weight row is decoded once into an L1 tile of float32
+"""Small batches (2..4096 tokens): each weight row is decoded once into an L1 tile of float32
 and multiplied there with every token.
 
 A GEMV spends its time decoding blocks, not multiplying; decoding a row once per token
@@ -6,11 +6,12 @@ A GEMV spends its time decoding blocks, not multiplying; decoding a row once per
 a register-blocked float32 product runs over it: 4 rows x 2 tokens per pass over the
 columns (8 accumulator vectors, 6 loads per 8 FMAs).
 
-Why the decoders here are not formats.py's `_deq_<fmt>` (measured, Q8_0, 2 threads): numba
-runs LLVM without the SLP vectorizer, and LLVM fully unrolls a block loop of constant trip
-count (32) before the loop vectorizer sees it, so those decode one weight at a time
-(7.6 GB/s). The same loops with a trip count LLVM cannot see (`_opaque`) are vectorized:
-25 GB/s for Q8_0 and Q4_0.
+`decode_row` is the project's one row dequantizer (`kernels.dequantize` uses it too). Its
+loops run to a trip count LLVM cannot see (`_opaque`): numba runs LLVM without the SLP
+vectorizer, and LLVM fully unrolls a block loop of constant trip count (32) before the loop
+vectorizer sees it, so per-block decoders (formats.py's former `_deq_<fmt>`) decoded one
+weight at a time (Q8_0 7.6 GB/s, 2 threads); these are vectorized: 25 GB/s for Q8_0 and
+Q4_0.
 """
 
 import numba

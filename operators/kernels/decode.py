@@ -269,7 +269,6 @@ def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, ep
         b, h, s = u // (Hkv * S), u // S % Hkv, u % S
         sl = slots[b]
         lo, hi = _share(pos[b] + 1, s, S)
-        n = hi - lo
         keys, vals = kc[sl, h], vc[sl, h]  # [max_len, D]
         for g0 in range(0, G, 4):
             q0, gc = (h * G + g0) * D, min(4, G - g0)

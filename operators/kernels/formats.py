@@ -2,8 +2,8 @@
 
 A weight row is the GGUF bytes of one output row (`row_bytes = cols // block_elems *
 block_bytes`); float weights are the same row viewed as bytes. Per format, `_acc_<fmt>`
-accumulates one block's weights times x into 32 float32 lanes and `_deq_<fmt>` writes one
-block's weights out; `_specialize` wraps them in the row loops (`dot2`, `dequantize_row`).
+accumulates one block's weights times x into 32 float32 lanes; `_specialize` wraps it in the
+row loop (`dot2`). Rows are dequantized by `batch.decode_row` (a vectorized decoder).
 
 What makes LLVM vectorize (measured on Q8_0, one core, weights in L2): accumulators and
 decoded blocks live in stack buffers (`_lanes`), which cannot alias the weights and are
@@ -153,19 +153,12 @@ def _k_scale_min(row, o, s):
     return np.float32(sc), np.float32(m)
 
 
-# --- per format: _acc_<fmt> (a[j % 32] += w[j] * x[xo + j] over one block) and
-# _deq_<fmt> (w[j] = weight j of one block). Integers are cast to int32 before float so
-# LLVM keeps 16 lanes per vector instead of numba's default int64.
+# --- per format: _acc_<fmt> (a[j % 32] += w[j] * x[xo + j] over one block). Integers are
+# cast to int32 before float so LLVM keeps 16 lanes per vector instead of numba's int64.
 
 @numba.njit(inline="always")
 def _i(q):
     return np.float32(np.int32(q))
-
-
-@numba.njit(inline="always", fastmath=FASTMATH)
-def _deq_f32(row, v, o, w):
-    for j in range(32):
-        w[j] = v[o // 4 + j]
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
@@ -175,21 +168,9 @@ def _acc_f16(row, v, o, x, xo, a):
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
-def _deq_f16(row, v, o, w):
-    for j in range(32):
-        w[j] = _h2f(v[o // 2 + j])
-
-
-@numba.njit(inline="always", fastmath=FASTMATH)
 def _acc_bf16(row, v, o, x, xo, a):
     for j in range(32):
         a[j] += _bf2f(v[xo + j]) * x[xo + j]
-
-
-@numba.njit(inline="always", fastmath=FASTMATH)
-def _deq_bf16(row, v, o, w):
-    for j in range(32):
-        w[j] = _bf2f(v[o // 2 + j])
 
 
 # Q8_0, 34 bytes: d:f16 | q:int8[32]; w = d*q
@@ -198,13 +179,6 @@ def _acc_q8_0(row, v, o, x, xo, a):
     d = _f16(row, o)
     for j in range(32):
         a[j] += d * np.float32(v[o + 2 + j]) * x[xo + j]
-
-
-@numba.njit(inline="always", fastmath=FASTMATH)
-def _deq_q8_0(row, v, o, w):
-    d = _f16(row, o)
-    for j in range(32):
-        w[j] = d * np.float32(v[o + 2 + j])
 
 
 # Q4_0, 18 bytes: d:f16 | qs:u8[16]; weight j < 16 is the low nibble of qs[j], weight
@@ -218,16 +192,6 @@ def _acc_q4_0(row, v, o, x, xo, a):
         a[j + 16] += d * _bits(q, 4, 15, q, 0, 0, 0, 8) * x[xo + j + 16]
 
 
-@numba.njit(inline="always", fastmath=FASTMATH)
-def _deq_q4_0(row, v, o, w):
-    d = _f16(row, o)
-    m = np.float32(-8) * d
-    for j in range(16):
-        q = row[o + 2 + j]
-        w[j] = d * _i(q & 15) + m
-        w[j + 16] = d * _i(q >> 4) + m
-
-
 # Q4_1, 20 bytes: d:f16 | m:f16 | qs:u8[16] (as Q4_0); w = d*q + m
 @numba.njit(inline="always", fastmath=FASTMATH)
 def _acc_q4_1(row, v, o, x, xo, a):
@@ -237,16 +201,6 @@ def _acc_q4_1(row, v, o, x, xo, a):
         q = row[o + 4 + j]
         a[j] += (d * _i(q & 15) + m) * x[xo + j]
         a[j + 16] += (d * _i(q >> 4) + m) * x[xo + j + 16]
-
-
-@numba.njit(inline="always", fastmath=FASTMATH)
-def _deq_q4_1(row, v, o, w):
-    d = _f16(row, o)
-    m = _f16(row, o + 2)
-    for j in range(16):
-        q = row[o + 4 + j]
-        w[j] = d * _i(q & 15) + m
-        w[j + 16] = d * _i(q >> 4) + m
 
 
 @numba.njit(inline="always")
@@ -267,34 +221,14 @@ def _acc_q5(row, o, q0, d, m, x, xo, a):
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
-def _deq_q5(row, o, q0, d, m, w):
-    qh = _u32(row, q0 - 4)
-    for j in range(16):
-        q = row[q0 + j]
-        w[j] = d * _bits(q, 0, 15, qh, j, 1, 4, 0) + m
-        w[j + 16] = d * _bits(q, 4, 15, qh, j + 16, 1, 4, 0) + m
-
-
-@numba.njit(inline="always", fastmath=FASTMATH)
 def _acc_q5_0(row, v, o, x, xo, a):
     d = _f16(row, o)
     _acc_q5(row, o, o + 6, d, np.float32(-16) * d, x, xo, a)
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
-def _deq_q5_0(row, v, o, w):
-    d = _f16(row, o)
-    _deq_q5(row, o, o + 6, d, np.float32(-16) * d, w)
-
-
-@numba.njit(inline="always", fastmath=FASTMATH)
 def _acc_q5_1(row, v, o, x, xo, a):
     _acc_q5(row, o, o + 8, _f16(row, o), _f16(row, o + 2), x, xo, a)
-
-
-@numba.njit(inline="always", fastmath=FASTMATH)
-def _deq_q5_1(row, v, o, w):
-    _deq_q5(row, o, o + 8, _f16(row, o), _f16(row, o + 2), w)
 
 
 # Q4_K, 144 bytes, 256 weights in 8 groups of 32: d:f16 | dmin:f16 | scales:u8[12]
@@ -315,21 +249,6 @@ def _acc_q4_k(row, v, o, x, xo, a):
             a[j] += (d0 * _i(q & 15) + n0) * x[x0 + j] + (d1 * _i(q >> 4) + n1) * x[x0 + 32 + j]
 
 
-@numba.njit(inline="always", fastmath=FASTMATH)
-def _deq_q4_k(row, v, o, w):
-    d = _f16(row, o)
-    dmin = _f16(row, o + 2)
-    for c in range(4):
-        sc0, m0 = _k_scale_min(row, o + 4, 2 * c)
-        sc1, m1 = _k_scale_min(row, o + 4, 2 * c + 1)
-        d0, n0, d1, n1 = d * sc0, -dmin * m0, d * sc1, -dmin * m1
-        q0 = o + 16 + 32 * c
-        for j in range(32):
-            q = row[q0 + j]
-            w[64 * c + j] = d0 * _i(q & 15) + n0
-            w[64 * c + 32 + j] = d1 * _i(q >> 4) + n1
-
-
 # Q5_K, 176 bytes: d:f16 | dmin:f16 | scales:u8[12] | qh:u8[32] (bit g of qh[j] = 5th bit
 # of weight j of group g) | qs:u8[128] (as Q4_K); w = d*sc*q - dmin*m
 @numba.njit(inline="always", fastmath=FASTMATH)
@@ -346,21 +265,6 @@ def _acc_q5_k(row, v, o, x, xo, a):
             q, h = row[q0 + j], row[o + 16 + j]
             a[j] += ((d0 * _bits(q, 0, 15, h, 2 * c, 1, 4, 0) + n0) * x[x0 + j]
                      + (d1 * _bits(q, 4, 15, h, 2 * c + 1, 1, 4, 0) + n1) * x[x0 + 32 + j])
-
-
-@numba.njit(inline="always", fastmath=FASTMATH)
-def _deq_q5_k(row, v, o, w):
-    d = _f16(row, o)
-    dmin = _f16(row, o + 2)
-    for c in range(4):
-        sc0, m0 = _k_scale_min(row, o + 4, 2 * c)
-        sc1, m1 = _k_scale_min(row, o + 4, 2 * c + 1)
-        d0, n0, d1, n1 = d * sc0, -dmin * m0, d * sc1, -dmin * m1
-        q0 = o + 48 + 32 * c
-        for j in range(32):
-            q, h = row[q0 + j], row[o + 16 + j]
-            w[64 * c + j] = d0 * _bits(q, 0, 15, h, 2 * c, 1, 4, 0) + n0
-            w[64 * c + 32 + j] = d1 * _bits(q, 4, 15, h, 2 * c + 1, 1, 4, 0) + n1
 
 
 # Q6_K, 210 bytes: ql:u8[128] | qh:u8[64] | scales:i8[16] (one per 16 weights) | d:f16.
@@ -390,24 +294,6 @@ def _acc_q6_k(row, v, o, x, xo, a):
             l0, l1, m = row[ql + 16 + j], row[ql + 48 + j], row[qh + 16 + j]
             a[j + 16] += (e0 * _q6(l0, 0, m) * x[x0 + 16 + j] + e1 * _q6(l1, 1, m) * x[x0 + 48 + j]
                           + e2 * _q6(l0, 2, m) * x[x0 + 80 + j] + e3 * _q6(l1, 3, m) * x[x0 + 112 + j])
-
-
-@numba.njit(inline="always", fastmath=FASTMATH)
-def _deq_q6_k(row, v, o, w):
-    d = _f16(row, o + 208)
-    for h in range(2):
-        ql = o + 64 * h
-        qh = o + 128 + 32 * h
-        for j in range(32):  # bits as in _acc_q6_k
-            l0, l1, m = row[ql + j], row[ql + 32 + j], row[qh + j]
-            sc = d * np.float32(v[o + 192 + 8 * h + j // 16])
-            w[128 * h + j] = sc * _q6(l0, 0, m)
-            sc = d * np.float32(v[o + 194 + 8 * h + j // 16])
-            w[128 * h + 32 + j] = sc * _q6(l1, 1, m)
-            sc = d * np.float32(v[o + 196 + 8 * h + j // 16])
-            w[128 * h + 64 + j] = sc * _q6(l0, 2, m)
-            sc = d * np.float32(v[o + 198 + 8 * h + j // 16])
-            w[128 * h + 96 + j] = sc * _q6(l1, 3, m)
 
 
 # --- integer path: x quantized per 32-block to int16, weights multiplied in int32 ---------
@@ -615,8 +501,8 @@ def _int_q6_k(row, v, o, xq, xs, xsum, b, a, ao):
 
 # --- generic loops, specialized per format ---------------------------------------------
 
-def _specialize(acc, deq, block_elems, block_bytes, view):
-    """(dot2, dequantize_row) for one format. The block routines, sizes and the element
+def _specialize(acc, block_elems, block_bytes, view):
+    """dot2 for one format. The block routine, sizes and the element
     type they read (`view`, taken once per row: a view inside the loop costs a refcount
     call) are compile-time constants of the closures."""
 
@@ -640,30 +526,19 @@ def _specialize(acc, deq, block_elems, block_bytes, view):
             s1 += a1[j]
         return s0, s1
 
-    @numba.njit(nogil=True, fastmath=FASTMATH)
-    def dequantize_fmt(row, out):
-        # Decode into a stack block (which cannot alias `row`), then copy out.
-        w = numba.carray(_stack_f32(256), (256,))
-        v = row.view(view)
-        for b in range(row.size // block_bytes):
-            deq(row, v, b * block_bytes, w)
-            for j in range(block_elems):
-                out[b * block_elems + j] = w[j]
-
-    return dot2_fmt, dequantize_fmt
+    return dot2_fmt
 
 
-_dot2_q8_0, _deqrow_q8_0 = _specialize(_acc_q8_0, _deq_q8_0, 32, 34, np.int8)
-_dot2_q4_0, _deqrow_q4_0 = _specialize(_acc_q4_0, _deq_q4_0, 32, 18, np.uint8)
-_dot2_q4_1, _deqrow_q4_1 = _specialize(_acc_q4_1, _deq_q4_1, 32, 20, np.uint8)
-_dot2_q5_0, _deqrow_q5_0 = _specialize(_acc_q5_0, _deq_q5_0, 32, 22, np.uint8)
-_dot2_q5_1, _deqrow_q5_1 = _specialize(_acc_q5_1, _deq_q5_1, 32, 24, np.uint8)
-_dot2_q4_k, _deqrow_q4_k = _specialize(_acc_q4_k, _deq_q4_k, 256, 144, np.uint8)
-_dot2_q5_k, _deqrow_q5_k = _specialize(_acc_q5_k, _deq_q5_k, 256, 176, np.uint8)
-_dot2_q6_k, _deqrow_q6_k = _specialize(_acc_q6_k, _deq_q6_k, 256, 210, np.int8)
-_dot2_f16, _deqrow_f16 = _specialize(_acc_f16, _deq_f16, 32, 64, np.uint16)
-_dot2_bf16, _deqrow_bf16 = _specialize(_acc_bf16, _deq_bf16, 32, 64, np.uint16)
-_deqrow_f32 = _specialize(None, _deq_f32, 32, 128, np.float32)[1]
+_dot2_q8_0 = _specialize(_acc_q8_0, 32, 34, np.int8)
+_dot2_q4_0 = _specialize(_acc_q4_0, 32, 18, np.uint8)
+_dot2_q4_1 = _specialize(_acc_q4_1, 32, 20, np.uint8)
+_dot2_q5_0 = _specialize(_acc_q5_0, 32, 22, np.uint8)
+_dot2_q5_1 = _specialize(_acc_q5_1, 32, 24, np.uint8)
+_dot2_q4_k = _specialize(_acc_q4_k, 256, 144, np.uint8)
+_dot2_q5_k = _specialize(_acc_q5_k, 256, 176, np.uint8)
+_dot2_q6_k = _specialize(_acc_q6_k, 256, 210, np.int8)
+_dot2_f16 = _specialize(_acc_f16, 32, 64, np.uint16)
+_dot2_bf16 = _specialize(_acc_bf16, 32, 64, np.uint16)
 
 
 def _specialize_int(acc, block_bytes, view):
@@ -839,42 +714,6 @@ def far_pair(lo, hi, half, i):
     r0 = lo + i
     r1 = r0 + half
     return r0, (r1 if r1 < hi else r0)
-
-
-@numba.njit(nogil=True, fastmath=FASTMATH)
-def dequantize_row(t, row, out):
-    """Decode one weight row of type code t (uint8 bytes) into out (float32[cols])."""
-    if t == Q8_0:
-        _deqrow_q8_0(row, out)
-    elif t == Q4_0:
-        _deqrow_q4_0(row, out)
-    elif t == Q4_1:
-        _deqrow_q4_1(row, out)
-    elif t == Q5_0:
-        _deqrow_q5_0(row, out)
-    elif t == Q5_1:
-        _deqrow_q5_1(row, out)
-    elif t == Q4_K:
-        _deqrow_q4_k(row, out)
-    elif t == Q5_K:
-        _deqrow_q5_k(row, out)
-    elif t == Q6_K:
-        _deqrow_q6_k(row, out)
-    elif t == F16:
-        _deqrow_f16(row, out)
-    elif t == BF16:
-        _deqrow_bf16(row, out)
-    else:
-        _deqrow_f32(row, out)
-
-
-@numba.njit(inline="always", fastmath=FASTMATH)
-def dot(a, b):
-    """a . b for float32 vectors of the same length (LLVM vectorizes the reduction)."""
-    s = np.float32(0)
-    for i in range(a.size):
-        s += a[i] * b[i]
-    return s
 
 
 # --- Python side: the byte view every kernel takes -------------------------------------

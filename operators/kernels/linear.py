@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from numba import prange
 
-from .batch import matmul_small
-from .formats import FASTMATH, INT_TYPES, as_blocks, dequantize_row, dot2x, far_pair, quantize_rows
+from .batch import decode_row, matmul_small
+from .formats import FASTMATH, INT_TYPES, as_blocks, dot2x, far_pair, quantize_rows
 
 # Up to this many tokens, decode each group of 4 weight rows once into L1 and multiply it
 # there with every token (batch.py); above, decode a tile of rows and hand it to BLAS.
@@ -55,7 +55,7 @@ def _gemv(t, w, x, y, chunks):
 def _dequantize(t, w, out):
     """w: uint8 [rows, row_bytes]; out: float32 [rows, cols]."""
     for r in prange(w.shape[0]):
-        dequantize_row(t, w[r], out[r])
+        decode_row(t, w[r], out[r])
 
 
 def gemv_chunks(rows):
