@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from hybrid.models.common import routed_sum
+
 from . import kernels
 
 # llama.cpp's threshold for the same trade: below it the copy costs more than it saves.
@@ -72,14 +74,4 @@ def linear(qtype, w: np.ndarray, x: torch.Tensor) -> torch.Tensor:
 def experts(gate, up, down, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The routed-experts sum on x's device. gate/up/down: (qtype, host blocks [E, rows,
     row bytes]); x [N, H] float32, ids [N, K], weights [N, K], all on that device."""
-    out = torch.zeros_like(x)
-    for e in ids.unique().tolist():
-        if e < 0:
-            continue
-        token, slot = torch.where(ids == e)
-        h = x[token]
-        g = h @ _weights(gate[0], gate[1][e], x.device).T
-        u = h @ _weights(up[0], up[1][e], x.device).T
-        y = (torch.nn.functional.silu(g) * u) @ _weights(down[0], down[1][e], x.device).T
-        out.index_add_(0, token, y * weights[token, slot, None].float())
-    return out
+    return routed_sum(x, ids, weights, lambda e: tuple(_weights(q, w[e], x.device) for q, w in (gate, up, down)))

@@ -268,13 +268,22 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)
-        for e in ids.unique().tolist():
-            token, slot = torch.where(ids == e)
-            h = x[token]
-            h = F.silu(h @ self.gate_proj[e].T) * (h @ self.up_proj[e].T)
-            out.index_add_(0, token, (h @ self.down_proj[e].T) * weights[token, slot, None].to(x.dtype))
-        return out
+        return routed_sum(x, ids, weights, lambda e: (self.gate_proj[e], self.up_proj[e], self.down_proj[e]))
+
+
+def routed_sum(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert) -> torch.Tensor:
+    """out[n] = sum_k weights[n, k] * MLP_e(x[n]) for e = ids[n, k] (ids < 0 skipped), expert
+    by expert; expert(e) -> its (gate [I, H], up [I, H], down [H, I]) on x's device."""
+    out = torch.zeros_like(x)
+    for e in ids.unique().tolist():
+        if e < 0:
+            continue
+        token, slot = torch.where(ids == e)
+        gate, up, down = expert(e)
+        h = x[token]
+        h = F.silu(h @ gate.T) * (h @ up.T)
+        out.index_add_(0, token, (h @ down.T) * weights[token, slot, None].to(x.dtype))
+    return out
 
 
 class CausalLM(nn.Module):
