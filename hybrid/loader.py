@@ -153,7 +153,7 @@ def load(source, rules=None, *, progress: bool = False):
     from .model import Model
 
     config, module, placements, _, refs, ruleset, src, meta = build(source, rules)
-    rules_mod.swap(module, placements, config)
+    rules_mod.swap(module, placements, config, ruleset.source)
     tensors = _Tensors(refs, getattr(config, "tie_word_embeddings", False))
     bar = None
     if progress:

@@ -297,13 +297,17 @@ def plan(root: nn.Module, ruleset: RuleSet) -> tuple[list[Placement], dict[int, 
     return placements, counts
 
 
-def swap(root: nn.Module, placements: list[Placement], config) -> None:
+def swap(root: nn.Module, placements: list[Placement], config, source: str = "<rules>") -> None:
     """Replace every module an operator was chosen for (after planning: the tree is never
-    changed while it is walked). The operator builds itself from the module and config."""
+    changed while it is walked). The operator builds itself from the module and config;
+    one that cannot take the module it matched (ValueError) names the rule that chose it."""
     for p in placements:
         if p.operator is None:
             continue
-        op = p.operator(p.module, config, **p.kwargs)
+        try:
+            op = p.operator(p.module, config, **p.kwargs)
+        except ValueError as e:
+            raise RuleError(f"{p.rule.where(source)}: {p.path}: {e}") from e
         parent_path, _, name = p.path.rpartition(".")
         parent = root.get_submodule(parent_path) if parent_path else root
         setattr(parent, name, op)
@@ -341,7 +345,7 @@ def inject(module: nn.Module, rules, config=None) -> list[Placement]:
     ruleset = parse_rules(rules)
     placements, _ = plan(module, ruleset)
     originals = {p.path: p.module for p in placements if p.operator is not None}
-    swap(module, placements, config)
+    swap(module, placements, config, ruleset.source)
     for p in placements:
         if p.operator is not None:
             p.module.load_from_module(originals[p.path])

@@ -6,6 +6,7 @@ any operator by import path (e.g. `operators.linear.CPULinear`)."""
 from .attention import CPUAttention
 from .embedding import CPUEmbedding
 from .experts import CPUExperts
+from .layer import CPUDecoderLayer
 from .linear import CPULinear
 from .mlp import CPUMLP
 from .norm import CPURMSNorm
@@ -17,6 +18,7 @@ OPERATORS = {
     "CPUAttention": CPUAttention,
     "CPUMLP": CPUMLP,
     "CPURMSNorm": CPURMSNorm,
+    "CPUDecoderLayer": CPUDecoderLayer,
 }
 
-__all__ = ["OPERATORS", "CPULinear", "CPUEmbedding", "CPUExperts", "CPUAttention", "CPUMLP", "CPURMSNorm"]
+__all__ = ["OPERATORS", "CPULinear", "CPUEmbedding", "CPUExperts", "CPUAttention", "CPUMLP", "CPURMSNorm", "CPUDecoderLayer"]

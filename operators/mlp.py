@@ -12,16 +12,17 @@ from .kernels import decode
 from .linear import CPULinear
 
 
-# One token per call is what the fused step is for: from two tokens on, the projections'
-# decoded L1 tiles (kernels/batch.py) reuse each weight row for every token and win
-# (SmolLM2, 8 sequences: 0.74 ms a layer fused against ~0.4 ms through the tiles).
-FUSED_MAX_TOKENS = 1
+# Up to this many tokens (decode of a batch of sequences) the MLP is one numba call: one
+# token takes the integer GEMV, two or more the projections' decoded L1 tiles (batch.py),
+# which reuse each weight row for every token. Longer calls (prefill) go projection by
+# projection through CPULinear.
+FUSED_MAX_TOKENS = 16
 
 
 class CPUMLP(Operator):
-    """Replaces `MLP`: forward(x [..., hidden]) -> [..., hidden]. A one-token call (decode of
-    one sequence) is one numba call for gate, up, SiLU and down; longer calls run the
-    module's own code with the projections on the numba kernels."""
+    """Replaces `MLP`: forward(x [..., hidden]) -> [..., hidden]. Calls of up to
+    FUSED_MAX_TOKENS tokens are one numba call for gate, up, SiLU and down; longer calls
+    run the module's own code with the projections on the numba kernels."""
 
     replaces = (MLP,)
 

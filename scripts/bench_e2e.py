@@ -91,7 +91,7 @@ def main() -> None:
     del model
     # The same with the KV cache in float16 (a rule kwarg): half the bytes per key.
     rules = (hybrid.rules.builtin_rules_dir() / "llama-cpu.yaml").read_text().replace(
-        "replace: {class: CPUAttention}", "replace: {class: CPUAttention, kwargs: {kv_dtype: float16}}")
+        "replace: {class: CPUDecoderLayer}", "replace: {class: CPUDecoderLayer, kwargs: {kv_dtype: float16}}")
     model = hybrid.load(path, rules=rules)
     h100, h2000 = decode_rate(model, 100, steps), decode_rate(model, 2000, steps)
     out["smollm2_kv_float16"] = {"decode_tokens_per_s": h100, "decode_tokens_per_s_at_2000": h2000, "slowdown_at_2000": 1 - h2000 / h100}

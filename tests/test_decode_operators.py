@@ -13,9 +13,10 @@ from gguf import GGMLQuantizationType as Q
 from torch import nn
 
 import hybrid
+from hybrid.bench import decode_bytes_per_token
 from hybrid.models.common import MLP, Attention, KVCache, RMSNorm, Rotary, Step
 from hybrid.rules import RuleError, parse_rules
-from operators import CPUAttention, CPUMLP, CPURMSNorm
+from operators import CPUAttention, CPUDecoderLayer, CPUMLP, CPURMSNorm
 from operators.kernels import decode
 from operators.kernels.formats import as_blocks
 from operators.kernels.linear import dequantize
@@ -53,8 +54,10 @@ def decode_logits(model, steps: int = 3) -> list[torch.Tensor]:
 
 def test_default_cpu_rules_use_the_decode_operators(tiny_dir):
     model = hybrid.load(tiny_dir)
-    ops = {type(p.module) for p in model.placements}
-    assert {CPUAttention, CPURMSNorm} <= ops
+    assert {CPUAttention, CPURMSNorm} <= {type(m) for m in model.module.modules()}
+    # Llama and Mixtral blocks run as one call per layer; Qwen MoE's shared expert does not fit it
+    whole_layers = model.config.model_type in ("llama", "qwen2", "qwen3", "mixtral")
+    assert whole_layers == (CPUDecoderLayer in {type(p.module) for p in model.placements})
 
 
 def test_batched_decode_matches_torch(tiny_dir):
@@ -213,3 +216,32 @@ def test_mlp_step_on_k_quants(qtype):
     # x and the activations are each rounded to int16 (~2e-5); random K-quant rows (large
     # mins against large sums) cancel more than real ones: measured 1.0e-4 for Q4_K.
     assert rel_err(torch.from_numpy(y), want) < 3e-4
+
+
+def test_whole_layer_operator_refuses_a_block_it_cannot_run(tmp_path):
+    """Qwen MoE's feed-forward has a shared expert the layer kernel does not compute: the
+    rule that chose it is named before any weight is read."""
+    make_tiny("qwen2_moe", tmp_path)
+    rules = "rules:\n  - match: {class: Block}\n    replace: {class: CPUDecoderLayer}\n"
+    with pytest.raises(RuleError, match=r"rule 1 \(line 2\): model\.layers\.0: CPUDecoderLayer takes .*qwen_moe\.SparseMoe"):
+        hybrid.load(tmp_path, rules=rules)
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_whole_layers_read_what_the_modules_read(family, tmp_path):
+    """The fused layer against the per-module operators: the same bytes per token (the
+    roofline's numerator), and the same logits after a prefill and batched decode steps."""
+    make_tiny(family, tmp_path)
+    per_module = parse_rules(
+        "rules:\n"
+        "  - match: {class: Attention}\n    replace: {class: CPUAttention}\n"
+        "  - match: {class: MLP}\n    replace: {class: CPUMLP}\n"
+        "  - match: {class: Experts}\n    replace: {class: CPUExperts}\n"
+        "  - match: {class: RMSNorm}\n    replace: {class: CPURMSNorm}\n"
+        "  - match: {class: Linear}\n    replace: {class: CPULinear}\n"
+    )
+    fused, modules = hybrid.load(tmp_path), hybrid.load(tmp_path, rules=per_module)
+    assert all(isinstance(layer, CPUDecoderLayer) for layer in fused.module.model.layers)
+    assert decode_bytes_per_token(fused) == decode_bytes_per_token(modules)
+    for a, b in zip(decode_logits(fused), decode_logits(modules)):
+        assert rel_err(a, b) < 1e-5

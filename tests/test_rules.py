@@ -165,8 +165,9 @@ def test_rules_command_plan_and_byte_totals(tiny_llama):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     matches = {x["replace"]: x["matches"] for x in out["rules"]}
-    # two layers: attention, MLP and two norms each, the final norm; lm_head is the one Linear left
-    assert matches == {"CPUEmbedding": 1, "CPUAttention": 2, "CPUMLP": 2, "CPURMSNorm": 2 * 2 + 1, "CPULinear": 1}
+    # two layers as whole-layer operators (their norms, attention and MLP inside), the final
+    # norm; lm_head is the one Linear left
+    assert matches == {"CPUDecoderLayer": 2, "CPUEmbedding": 1, "CPURMSNorm": 1, "CPULinear": 1}
     params = sum(t.numel() for t in __import__("safetensors.torch").torch.load_file(str(tiny_llama / "model.safetensors")).values())
     assert out["devices"][0]["device"] == "cpu" and out["devices"][0]["bytes"] == params * 4  # float32 checkpoint
     assert out["fits"] is True
@@ -199,9 +200,9 @@ def test_rules_command_on_a_moe_model(tiny_moe_gguf):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["rules_file"].endswith("mixtral-cpu.yaml")
-    experts = next(g for g in out["groups"] if g["operator"] == "CPUExperts")
-    stored = sum(t.data.nbytes for t in open_gguf(tiny_moe_gguf).tensors if "_exps" in t.name)
-    assert experts["modules"] == 2 and experts["bytes"] == stored  # quantized blocks, as stored
+    layers = next(g for g in out["groups"] if g["operator"] == "CPUDecoderLayer")
+    stored = sum(t.data.nbytes for t in open_gguf(tiny_moe_gguf).tensors if t.name.startswith("blk."))
+    assert layers["modules"] == 2 and layers["bytes"] == stored  # quantized blocks (experts too), as stored
     # every tensor is counted once: operators at their stored size, norms as float32
     total = sum(t.data.nbytes for t in open_gguf(tiny_moe_gguf).tensors)
     assert out["devices"][0]["bytes"] == total

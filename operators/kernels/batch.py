@@ -195,6 +195,20 @@ def tile_dot(tile, x0, x1):
     return s00, s10, s20, s30, s01, s11, s21, s31
 
 
+@numba.njit(inline="always", fastmath=FASTMATH)
+def tile_rows(t, w, x, y, lo, hi, t0, t1, tile):
+    """y[n, r] = w[r] . x[n] for rows lo..hi-1 and tokens t0..t1-1: rows decoded 4 at a time
+    into `tile` (float32 [4, cols]), each tile multiplied with the tokens two at a time."""
+    for r in range(lo, hi, ROWS):
+        decode_tile(t, w, r, hi, tile)
+        for n0 in range(t0, t1, 2):
+            n1 = min(n0 + 1, t1 - 1)  # an odd last token is done twice
+            s = tile_dot(tile, x[n0], x[n1])
+            for i in range(min(ROWS, hi - r)):
+                y[n0, r + i] = s[i]
+                y[n1, r + i] = s[ROWS + i]
+
+
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
 def matmul_small(t, w, x, y, chunks):
     """w: uint8 [rows, row_bytes]; x: float32 [N, cols]; y: float32 [N, rows], written; rows
@@ -208,12 +222,4 @@ def matmul_small(t, w, x, y, chunks):
         hi = (c + 1) * rows // chunks
         tile = np.empty((ROWS, cols), np.float32)
         for t0 in range(0, n_tok, per_block):
-            t1 = min(n_tok, t0 + per_block)
-            for r in range(lo, hi, ROWS):
-                decode_tile(t, w, r, hi, tile)
-                for n0 in range(t0, t1, 2):
-                    n1 = min(n0 + 1, t1 - 1)  # an odd last token is done twice
-                    s = tile_dot(tile, x[n0], x[n1])
-                    for i in range(min(ROWS, hi - r)):
-                        y[n0, r + i] = s[i]
-                        y[n1, r + i] = s[ROWS + i]
+            tile_rows(t, w, x, y, lo, hi, t0, min(n_tok, t0 + per_block), tile)

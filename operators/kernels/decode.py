@@ -13,6 +13,7 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic, overload
 
+from .batch import ROWS, tile_rows
 from .formats import FASTMATH, INT_TYPES, _h2f, _stack_f32, dot2, dot2x, far_pair, quantize_rows
 
 
@@ -63,18 +64,23 @@ def _rows_int(t, w, xa, y, lo, hi):
 
 @numba.njit(inline="always", fastmath=FASTMATH)
 def _rows(t, w, xa, y, lo, hi):
-    """y[b, r] = w[r] . x[b] for rows lo..hi-1 and every token b (far row pairs, as `_gemv`);
-    xa: the tokens x as `quantize_rows` gives them. Formats in INT_TYPES take the int16 path
-    in a function of its own (inlined four times, it ran 20% slower than the float path in
-    attention_step); the others stay inline (a call cost SmolLM2's Q4_1 decode 10%)."""
+    """y[b, r] = w[r] . x[b] for rows lo..hi-1 and every token b; xa: the tokens x as
+    `quantize_rows` gives them. One token: far row pairs, as `_gemv`; formats in INT_TYPES
+    take the int16 path in a function of its own (inlined four times, it ran 20% slower
+    than the float path in attention_step), the others stay inline (a call cost SmolLM2's
+    Q4_1 decode 10%). Two or more: rows decoded once into L1 tiles for all tokens (a
+    per-token dot decodes every row B times: a batch-8 MoE attention took 6.7x batch 1)."""
+    x = xa[0]
+    if x.shape[0] >= 2:
+        tile_rows(t, w, x, y, lo, hi, 0, x.shape[0], np.empty((ROWS, x.shape[1]), np.float32))
+        return
     if t in INT_TYPES:
         _rows_int(t, w, xa, y, lo, hi)
         return
     half = (hi - lo + 1) // 2
     for i in range(half):
         r0, r1 = far_pair(lo, hi, half, i)
-        for b in range(xa[0].shape[0]):
-            y[b, r0], y[b, r1] = dot2(t, w[r0], w[r1], xa[0][b])
+        y[0, r0], y[0, r1] = dot2(t, w[r0], w[r1], x[0])
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
@@ -225,7 +231,7 @@ def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, ep
     q = np.empty((B, H * D), np.float32)
     k = np.empty((B, Hkv * D), np.float32)
     v = np.empty((B, Hkv * D), np.float32)
-    xa = quantize_rows(x, tq in INT_TYPES or tk in INT_TYPES or tv in INT_TYPES)
+    xa = quantize_rows(x, B == 1 and (tq in INT_TYPES or tk in INT_TYPES or tv in INT_TYPES))
     for c in prange(threads):
         lo, hi = _share(H * D, c, threads)
         _rows(tq, wq, xa, q, lo, hi)
@@ -301,7 +307,7 @@ def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, ep
                     att[b, qo + d] /= total
 
     y = np.empty((B, wo.shape[0]), np.float32)
-    atta = quantize_rows(att, to in INT_TYPES)
+    atta = quantize_rows(att, B == 1 and to in INT_TYPES)
     for c in prange(threads):
         lo, hi = _share(wo.shape[0], c, threads)
         _rows(to, wo, atta, y, lo, hi)
@@ -320,19 +326,28 @@ def mlp_step(x, tg, wg, tu, wu, td, wd, threads):
     """
     N, I = x.shape[0], wg.shape[0]
     act = np.empty((N, I), np.float32)
-    xa = quantize_rows(x, tg in INT_TYPES or tu in INT_TYPES)
+    up = np.empty((N if N >= 2 else 0, I), np.float32)
+    xa = quantize_rows(x, N == 1 and (tg in INT_TYPES or tu in INT_TYPES))
     for c in prange(threads):
         lo, hi = _share(I, c, threads)
+        if N >= 2:  # decoded tiles, as `_rows`
+            tile = np.empty((ROWS, x.shape[1]), np.float32)
+            tile_rows(tg, wg, x, act, lo, hi, 0, N, tile)
+            tile_rows(tu, wu, x, up, lo, hi, 0, N, tile)
+            for n in range(N):
+                for r in range(lo, hi):
+                    g = act[n, r]
+                    act[n, r] = g / (np.float32(1) + np.exp(-g)) * up[n, r]
+            continue
         half = (hi - lo + 1) // 2
         for i in range(half):
             r0, r1 = far_pair(lo, hi, half, i)
-            for n in range(N):
-                g0, g1 = dot2x(tg, wg[r0], wg[r1], xa, n)
-                u0, u1 = dot2x(tu, wu[r0], wu[r1], xa, n)
-                act[n, r0] = g0 / (np.float32(1) + np.exp(-g0)) * u0
-                act[n, r1] = g1 / (np.float32(1) + np.exp(-g1)) * u1
+            g0, g1 = dot2x(tg, wg[r0], wg[r1], xa, 0)
+            u0, u1 = dot2x(tu, wu[r0], wu[r1], xa, 0)
+            act[0, r0] = g0 / (np.float32(1) + np.exp(-g0)) * u0
+            act[0, r1] = g1 / (np.float32(1) + np.exp(-g1)) * u1
     y = np.empty((N, wd.shape[0]), np.float32)
-    acta = quantize_rows(act, td in INT_TYPES)
+    acta = quantize_rows(act, N == 1 and td in INT_TYPES)
     for c in prange(threads):
         lo, hi = _share(wd.shape[0], c, threads)
         _rows(td, wd, acta, y, lo, hi)
