@@ -322,13 +322,8 @@ class JsonConstraint:
         masked = torch.full_like(logits, -math.inf)
         index = torch.tensor(allowed)
         masked[index] = logits[index]
-        s = sampler(masked)
-        lp = logits.float().log_softmax(-1)  # report logprobs under the model, not the mask
-        top = []
-        if sampler.params.top_logprobs:
-            v, i = lp.topk(sampler.params.top_logprobs)
-            top = list(zip(i.tolist(), v.tolist()))
-        return Sample(s.token, float(lp[s.token]), top)
+        token = sampler(masked).token
+        return sampler.sample_of(logits, token)  # logprobs under the model, not the mask
 
     def _fits(self, token: int, remaining: int) -> bool:
         text = self.tok.token_text(token)

@@ -64,7 +64,7 @@ def _finite(x) -> bool:
 @dataclass
 class Sample:
     token: int
-    logprob: float                     # under the unmodified model distribution
+    logprob: float | None              # under the unmodified model distribution; None unless asked for
     top: list[tuple[int, float]]       # top_logprobs alternatives, best first
 
 
@@ -181,6 +181,14 @@ class Sampler:
             self._seen[token] = True
             self._counts[token] += 1
         self.generated.append(token)
+        return self.sample_of(logits, token)
+
+    def sample_of(self, logits, token: int) -> Sample:
+        """`token` with its logprob and top alternatives under `logits`, computed only when
+        the request asks for logprobs (a log-softmax over the vocabulary per token is
+        otherwise wasted: 8 sequences of a 49k vocabulary, ~0.5 ms a step)."""
+        if not (self.params.logprobs or self.params.top_logprobs):
+            return Sample(token, None, [])
         lp = logits.float().log_softmax(-1)
         top = []
         if self.params.top_logprobs:

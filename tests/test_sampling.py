@@ -104,8 +104,11 @@ def test_sample_logprobs():
     assert s.token == 1 and s.logprob == pytest.approx(lp[1].item())
     assert [t for t, _ in s.top] == [1, 2] and s.top[1][1] == pytest.approx(lp[2].item())
     # logprob is under the raw distribution even when the draw is from a transformed one
-    s = Sampler(SamplingParams(temperature=0.1, top_k=1, logit_bias={0: 10.0}, seed=0), [])(x)
+    s = Sampler(SamplingParams(temperature=0.1, top_k=1, logit_bias={0: 10.0}, seed=0, logprobs=True), [])(x)
     assert s.token == 0 and s.logprob == pytest.approx(lp[0].item())
+    # not asked for: not computed
+    s = Sampler(SamplingParams(temperature=0), [])(x)
+    assert s.token == 1 and s.logprob is None and s.top == []
 
 
 def test_sampler_penalties_use_history():
