@@ -1,6 +1,6 @@
-"""A whole Llama or Mixtral decoder layer on the CPU: a decode step is one numba call for
-the layer (norms, attention, residuals, MLP or router + experts); prefill runs the block's
-own code over the same operators the per-module rules would use."""
+"""A whole Llama-family, Mixtral or Qwen MoE decoder layer on the CPU: a decode step is one
+numba call for the layer (norms, attention, residuals, MLP or router + experts); prefill
+runs the block's own code over the same operators the per-module rules would use."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numba
 import torch
 from torch import nn
 
-from hybrid.models import mixtral
+from hybrid.models import mixtral, qwen_moe
 from hybrid.models.common import MLP, Attention, Block
 
 from .attention import CPUAttention
@@ -23,23 +23,49 @@ from .norm import CPURMSNorm
 
 
 class _RoutedExperts(nn.Module):
-    """Mixtral's sparse MoE (router `gate` + `experts`) with operator children."""
+    """A sparse MoE (router `gate` + `experts`, and Qwen2-MoE's `shared_expert` behind its
+    sigmoid `shared_expert_gate`) with operator children; prefill runs its family's forward."""
 
-    forward = mixtral.SparseMoe.forward
+    forward = qwen_moe.SparseMoe.forward  # Mixtral's, plus the shared expert where there is one
 
-    def __init__(self, gate: CPULinear, experts: CPUExperts, top_k: int, normalize: bool):
+    def __init__(self, moe, config, quant):
         super().__init__()
-        self.gate, self.experts, self.top_k, self.normalize = gate, experts, top_k, normalize
+        self.top_k, self.normalize = moe.top_k, moe.normalize
+        self.gate, self.experts = CPULinear(moe.gate, config, quant=quant), CPUExperts(moe.experts, config, quant=quant)
+        if hasattr(moe, "shared_expert"):
+            self.shared_expert = CPUMLP(moe.shared_expert, config, quant=quant)
+            self.shared_expert_gate = CPULinear(moe.shared_expert_gate, config, quant=quant)
+
+    def load(self, get) -> None:
+        for name, child in self.named_children():
+            child.load(lambda n, p=name: get(f"{p}.{n}"))
+        if self.gate.bias is not None:
+            raise ValueError("CPUDecoderLayer: a router with a bias is not supported")
+
+    def decode_bytes(self, top_k: int) -> int:
+        return sum(child.decode_bytes(top_k) for child in self.children())
+
+    def kernel_args(self) -> tuple:
+        """(router, experts, shared) as `kernels.layer.moe_layer_step` takes them."""
+        router = (self.gate.prepared.t, self.gate.prepared.w, self.top_k, bool(self.normalize))
+        ex = self.experts
+        experts = tuple(a for w in (ex.gate, ex.up, ex.down) for a in as_blocks(*w)[:2])
+        shared = None
+        if hasattr(self, "shared_expert"):
+            g = self.shared_expert_gate.prepared
+            shared = (*self.shared_expert.weights, g.t, g.w)
+        return router, experts, shared
 
 
 class CPUDecoderLayer(Operator):
     """Replaces a `Block` whose attention is Llama-family `Attention` and whose feed-forward
-    is a dense `MLP` or Mixtral's `SparseMoe`: forward(x [B, T, hidden], rope, step, cache).
+    is a dense `MLP` or a sparse MoE (Mixtral's; Qwen MoE's, with or without its shared
+    expert): forward(x [B, T, hidden], rope, step, cache).
 
     Children are the per-module operators (CPURMSNorm, CPUAttention, CPUMLP, or CPULinear
-    router + CPUExperts) under the block's own names, so checkpoints load unchanged and
-    prefill (T > 1) runs `Block.forward` over them. A decode step (T = 1) is one numba
-    call: `kernels.layer`."""
+    router + CPUExperts [+ CPUMLP shared expert]) under the block's own names, so
+    checkpoints load unchanged and prefill (T > 1) runs `Block.forward` over them. A decode
+    step (T = 1) is one numba call: `kernels.layer`."""
 
     replaces = (Block,)
 
@@ -48,20 +74,17 @@ class CPUDecoderLayer(Operator):
         self.check_kwargs(device, quant, kv_dtype)
         attn, self.ffn_name = original.self_attn, original.ffn_name
         ffn = original._modules[self.ffn_name]
-        if type(attn) is not Attention or type(ffn) not in (MLP, mixtral.SparseMoe):
+        if type(attn) is not Attention or type(ffn) not in (MLP, mixtral.SparseMoe, qwen_moe.SparseMoe):
             raise ValueError(
-                f"CPUDecoderLayer takes Llama-family attention with a dense MLP or Mixtral's sparse MoE; "
-                f"this block has {type(attn).__name__} and {type(ffn).__module__}.{type(ffn).__name__}: "
+                f"CPUDecoderLayer takes Llama-family attention with a dense MLP or a Mixtral or Qwen sparse MoE; "
+                f"this block has {type(attn).__module__}.{type(attn).__name__} and {type(ffn).__module__}.{type(ffn).__name__}: "
                 "place its modules one by one instead (CPUAttention, CPUMLP, CPUExperts, ...)"
             )
         self.input_layernorm = CPURMSNorm(original.input_layernorm, config)
         self.self_attn = CPUAttention(attn, config, quant=quant, kv_dtype=kv_dtype)
         self.post_attention_layernorm = CPURMSNorm(original.post_attention_layernorm, config)
-        if type(ffn) is MLP:
-            self.add_module(self.ffn_name, CPUMLP(ffn, config, quant=quant))
-        else:
-            gate, experts = CPULinear(ffn.gate, config, quant=quant), CPUExperts(ffn.experts, config, quant=quant)
-            self.add_module(self.ffn_name, _RoutedExperts(gate, experts, ffn.top_k, ffn.normalize))
+        ffn_op = CPUMLP(ffn, config, quant=quant) if type(ffn) is MLP else _RoutedExperts(ffn, config, quant)
+        self.add_module(self.ffn_name, ffn_op)
 
     @staticmethod
     def check_kwargs(device="cpu", quant=None, kv_dtype="float32"):
@@ -74,31 +97,14 @@ class CPUDecoderLayer(Operator):
         return self._modules[self.ffn_name]
 
     def load(self, get) -> None:
-        def under(prefix):
-            return lambda name: get(f"{prefix}.{name}")
-        self.input_layernorm.load(under("input_layernorm"))
-        self.self_attn.load(under("self_attn"))
-        self.post_attention_layernorm.load(under("post_attention_layernorm"))
+        for name, child in self.named_children():
+            child.load(lambda n, p=name: get(f"{p}.{n}"))
         a = self.self_attn
         self.attn_args = (*a.weights, *a.biases, *a.norms, a.eps)
-        if isinstance(self.ffn, CPUMLP):
-            self.ffn.load(under(self.ffn_name))
-            self.ffn_args = self.ffn.weights
-            return
-        self.ffn.gate.load(under(f"{self.ffn_name}.gate"))
-        self.ffn.experts.load(under(f"{self.ffn_name}.experts"))
-        router = self.ffn.gate.prepared
-        self.ffn_args = (router.t, router.w, self.ffn.top_k, bool(self.ffn.normalize))
-        ex = self.ffn.experts
-        self.experts_args = tuple(a for w in (ex.gate, ex.up, ex.down) for a in as_blocks(*w)[:2])
-        if self.ffn.gate.bias is not None:
-            raise ValueError("CPUDecoderLayer: a router with a bias is not supported")
+        self.ffn_args = self.ffn.weights if isinstance(self.ffn, CPUMLP) else self.ffn.kernel_args()
 
     def decode_bytes(self, top_k: int) -> int:
-        ffn = self.ffn
-        parts = [self.input_layernorm, self.self_attn, self.post_attention_layernorm]
-        parts += [ffn] if isinstance(ffn, CPUMLP) else [ffn.gate, ffn.experts]
-        return sum(p.decode_bytes(top_k) for p in parts)
+        return sum(child.decode_bytes(top_k) for child in self.children())
 
     def forward(self, x: torch.Tensor, rope, step, cache) -> torch.Tensor:
         B, T, C = x.shape
@@ -115,6 +121,5 @@ class CPUDecoderLayer(Operator):
         else:
             ex = self.ffn.experts
             chunks = gemv_chunks(min(ex.hidden, ex.intermediate))
-            y = layer.moe_layer_step(xs, n1.w, n1.eps, n2.w, n2.eps, self.attn_args, step_args, self.ffn_args,
-                                     self.experts_args, chunks, threads)
+            y = layer.moe_layer_step(xs, n1.w, n1.eps, n2.w, n2.eps, self.attn_args, step_args, *self.ffn_args, chunks, threads)
         return torch.from_numpy(y).view(B, T, C)

@@ -55,9 +55,7 @@ def decode_logits(model, steps: int = 3) -> list[torch.Tensor]:
 def test_default_cpu_rules_use_the_decode_operators(tiny_dir):
     model = hybrid.load(tiny_dir)
     assert {CPUAttention, CPURMSNorm} <= {type(m) for m in model.module.modules()}
-    # Llama and Mixtral blocks run as one call per layer; Qwen MoE's shared expert does not fit it
-    whole_layers = model.config.model_type in ("llama", "qwen2", "qwen3", "mixtral")
-    assert whole_layers == (CPUDecoderLayer in {type(p.module) for p in model.placements})
+    assert all(isinstance(layer, CPUDecoderLayer) for layer in model.module.model.layers)
 
 
 def test_batched_decode_matches_torch(tiny_dir):
@@ -219,15 +217,15 @@ def test_mlp_step_on_k_quants(qtype):
 
 
 def test_whole_layer_operator_refuses_a_block_it_cannot_run(tmp_path):
-    """Qwen MoE's feed-forward has a shared expert the layer kernel does not compute: the
-    rule that chose it is named before any weight is read."""
-    make_tiny("qwen2_moe", tmp_path)
+    """DeepSeek's attention (MLA) is not one the layer kernel computes: the rule that chose
+    the operator is named before any weight is read."""
+    make_tiny("deepseek_v2", tmp_path)
     rules = "rules:\n  - match: {class: Block}\n    replace: {class: CPUDecoderLayer}\n"
-    with pytest.raises(RuleError, match=r"rule 1 \(line 2\): model\.layers\.0: CPUDecoderLayer takes .*qwen_moe\.SparseMoe"):
+    with pytest.raises(RuleError, match=r"rule 1 \(line 2\): model\.layers\.0: CPUDecoderLayer takes .*deepseek\.MLA"):
         hybrid.load(tmp_path, rules=rules)
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2_moe", "qwen3_moe"])
 def test_whole_layers_read_what_the_modules_read(family, tmp_path):
     """The fused layer against the per-module operators: the same bytes per token (the
     roofline's numerator), and the same logits after a prefill and batched decode steps."""

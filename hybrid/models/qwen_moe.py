@@ -50,7 +50,7 @@ class SparseMoe(mixtral.SparseMoe):
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def forward(self, x):
-        out = super().forward(x)
+        out = mixtral.SparseMoe.forward(self, x)  # explicit: CPUDecoderLayer's MoE reuses this forward
         if hasattr(self, "shared_expert"):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out

@@ -7,7 +7,8 @@ Argument groups are tuples, in the order the per-module kernels take them:
 attn = (tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, qk_eps) as
 `decode.attention_step`; step = (cos, sin, kc, vc, slots, pos, scale);
 mlp = (tg, wg, tu, wu, td, wd) as `decode.mlp_step`;
-router = (tr, wr, top_k, normalize); experts = (tg, gate, tu, up, td, down) as `moe._moe_fused`.
+router = (tr, wr, top_k, normalize); experts = (tg, gate, tu, up, td, down) as `moe._moe_fused`;
+shared = None, or Qwen2-MoE's shared expert and its gate: (tg, wg, tu, wu, td, wd, tsg, wsg).
 """
 
 import numba
@@ -79,12 +80,27 @@ def _router(x, tr, wr, top_k, normalize):
 
 
 @numba.njit(nogil=True, cache=True)
-def moe_layer_step(x, n1, eps1, n2, eps2, attn, step, router, experts, moe_chunks, threads):
-    """As `dense_layer_step` with Mixtral's sparse MoE as the feed-forward: router logits,
-    softmax top-k, then the fused experts over each token's k experts."""
+def moe_layer_step(x, n1, eps1, n2, eps2, attn, step, router, experts, shared, moe_chunks, threads):
+    """As `dense_layer_step` with a sparse MoE as the feed-forward: router logits, softmax
+    top-k, the fused experts over each token's k experts, plus the shared expert scaled by
+    its sigmoid gate when there is one."""
     x = _attention_block(x, n1, eps1, attn, step, threads)
     h = rms_norm(x, n2, eps2)
     ids, weights = _router(h, *router)
     out = np.empty_like(h)
     _moe_fused(*experts, h, ids, weights, out, moe_chunks)
+    if shared is not None:
+        _add_shared_expert(h, shared, out, threads)
     return x + out
+
+
+@numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _add_shared_expert(h, shared, out, threads):
+    tg, wg, tu, wu, td, wd, tsg, wsg = shared
+    y = mlp_step(h, tg, wg, tu, wu, td, wd, threads)
+    gate = np.empty((h.shape[0], 1), np.float32)
+    _rows(tsg, wsg, quantize_rows(h, h.shape[0] == 1 and tsg in INT_TYPES), gate, 0, 1)
+    for b in range(h.shape[0]):
+        g = np.float32(1) / (np.float32(1) + np.exp(-gate[b, 0]))
+        for i in range(h.shape[1]):
+            out[b, i] += g * y[b, i]
