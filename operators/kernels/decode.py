@@ -139,14 +139,15 @@ MAX_D = 256  # head_dim limit of the stack buffers
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
-def _attend(q, q0, gc, keys, vals, lo, hi, scale, m_out, l_out, o_out, D):
+def _attend(q, q0, gc, keys, vals, lo, hi, scale, m_out, l_out, o_out, D, W):
     """Softmax attention of gc <= 4 query heads (q[q0:q0 + gc * D], consecutive) over keys
     and values lo..hi-1 of one kv head (keys, vals: [max_len, D], float32 or float16 bits);
     writes each head's max score, exp-sum and unnormalized output to m_out, l_out, o_out.
     Online softmax in blocks of KEYS keys; each key and value row is read once for all gc
     heads. Queries, scores and outputs live in stack buffers (no aliasing with the cache, so
     LLVM keeps them in vector registers). D: the head size, a constant where the caller
-    can make it one (fully unrolled loops over a head)."""
+    can make it one (fully unrolled loops over a head); W: heads computed per pass, 4, or 3
+    for groups of exactly 3 (SmolLM2: a padded 4th head was a quarter of the work)."""
     qg = numba.carray(_stack_f32(1024), (4, MAX_D))  # 4 * MAX_D
     o = numba.carray(_stack_f32(1024), (4, MAX_D))  # 4 * MAX_D
     p = numba.carray(_stack_f32(256), (4, KEYS))  # 4 * KEYS
@@ -161,7 +162,7 @@ def _attend(q, q0, gc, keys, vals, lo, hi, scale, m_out, l_out, o_out, D):
             o[g, d] = 0
     for j0 in range(lo, hi, KEYS):
         nb = min(KEYS, hi - j0)
-        # Four dot products per pass over a key: one horizontal sum per key and head.
+        # W dot products per pass over a key: one horizontal sum per key and head.
         for j in range(nb):
             row = keys[j0 + j]
             a0 = a1 = a2 = a3 = np.float32(0)
@@ -170,7 +171,8 @@ def _attend(q, q0, gc, keys, vals, lo, hi, scale, m_out, l_out, o_out, D):
                 a0 += qg[0, d] * kd
                 a1 += qg[1, d] * kd
                 a2 += qg[2, d] * kd
-                a3 += qg[3, d] * kd
+                if W == 4:
+                    a3 += qg[3, d] * kd
             p[0, j], p[1, j], p[2, j], p[3, j] = a0, a1, a2, a3
         for g in range(gc):
             mb = m[g]
@@ -191,12 +193,12 @@ def _attend(q, q0, gc, keys, vals, lo, hi, scale, m_out, l_out, o_out, D):
             for j in range(nb):
                 p[g, j] = 0
         # Constant trip counts from here on: o stays in registers over the whole range.
-        for g in range(4):
+        for g in range(W):
             for d in range(D):
                 o[g, d] *= f[g]
         for j in range(nb):
             row = vals[j0 + j]
-            for g in range(4):
+            for g in range(W):
                 pj = p[g, j]
                 for d in range(D):
                     o[g, d] += pj * _load(row, d)
@@ -279,12 +281,14 @@ def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, ep
         for g0 in range(0, G, 4):
             q0, gc = (h * G + g0) * D, min(4, G - g0)
             pm, pl, po = part_m[b, h, s, g0:], part_l[b, h, s, g0:], part_o[b, h, s, g0:]
-            if D == 64:
-                _attend(q[b], q0, gc, keys, vals, lo, hi, scale, pm, pl, po, 64)
+            if D == 64 and gc == 3:
+                _attend(q[b], q0, gc, keys, vals, lo, hi, scale, pm, pl, po, 64, 3)
+            elif D == 64:
+                _attend(q[b], q0, gc, keys, vals, lo, hi, scale, pm, pl, po, 64, 4)
             elif D == 128:
-                _attend(q[b], q0, gc, keys, vals, lo, hi, scale, pm, pl, po, 128)
+                _attend(q[b], q0, gc, keys, vals, lo, hi, scale, pm, pl, po, 128, 4)
             else:
-                _attend(q[b], q0, gc, keys, vals, lo, hi, scale, pm, pl, po, D)
+                _attend(q[b], q0, gc, keys, vals, lo, hi, scale, pm, pl, po, D, 4)
 
     # Merge the parts of each head: out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s;
     # an empty part (m = -inf, l = 0) adds nothing; a NaN anywhere stays NaN.
