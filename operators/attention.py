@@ -56,10 +56,18 @@ class CPUAttention(Operator):
         # What the kernel takes, in the order it takes it: (type, blocks) per projection,
         # then the biases and q/k norm weights as float32 arrays ([0]: none).
         projections = (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
-        self.weights = tuple(a for p in projections for a in (p.prepared.t, p.prepared.w))
-        self.biases = tuple((p.bias if p.bias is not None else _NONE).numpy() for p in projections)
+        weights = tuple(a for p in projections for a in (p.prepared.t, p.prepared.w))
+        biases = tuple((p.bias if p.bias is not None else _NONE).numpy() for p in projections)
         norms = (self.q_norm.weight, self.k_norm.weight) if hasattr(self, "q_norm") else (_NONE, _NONE)
-        self.norms = tuple(w.detach().numpy() for w in norms)
+        self.args = (*weights, *biases, *(w.detach().numpy() for w in norms), self.eps)
+
+    def step_args(self, rope, step: Step, cache: KVCache) -> tuple:
+        """What `decode.attention_step` takes after `args`, for a decode step of B tokens:
+        (cos, sin, k cache, v cache, slots, positions, scale)."""
+        cache.check_fits(step)
+        cos, sin = rope  # [B, 1, D] at each sequence's position
+        B = cos.shape[0]
+        return (cos.reshape(B, -1).numpy(), sin.reshape(B, -1).numpy(), *cache.arrays, *step.arrays, self.scale)
 
     def decode_bytes(self, top_k: int) -> int:
         return sum(p.decode_bytes(top_k) for p in (self.q_proj, self.k_proj, self.v_proj, self.o_proj))
@@ -71,13 +79,8 @@ class CPUAttention(Operator):
         B, T, C = x.shape
         if T > 1:  # prefill: compute-bound; torch's attention, projections on the kernels
             return Attention.forward(self, x, rope, step, cache)
-        cache.check_fits(step)
-        cos, sin = rope  # [B, 1, D] at each sequence's position
-        slots, starts = step.arrays
-        k, v = cache.arrays
         y = decode.attention_step(
-            x.reshape(B, C).to(torch.float32).numpy(), *self.weights, *self.biases, *self.norms, self.eps,
-            cos.reshape(B, -1).numpy(), sin.reshape(B, -1).numpy(), k, v, slots, starts, self.scale, numba.get_num_threads(),
+            x.reshape(B, C).to(torch.float32).numpy(), *self.args, *self.step_args(rope, step, cache), numba.get_num_threads()
         )
         return torch.from_numpy(y).view(B, T, -1).to(x.dtype)
 

@@ -30,6 +30,8 @@ class _RoutedExperts(nn.Module):
 
     def __init__(self, moe, config, quant):
         super().__init__()
+        if moe.gate.bias is not None:  # the layer kernel's router has none
+            raise ValueError("CPUDecoderLayer: a router with a bias is not supported")
         self.top_k, self.normalize = moe.top_k, moe.normalize
         self.gate, self.experts = CPULinear(moe.gate, config, quant=quant), CPUExperts(moe.experts, config, quant=quant)
         if hasattr(moe, "shared_expert"):
@@ -39,8 +41,6 @@ class _RoutedExperts(nn.Module):
     def load(self, get) -> None:
         for name, child in self.named_children():
             child.load(lambda n, p=name: get(f"{p}.{n}"))
-        if self.gate.bias is not None:
-            raise ValueError("CPUDecoderLayer: a router with a bias is not supported")
 
     def decode_bytes(self, top_k: int) -> int:
         return sum(child.decode_bytes(top_k) for child in self.children())
@@ -99,8 +99,6 @@ class CPUDecoderLayer(Operator):
     def load(self, get) -> None:
         for name, child in self.named_children():
             child.load(lambda n, p=name: get(f"{p}.{n}"))
-        a = self.self_attn
-        self.attn_args = (*a.weights, *a.biases, *a.norms, a.eps)
         self.ffn_args = self.ffn.weights if isinstance(self.ffn, CPUMLP) else self.ffn.kernel_args()
 
     def decode_bytes(self, top_k: int) -> int:
@@ -110,16 +108,13 @@ class CPUDecoderLayer(Operator):
         B, T, C = x.shape
         if T > 1 or B > moe.FUSED_MAX_TOKENS or x.device.type != "cpu" or x.dtype != torch.float32:
             return Block.forward(self, x, rope, step, cache)
-        cache.check_fits(step)
-        cos, sin = rope  # [B, 1, D] at each sequence's position
-        k, v = cache.arrays
-        step_args = (cos.reshape(B, -1).numpy(), sin.reshape(B, -1).numpy(), k, v, *step.arrays, self.self_attn.scale)
+        attn, step_args = self.self_attn.args, self.self_attn.step_args(rope, step, cache)
         n1, n2 = self.input_layernorm, self.post_attention_layernorm
         xs, threads = x.reshape(B, C).contiguous().numpy(), numba.get_num_threads()
         if isinstance(self.ffn, CPUMLP):
-            y = layer.dense_layer_step(xs, n1.w, n1.eps, n2.w, n2.eps, self.attn_args, step_args, self.ffn_args, threads)
+            y = layer.dense_layer_step(xs, n1.w, n1.eps, n2.w, n2.eps, attn, step_args, self.ffn_args, threads)
         else:
             ex = self.ffn.experts
             chunks = gemv_chunks(min(ex.hidden, ex.intermediate))
-            y = layer.moe_layer_step(xs, n1.w, n1.eps, n2.w, n2.eps, self.attn_args, step_args, *self.ffn_args, chunks, threads)
+            y = layer.moe_layer_step(xs, n1.w, n1.eps, n2.w, n2.eps, attn, step_args, *self.ffn_args, chunks, threads)
         return torch.from_numpy(y).view(B, T, C)

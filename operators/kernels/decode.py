@@ -84,6 +84,13 @@ def _rows(t, w, xa, y, lo, hi):
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
+def rows_input(x, int_path):
+    """x as `_rows` takes it: rounded to int16 only for one token of a format on the integer
+    path (`int_path`); two or more tokens go through float tiles."""
+    return quantize_rows(x, x.shape[0] == 1 and int_path)
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
 def _share(rows, c, chunks):
     return c * rows // chunks, (c + 1) * rows // chunks
 
@@ -233,7 +240,7 @@ def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, ep
     q = np.empty((B, H * D), np.float32)
     k = np.empty((B, Hkv * D), np.float32)
     v = np.empty((B, Hkv * D), np.float32)
-    xa = quantize_rows(x, B == 1 and (tq in INT_TYPES or tk in INT_TYPES or tv in INT_TYPES))
+    xa = rows_input(x, tq in INT_TYPES or tk in INT_TYPES or tv in INT_TYPES)
     for c in prange(threads):
         lo, hi = _share(H * D, c, threads)
         _rows(tq, wq, xa, q, lo, hi)
@@ -311,7 +318,7 @@ def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, ep
                     att[b, qo + d] /= total
 
     y = np.empty((B, wo.shape[0]), np.float32)
-    atta = quantize_rows(att, B == 1 and to in INT_TYPES)
+    atta = rows_input(att, to in INT_TYPES)
     for c in prange(threads):
         lo, hi = _share(wo.shape[0], c, threads)
         _rows(to, wo, atta, y, lo, hi)
@@ -331,7 +338,7 @@ def mlp_step(x, tg, wg, tu, wu, td, wd, threads):
     N, I = x.shape[0], wg.shape[0]
     act = np.empty((N, I), np.float32)
     up = np.empty((N if N >= 2 else 0, I), np.float32)
-    xa = quantize_rows(x, N == 1 and (tg in INT_TYPES or tu in INT_TYPES))
+    xa = rows_input(x, tg in INT_TYPES or tu in INT_TYPES)
     for c in prange(threads):
         lo, hi = _share(I, c, threads)
         if N >= 2:  # decoded tiles, as `_rows`
@@ -351,7 +358,7 @@ def mlp_step(x, tg, wg, tu, wu, td, wd, threads):
             act[0, r0] = g0 / (np.float32(1) + np.exp(-g0)) * u0
             act[0, r1] = g1 / (np.float32(1) + np.exp(-g1)) * u1
     y = np.empty((N, wd.shape[0]), np.float32)
-    acta = quantize_rows(act, N == 1 and td in INT_TYPES)
+    acta = rows_input(act, td in INT_TYPES)
     for c in prange(threads):
         lo, hi = _share(wd.shape[0], c, threads)
         _rows(td, wd, acta, y, lo, hi)

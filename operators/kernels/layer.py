@@ -14,8 +14,8 @@ shared = None, or Qwen2-MoE's shared expert and its gate: (tg, wg, tu, wu, td, w
 import numba
 import numpy as np
 
-from .decode import _rows, attention_step, mlp_step, rms_norm
-from .formats import FASTMATH, INT_TYPES, quantize_rows
+from .decode import _rows, attention_step, mlp_step, rms_norm, rows_input
+from .formats import FASTMATH, INT_TYPES
 from .moe import _moe_fused
 
 
@@ -75,7 +75,7 @@ def softmax_topk(logits, k, normalize):
 @numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
 def _router(x, tr, wr, top_k, normalize):
     logits = np.empty((x.shape[0], wr.shape[0]), np.float32)
-    _rows(tr, wr, quantize_rows(x, x.shape[0] == 1 and tr in INT_TYPES), logits, 0, wr.shape[0])
+    _rows(tr, wr, rows_input(x, tr in INT_TYPES), logits, 0, wr.shape[0])
     return softmax_topk(logits, top_k, normalize)
 
 
@@ -99,7 +99,7 @@ def _add_shared_expert(h, shared, out, threads):
     tg, wg, tu, wu, td, wd, tsg, wsg = shared
     y = mlp_step(h, tg, wg, tu, wu, td, wd, threads)
     gate = np.empty((h.shape[0], 1), np.float32)
-    _rows(tsg, wsg, quantize_rows(h, h.shape[0] == 1 and tsg in INT_TYPES), gate, 0, 1)
+    _rows(tsg, wsg, rows_input(h, tsg in INT_TYPES), gate, 0, 1)
     for b in range(h.shape[0]):
         g = np.float32(1) / (np.float32(1) + np.exp(-gate[b, 0]))
         for i in range(h.shape[1]):
