@@ -14,7 +14,7 @@ from numba import prange, types
 from numba.extending import intrinsic, overload
 
 from .batch import ROWS, tile_rows
-from .formats import FASTMATH, INT_TYPES, _h2f, _stack_f32, dot2, dot2x, far_pair, quantize_rows
+from .formats import FASTMATH, INT_TYPES, _h2f, _stack_f32, gemv_rows, quantize_rows
 
 
 @intrinsic
@@ -52,35 +52,17 @@ def _store_impl(a, i, value):
     return store
 
 
-@numba.njit(nogil=True, fastmath=FASTMATH)
-def _rows_int(t, w, xa, y, lo, hi):
-    """`_rows` for formats in INT_TYPES."""
-    half = (hi - lo + 1) // 2
-    for i in range(half):
-        r0, r1 = far_pair(lo, hi, half, i)
-        for b in range(xa[0].shape[0]):
-            y[b, r0], y[b, r1] = dot2x(t, w[r0], w[r1], xa, b)
-
-
 @numba.njit(inline="always", fastmath=FASTMATH)
 def _rows(t, w, xa, y, lo, hi):
     """y[b, r] = w[r] . x[b] for rows lo..hi-1 and every token b; xa: the tokens x as
-    `quantize_rows` gives them. One token: far row pairs, as `_gemv`; formats in INT_TYPES
-    take the int16 path in a function of its own (inlined four times, it ran 20% slower
-    than the float path in attention_step), the others stay inline (a call cost SmolLM2's
-    Q4_1 decode 10%). Two or more: rows decoded once into L1 tiles for all tokens (a
-    per-token dot decodes every row B times: a batch-8 MoE attention took 6.7x batch 1)."""
+    `quantize_rows` gives them. One token: `gemv_rows`, as `_gemv`. Two or more: rows
+    decoded once into L1 tiles for all tokens (a per-token dot decodes every row B times:
+    a batch-8 MoE attention took 6.7x batch 1)."""
     x = xa[0]
     if x.shape[0] >= 2:
         tile_rows(t, w, x, y, lo, hi, 0, x.shape[0], np.empty((ROWS, x.shape[1]), np.float32))
-        return
-    if t in INT_TYPES:
-        _rows_int(t, w, xa, y, lo, hi)
-        return
-    half = (hi - lo + 1) // 2
-    for i in range(half):
-        r0, r1 = far_pair(lo, hi, half, i)
-        y[0, r0], y[0, r1] = dot2(t, w[r0], w[r1], x[0])
+    else:
+        gemv_rows(t, w, xa, 0, lo, hi, y[0])
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
@@ -337,26 +319,17 @@ def mlp_step(x, tg, wg, tu, wu, td, wd, threads):
     """
     N, I = x.shape[0], wg.shape[0]
     act = np.empty((N, I), np.float32)
-    up = np.empty((N if N >= 2 else 0, I), np.float32)
+    up = np.empty((N, I), np.float32)
     xa = rows_input(x, tg in INT_TYPES or tu in INT_TYPES)
     for c in prange(threads):
         lo, hi = _share(I, c, threads)
-        if N >= 2:  # decoded tiles, as `_rows`
-            tile = np.empty((ROWS, x.shape[1]), np.float32)
-            tile_rows(tg, wg, x, act, lo, hi, 0, N, tile)
-            tile_rows(tu, wu, x, up, lo, hi, 0, N, tile)
-            for n in range(N):
-                for r in range(lo, hi):
-                    g = act[n, r]
-                    act[n, r] = g / (np.float32(1) + np.exp(-g)) * up[n, r]
-            continue
-        half = (hi - lo + 1) // 2
-        for i in range(half):
-            r0, r1 = far_pair(lo, hi, half, i)
-            g0, g1 = dot2x(tg, wg[r0], wg[r1], xa, 0)
-            u0, u1 = dot2x(tu, wu[r0], wu[r1], xa, 0)
-            act[0, r0] = g0 / (np.float32(1) + np.exp(-g0)) * u0
-            act[0, r1] = g1 / (np.float32(1) + np.exp(-g1)) * u1
+        # gate's rows, then the same rows of up (as `_rows`: GEMVs, or decoded tiles)
+        _rows(tg, wg, xa, act, lo, hi)
+        _rows(tu, wu, xa, up, lo, hi)
+        for n in range(N):
+            for r in range(lo, hi):
+                g = act[n, r]
+                act[n, r] = g / (np.float32(1) + np.exp(-g)) * up[n, r]
     y = np.empty((N, wd.shape[0]), np.float32)
     acta = rows_input(act, td in INT_TYPES)
     for c in prange(threads):

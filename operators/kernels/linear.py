@@ -10,7 +10,7 @@ import torch
 from numba import prange
 
 from .batch import decode_row, matmul_small
-from .formats import FASTMATH, INT_TYPES, as_blocks, dot2x, far_pair, quantize_rows
+from .formats import FASTMATH, INT_TYPES, as_blocks, gemv_rows, quantize_rows
 
 # Up to this many tokens, decode each group of 4 weight rows once into L1 and multiply it
 # there with every token (batch.py); above, decode a tile of rows and hand it to BLAS.
@@ -45,10 +45,7 @@ def _gemv(t, w, x, y, chunks):
     for c in prange(chunks):
         lo = c * rows // chunks
         hi = (c + 1) * rows // chunks
-        half = (hi - lo + 1) // 2
-        for i in range(half):
-            r0, r1 = far_pair(lo, hi, half, i)
-            y[r0], y[r1] = dot2x(t, w[r0], w[r1], xa, 0)
+        gemv_rows(t, w, xa, 0, lo, hi, y)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)

@@ -12,7 +12,7 @@ import numpy as np
 from numba import prange
 
 from .batch import ROWS, decode_tile, tile_dot
-from .formats import FASTMATH, INT_TYPES, as_blocks, dot2x, far_pair, quantize_rows
+from .formats import FASTMATH, INT_TYPES, as_blocks, gemv_rows, quantize_rows
 from .linear import gemv_chunks, matmul, num_threads
 
 # Up to this many tokens the fused kernel runs (measured 3x faster than going expert by
@@ -62,7 +62,7 @@ def _moe_fused(tg, gate, tu, up, td, down, x, ids, weights, out, chunks):
     hidden = down.shape[1]
     used, first, pairs = _group_by_expert(ids, gate.shape[0])
     h = np.empty((n_tok * k_top, inter), np.float32)
-    xa = quantize_rows(x, tg in INT_TYPES or tu in INT_TYPES)  # the form dot2x takes
+    xa = quantize_rows(x, tg in INT_TYPES or tu in INT_TYPES)  # the form gemv_rows takes
 
     # silu(gate @ x) * (up @ x) for every (expert, chunk of rows) in use. A task reads its
     # rows of gate, then the same rows of up: interleaving gate and up row by row halved
@@ -77,16 +77,11 @@ def _moe_fused(tg, gate, tu, up, td, down, x, ids, weights, out, chunks):
         if j1 - j0 == 1:
             p = pairs[j0]
             n = p // k_top
-            half = (hi - lo + 1) // 2
-            for i in range(half):
-                r0, r1 = far_pair(lo, hi, half, i)
-                h[p, r0], h[p, r1] = dot2x(tg, gate[e, r0], gate[e, r1], xa, n)
-            for i in range(half):
-                r0, r1 = far_pair(lo, hi, half, i)
-                u0, u1 = dot2x(tu, up[e, r0], up[e, r1], xa, n)
-                g0, g1 = h[p, r0], h[p, r1]
-                h[p, r0] = _silu(g0) * u0
-                h[p, r1] = _silu(g1) * u1
+            u = np.empty(inter, np.float32)
+            gemv_rows(tg, gate[e], xa, n, lo, hi, h[p])
+            gemv_rows(tu, up[e], xa, n, lo, hi, u)
+            for r in range(lo, hi):
+                h[p, r] = _silu(h[p, r]) * u[r]
             continue
         tile = np.empty((ROWS, x.shape[1]), np.float32)
         for r in range(lo, hi, ROWS):
@@ -113,9 +108,9 @@ def _moe_fused(tg, gate, tu, up, td, down, x, ids, weights, out, chunks):
     for c in prange(chunks):
         lo = c * hidden // chunks
         hi = (c + 1) * hidden // chunks
-        half = (hi - lo + 1) // 2
         out[:, lo:hi] = 0
         tile = np.empty((ROWS, inter), np.float32)
+        y = np.empty(hidden, np.float32)
         for g in range(used.size):
             e = used[g]
             j0, j1 = first[g], first[g + 1]
@@ -123,12 +118,9 @@ def _moe_fused(tg, gate, tu, up, td, down, x, ids, weights, out, chunks):
                 p = pairs[j0]
                 n = p // k_top
                 wk = weights[n, p % k_top]
-                for i in range(half):
-                    r0, r1 = far_pair(lo, hi, half, i)
-                    s0, s1 = dot2x(td, down[e, r0], down[e, r1], ha, p)
-                    out[n, r0] += wk * s0
-                    if r1 != r0:
-                        out[n, r1] += wk * s1
+                gemv_rows(td, down[e], ha, p, lo, hi, y)
+                for r in range(lo, hi):
+                    out[n, r] += wk * y[r]
                 continue
             for r in range(lo, hi, ROWS):
                 decode_tile(td, down[e], r, hi, tile)
