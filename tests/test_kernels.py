@@ -129,9 +129,9 @@ def run_moe(types, experts, top_k, tokens, hidden=256, inter=512, seed=0, x=None
     y = kernels.moe_forward(tg, gate, tu, up, td, down, x, ids, weights)
     as_t = lambda t, w: torch.from_numpy(reference(t, w))  # noqa: E731
     proj = {"gate": tg, "up": tu, "down": td}
-    # the fused kernel (up to FUSED_MAX_TOKENS) takes a GEMV for an expert with one (token,
-    # slot) pair, which rounds activations for integer-path formats
-    gemv = (np.bincount(ids[ids >= 0], minlength=experts) == 1) & (tokens <= moe.FUSED_MAX_TOKENS)
+    # the fused kernel (up to FUSED_MAX_TOKENS) takes GEMVs for an expert with up to
+    # GEMV_TOKENS (token, slot) pairs, which round activations for integer-path formats
+    gemv = (np.bincount(ids[ids >= 0], minlength=experts) <= moe.GEMV_TOKENS) & (tokens <= moe.FUSED_MAX_TOKENS)
     see = lambda p, e, v: torch.from_numpy(seen(proj[p], v.numpy())) if gemv[e] else v  # noqa: E731
     ref = torch_moe(as_t(tg, gate), as_t(tu, up), as_t(td, down), torch.from_numpy(x).double(),
                     torch.from_numpy(ids), torch.from_numpy(weights).double(), see)
