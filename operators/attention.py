@@ -15,19 +15,6 @@ from .linear import CPULinear
 
 KV_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _NONE = torch.empty(0)  # "no bias" / "no norm" for the kernel
-_rope_memo = (None, None)  # (the step's rope tuple, its numpy form): every layer gets the same tuple
-
-
-def _rope_arrays(rope) -> tuple:
-    """(cos, sin) as float32 [B, D] numpy arrays, converted once per step, not once per layer
-    (one reference read and one write, so a second engine thread only costs a conversion)."""
-    global _rope_memo
-    memo = _rope_memo
-    if memo[0] is not rope:
-        cos, sin = rope  # [B, 1, D] at each sequence's position
-        B = cos.shape[0]
-        memo = _rope_memo = (rope, (cos.reshape(B, -1).numpy(), sin.reshape(B, -1).numpy()))
-    return memo[1]
 
 
 class CPUAttention(Operator):
@@ -78,7 +65,7 @@ class CPUAttention(Operator):
         """What `decode.attention_step` takes after `args`, for a decode step of B tokens:
         (cos, sin, k cache, v cache, slots, positions, scale)."""
         cache.check_fits(step)
-        return (*_rope_arrays(rope), *cache.arrays, *step.arrays, self.scale)
+        return (*rope.arrays, *cache.arrays, *step.arrays, self.scale)
 
     def decode_bytes(self, top_k: int) -> int:
         return sum(p.decode_bytes(top_k) for p in (self.q_proj, self.k_proj, self.v_proj, self.o_proj))

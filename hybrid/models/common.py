@@ -100,11 +100,23 @@ class Rotary(nn.Module):
             self.inv_freq, self.scale = rope_frequencies(params, dim, max_positions)
         self.interleaved = interleaved
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor) -> "RopeTables":
         inv = self.inv_freq.to(positions.device)
         freqs = positions[..., None].float() * inv  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos() * self.scale, emb.sin() * self.scale
+        return RopeTables((emb.cos() * self.scale, emb.sin() * self.scale))
+
+
+class RopeTables(tuple):
+    """(cos, sin) [B, T, D] of one step, shared by every layer."""
+
+    @cached_property
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin as float32 [B, T * D] numpy arrays for the CPU kernels (T = 1 in decode),
+        made once per step, not once per layer."""
+        cos, sin = self
+        B = cos.shape[0]
+        return cos.reshape(B, -1).numpy(), sin.reshape(B, -1).numpy()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:

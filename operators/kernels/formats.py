@@ -3,7 +3,8 @@
 A weight row is the GGUF bytes of one output row (`row_bytes = cols // block_elems *
 block_bytes`); float weights are the same row viewed as bytes. Per format, `_acc_<fmt>`
 accumulates one block's weights times x into 32 float32 lanes; `_pair` wraps it in the
-loop over a row pair's blocks and `_rows_of` in the loop over a range of rows (`gemv_rows`). Rows are dequantized by `batch.decode_row` (a vectorized decoder).
+loop over a row pair's blocks and `_rows_of` in the loop over a range of rows
+(`gemv_rows`). Rows are dequantized by `batch.decode_row` (a vectorized decoder).
 
 What makes LLVM vectorize (measured on Q8_0, one core, weights in L2): accumulators and
 decoded blocks live in stack buffers (`_lanes`), which cannot alias the weights and are
@@ -15,8 +16,8 @@ numba's int64 steps were not narrowed back by LLVM there (Q5_K 7 -> 11, Q6_K 9 -
 F32 rows take a plain dot: through the block loop LLVM vectorized across blocks with
 gathers. Which two rows are paired matters for DRAM reads: see `far_pair`.
 
-Formats in INT_TYPES also have an integer path (`gemv_rows` of int16 activations: the GEMV and the fused
-MoE): x is rounded per 32-block to int16 (`quantize_rows`, ~2e-5 relative error), a block is
+Formats in INT_TYPES also have an integer path (`gemv_rows` with int16 activations, for
+the GEMV and the fused MoE): x is rounded per 32-block to int16 (`quantize_rows`, ~2e-5 relative error), a block is
 32 int16 weights (`_Lanes`, a vector written in LLVM IR: LLVM made no vpmaddwd of scalar
 integer loops) and `_madd` takes it with int32 pairwise products, one convert and one FMA
 (one core, weights in DRAM: Q8_0 17 -> 39 GB/s, Q4_K 13 -> 19, Q6_K 16 -> 20, Q4_0 17 -> 18;
@@ -648,14 +649,16 @@ def gemv_rows(t, w, xa, n, lo, hi, y):
     xa: the tokens x as `quantize_rows` gives them (formats in INT_TYPES take the integer
     path, the others the float one); y: float32 [rows]. Rows are dotted in far pairs."""
     x, xq, xs, xsum = xa
-    if t == Q8_0 and xq.shape[1]:
-        _rows_int_q8_0(w, (xq[n], xs[n], xsum[n]), lo, hi, y)
-    elif t == Q4_0 and xq.shape[1]:
-        _rows_int_q4_0(w, (xq[n], xs[n], xsum[n]), lo, hi, y)
-    elif t == Q4_K and xq.shape[1]:
-        _rows_int_q4_k(w, (xq[n], xs[n], xsum[n]), lo, hi, y)
-    elif t == Q6_K and xq.shape[1]:
-        _rows_int_q6_k(w, (xq[n], xs[n], xsum[n]), lo, hi, y)
+    if xq.shape[1] and t in INT_TYPES:
+        xi = (xq[n], xs[n], xsum[n])
+        if t == Q8_0:
+            _rows_int_q8_0(w, xi, lo, hi, y)
+        elif t == Q4_0:
+            _rows_int_q4_0(w, xi, lo, hi, y)
+        elif t == Q4_K:
+            _rows_int_q4_k(w, xi, lo, hi, y)
+        else:
+            _rows_int_q6_k(w, xi, lo, hi, y)
     elif t == Q8_0:
         _rows_q8_0(w, x[n], lo, hi, y)
     elif t == Q4_0:
