@@ -19,3 +19,13 @@ def smollm_path() -> str:
     if not os.path.exists(path):
         pytest.skip(f"{path} is missing")
     return path
+
+
+@pytest.fixture
+def cpu_machine(monkeypatch):
+    """Make the built-in rule choice that of a machine without CUDA, also on one with CUDA:
+    for the tests that check the CPU rule files' operators and numerics. (hybrid.load with
+    no rules picks the GPU file where CUDA is present.)"""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -28,6 +28,9 @@ from .tiny import make_tiny, rel_err
 FAMILIES = ["llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"]
 LENGTHS = [3, 29, 11]  # prompt lengths of the sequences decoded together
 
+# hybrid.load without rules must pick the family's CPU file, also on a machine with CUDA.
+pytestmark = pytest.mark.usefixtures("cpu_machine")
+
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def tiny_dir(request, tmp_path_factory):
@@ -36,9 +39,11 @@ def tiny_dir(request, tmp_path_factory):
     return directory
 
 
-def decode_logits(model, steps: int = 3) -> list[torch.Tensor]:
+def decode_logits(model, steps: int = 3, follow: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Prefill LENGTHS into slots 0..2 (slot order shuffled against the batch order), then
-    decode `steps` batched steps and one step of sequence 1 alone; logits of every decode call."""
+    decode `steps` batched steps and one step of sequence 1 alone; logits of every decode call.
+    Each step feeds the argmax of the last one's logits, or of `follow`'s (another model's
+    decode_logits) so that a less exact model gets the same tokens as its reference."""
     g = torch.Generator().manual_seed(0)
     slots = [2, 0, 1]
     cache = model.new_cache(3, 64)
@@ -47,7 +52,7 @@ def decode_logits(model, steps: int = 3) -> list[torch.Tensor]:
     out, tokens = [], torch.randint(0, 256, (3, 1), generator=g)
     for i in range(steps):
         out.append(model.forward(tokens, [n + i for n in LENGTHS], slots, cache))
-        tokens = out[-1][:, -1].argmax(-1, keepdim=True)
+        tokens = (out if follow is None else follow)[i][:, -1].argmax(-1, keepdim=True).cpu()
     out.append(model.forward(tokens[1:2], [LENGTHS[1] + steps], slots[1:2], cache))
     return out
 

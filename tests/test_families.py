@@ -9,6 +9,8 @@ from hybrid.convert import write_gguf
 
 from .tiny import TINY, make_tiny, mean_kl, reference_logits, rel_err
 
+pytestmark = pytest.mark.usefixtures("cpu_machine")  # rules=None: the family's CPU file
+
 IDS = [int(i) for i in torch.randint(0, 256, (37,), generator=torch.Generator().manual_seed(1))]
 
 

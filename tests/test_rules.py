@@ -2,6 +2,7 @@
 `hybrid rules` plans."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -127,6 +128,9 @@ def test_every_builtin_file_parses_or_needs_cuda():
         if "gpu" in f.stem and not torch.cuda.is_available():
             with pytest.raises(RuleError, match="no CUDA device"):
                 parse_rules(f)
+        elif "multi-gpu" in f.stem and torch.cuda.device_count() < 2:
+            with pytest.raises(RuleError, match=r"device 'cuda:1' but this machine has 1 CUDA device\(s\)"):
+                parse_rules(f)
         else:
             parse_rules(f)
 
@@ -147,8 +151,9 @@ def test_inject_swaps_in_memory_modules_and_keeps_results():
     torch.testing.assert_close(root(x), want, rtol=1e-5, atol=1e-5)
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "hybrid", *args], capture_output=True, text=True, timeout=300)
+def run_cli(*args, env=None):
+    env = None if env is None else {**os.environ, **env}
+    return subprocess.run([sys.executable, "-m", "hybrid", *args], capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +201,7 @@ def tiny_moe_gguf(tmp_path_factory):
 def test_rules_command_on_a_moe_model(tiny_moe_gguf):
     from hybrid.checkpoint import open_gguf
 
-    r = run_cli("rules", "--model", str(tiny_moe_gguf), "--json")
+    r = run_cli("rules", "--model", str(tiny_moe_gguf), "--json", env={"CUDA_VISIBLE_DEVICES": ""})  # a CPU machine
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["rules_file"].endswith("mixtral-cpu.yaml")

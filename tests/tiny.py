@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 COMMON = dict(
@@ -74,3 +76,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def mean_kl(logits: torch.Tensor, ref: torch.Tensor) -> float:
     lp, lq = ref.log_softmax(-1), logits.log_softmax(-1)
     return (lp.exp() * (lp - lq)).sum(-1).mean().item()
+
+
+def add_byte_tokenizer(directory) -> None:
+    """Give a tiny model (vocabulary 256) a tokenizer: byte-level BPE with one token per
+    byte and no merges, so that the generation engine and the server can run it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(Path(directory) / "tokenizer.json"))
