@@ -6,7 +6,8 @@ import torch
 
 import hybrid
 
-from .tiny import make_tiny, reference_logits, rel_err
+from .test_decode_operators import decode_logits
+from .tiny import add_byte_tokenizer, make_tiny, reference_logits, rel_err
 
 pytestmark = [
     pytest.mark.cuda,
@@ -77,3 +78,52 @@ def test_experts_prefill_on_gpu_decode_on_cpu(tiny, monkeypatch):
     decode = [m.forward(torch.tensor([[t]]), [20 + i], [0], cache)[0, -1] for i, t in enumerate(IDS[20:])]
     assert devices == []
     assert rel_err(torch.cat([prefill, torch.stack(decode)]).cpu(), ref) < 1e-3
+
+
+def test_default_rules_on_a_cuda_machine_are_the_gpu_file(tiny):
+    d, _, family = tiny
+    m = hybrid.load(d)
+    assert m.ruleset.source.endswith(f"{family}-gpu.yaml")
+    assert m.module.model.layers[0].self_attn.o_proj.weight.device.type == "cuda"
+
+
+def test_batched_decode_on_the_gpu_file_matches_torch(tiny):
+    """Sequences of different lengths in shuffled slots, decoded together (the server's
+    path) under the GPU default (bfloat16 on the GPU, experts on the CPU)."""
+    d, _, _ = tiny
+    ref = decode_logits(hybrid.load(d, rules="torch-cpu"))
+    got = decode_logits(hybrid.load(d), follow=ref)
+    for r, g in zip(ref, got):
+        assert rel_err(g.float().cpu(), r) < 5e-2
+
+
+def test_engine_on_the_gpu_batches_like_alone(tiny):
+    """Continuous batching with attention on the GPU and experts on the CPU: greedy
+    requests run together give what each gives alone."""
+    from hybrid.engine import Engine
+    from hybrid.sampling import SamplingParams
+
+    d, _, _ = tiny
+    add_byte_tokenizer(d)
+    m = hybrid.load(d, rules=FP32_HYBRID)
+    eng = Engine(m, slots=4, ctx=128).start()
+    try:
+        prompts = [m.tokenizer.encode(p) for p in ["The quick brown fox", "1, 2, 3,", "h\u00e9llo", "Once upon a time there"]]
+        params = lambda: SamplingParams(temperature=0, max_tokens=12)  # noqa: E731
+        alone = [[e.token for e in eng.submit(p, params()) if e.token is not None] for p in prompts]
+        streams = [eng.submit(p, params()) for p in prompts]
+        together = [[e.token for e in s if e.token is not None] for s in streams]
+    finally:
+        eng.stop()
+    assert all(len(t) == 12 for t in alone)
+    assert together == alone
+
+
+def test_cpu_experts_beside_a_gpu_leave_cores_to_it(tiny):
+    import numba
+
+    d, _, family = tiny
+    experts = lambda m: [mod for name, mod in m.module.named_modules() if name.endswith(".experts")]  # noqa: E731
+    assert {e.threads for e in experts(hybrid.load(d))} == {max(1, numba.config.NUMBA_NUM_THREADS // 2)}
+    assert {e.threads for e in experts(hybrid.load(d, rules=FP32_HYBRID.replace("{class: CPUExperts}", "{class: CPUExperts, kwargs: {threads: 3}}")))} == {3}
+    assert {e.threads for e in experts(hybrid.load(d, rules=f"{family}-cpu")) if hasattr(e, "threads")} <= {None}
