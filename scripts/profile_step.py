@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Time one decode step (`Model.forward`, batch 1) of a model under a rule file, at several
+numba thread counts, and show where it goes: the CPU experts (copies and the numba call,
+timed between synchronisations) and, with --profile, torch's profiler table.
+
+    python scripts/profile_step.py MODEL.gguf --rules mixtral-gpu --threads 15,8 --profile
+
+Used for the "GPU hybrid" figures in docs/performance.md."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numba
+import torch
+
+import hybrid
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--rules", help="rule file or built-in name (default: chosen by family and CUDA)")
+    ap.add_argument("--threads", default="", help="comma-separated numba thread counts (default: all cores)")
+    ap.add_argument("--prompt", type=int, default=100, help="prompt tokens before the timed steps")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's table for 5 steps")
+    a = ap.parse_args()
+
+    m = hybrid.load(a.model, rules=a.rules)
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    cache = m.new_cache(1, a.prompt + 3 * a.steps + 64)
+    m.forward(torch.randint(0, 1000, (1, a.prompt)), [0], [0], cache)
+    token, pos = torch.tensor([[5]]), [a.prompt]
+
+    def timed(n: int) -> float:
+        sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            m.forward(token, pos, [0], cache)
+            pos[0] += 1
+        sync()
+        return (time.perf_counter() - t) / n * 1e3
+
+    experts = [mod for mod in m.module.modules() if type(mod).__name__ == "CPUExperts"]
+    counts = [int(t) for t in a.threads.split(",") if t] or [numba.config.NUMBA_NUM_THREADS]
+    for th in counts:
+        for e in experts:  # the operators' own setting wins over numba's thread-local one
+            e.threads = th
+        numba.set_num_threads(min(th, numba.config.NUMBA_NUM_THREADS))
+        timed(3)
+        print(f"threads {th}: {timed(a.steps):.2f} ms/step", flush=True)
+
+    spent, calls = [0.0], [0]
+
+    def before(mod, args):
+        sync()
+        mod._t0 = time.perf_counter()
+
+    def after(mod, args, out):
+        sync()
+        spent[0] += time.perf_counter() - mod._t0
+        calls[0] += 1
+
+    hooks = [h for e in experts for h in (e.register_forward_pre_hook(before), e.register_forward_hook(after))]
+    total = timed(a.steps)
+    where = f"of which CPU experts {spent[0] / a.steps * 1e3:.2f}" if calls[0] else "CPU experts not called (fused into CPUDecoderLayer)"
+    print(f"with synchronising hooks: {total:.2f} ms/step, {where}")
+    for h in hooks:
+        h.remove()
+
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            timed(5)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+
+if __name__ == "__main__":
+    main()
