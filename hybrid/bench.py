@@ -3,7 +3,6 @@ memory bandwidth measured in the same run (the roofline a decode step cannot bea
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np

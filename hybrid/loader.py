@@ -19,6 +19,7 @@ from . import rules as rules_mod
 from .checkpoint import (
     CheckpointError,
     Source,
+    TensorRef,
     find_source,
     gguf_config,
     gguf_tensors,
@@ -98,7 +99,7 @@ class _Tensors:
         if tied and "lm_head.weight" not in refs and "model.embed_tokens.weight" in refs:
             self.refs = dict(refs, **{"lm_head.weight": refs["model.embed_tokens.weight"]})
 
-    def get(self, name: str, shape) -> "TensorRef":  # noqa: F821
+    def get(self, name: str, shape) -> TensorRef:
         ref = self.refs.get(name)
         if ref is None:
             raise CheckpointError(f"tensor {name} is missing from the checkpoint")
