@@ -364,3 +364,12 @@ class Block(nn.Module):
     def forward(self, x, rope, step, cache):
         x = x + self.self_attn(self.input_layernorm(x), rope, step, cache)
         return x + self._modules[self.ffn_name](self.post_attention_layernorm(x))
+
+
+def routed_gguf_names(moe: str) -> dict[str, str]:
+    """GGUF names of a sparse MoE's router and stacked routed experts under module path
+    `moe` (with an {i} for the layer), as llama.cpp writes them for every MoE family."""
+    names = {f"{moe}.gate.weight": "blk.{i}.ffn_gate_inp.weight"}
+    for proj in ("gate", "up", "down"):
+        names[f"{moe}.experts.{proj}_proj"] = f"blk.{{i}}.ffn_{proj}_exps.weight"
+    return names

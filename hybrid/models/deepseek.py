@@ -17,6 +17,7 @@ from torch import nn
 
 from .common import (
     MLP, BaseConfig, Block, CausalLM, Experts, RMSNorm, Rotary, _yarn_mscale, apply_rope, attend, rope_parameters,
+    routed_gguf_names,
 )
 
 
@@ -215,11 +216,8 @@ GGUF_NAMES = {
     f"{_MLP}.gate_proj.weight": "blk.{i}.ffn_gate.weight",
     f"{_MLP}.up_proj.weight": "blk.{i}.ffn_up.weight",
     f"{_MLP}.down_proj.weight": "blk.{i}.ffn_down.weight",
-    f"{_MLP}.gate.weight": "blk.{i}.ffn_gate_inp.weight",
+    **routed_gguf_names(_MLP),
     f"{_MLP}.gate.e_score_correction_bias": "blk.{i}.exp_probs_b.bias",
-    f"{_MLP}.experts.gate_proj": "blk.{i}.ffn_gate_exps.weight",
-    f"{_MLP}.experts.up_proj": "blk.{i}.ffn_up_exps.weight",
-    f"{_MLP}.experts.down_proj": "blk.{i}.ffn_down_exps.weight",
     f"{_MLP}.shared_experts.gate_proj.weight": "blk.{i}.ffn_gate_shexp.weight",
     f"{_MLP}.shared_experts.up_proj.weight": "blk.{i}.ffn_up_shexp.weight",
     f"{_MLP}.shared_experts.down_proj.weight": "blk.{i}.ffn_down_shexp.weight",

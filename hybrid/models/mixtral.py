@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import llama
-from .common import Block, CausalLM, Experts
+from .common import Block, CausalLM, Experts, routed_gguf_names
 
 
 @dataclass
@@ -54,10 +54,7 @@ _MOE = "model.layers.{i}.block_sparse_moe"
 # Hugging Face name -> llama.cpp GGUF name (llama.cpp calls Mixtral "llama").
 GGUF_NAMES = {
     **llama.GGUF_NAMES,
-    f"{_MOE}.gate.weight": "blk.{i}.ffn_gate_inp.weight",
-    f"{_MOE}.experts.gate_proj": "blk.{i}.ffn_gate_exps.weight",
-    f"{_MOE}.experts.up_proj": "blk.{i}.ffn_up_exps.weight",
-    f"{_MOE}.experts.down_proj": "blk.{i}.ffn_down_exps.weight",
+    **routed_gguf_names(_MOE),
 }
 
 GGUF_PERMUTED = llama.GGUF_PERMUTED

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import llama, mixtral
-from .common import MLP, Block, CausalLM
+from .common import MLP, Block, CausalLM, routed_gguf_names
 
 
 @dataclass
@@ -66,10 +66,7 @@ _MOE = "model.layers.{i}.mlp"
 
 GGUF_NAMES = {
     **llama.GGUF_NAMES,
-    f"{_MOE}.gate.weight": "blk.{i}.ffn_gate_inp.weight",
-    f"{_MOE}.experts.gate_proj": "blk.{i}.ffn_gate_exps.weight",
-    f"{_MOE}.experts.up_proj": "blk.{i}.ffn_up_exps.weight",
-    f"{_MOE}.experts.down_proj": "blk.{i}.ffn_down_exps.weight",
+    **routed_gguf_names(_MOE),
     f"{_MOE}.shared_expert.gate_proj.weight": "blk.{i}.ffn_gate_shexp.weight",
     f"{_MOE}.shared_expert.up_proj.weight": "blk.{i}.ffn_up_shexp.weight",
     f"{_MOE}.shared_expert.down_proj.weight": "blk.{i}.ffn_down_shexp.weight",
