@@ -15,7 +15,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from hybrid.chat_template import render
 
 # GGUF / SentencePiece token types (the two use the same numbers).
