@@ -23,7 +23,7 @@ class Model:
             # down several times over.
             torch.set_num_threads(1)
         if any(torch.device(p.device).type == "cuda" for p in self.placements):
-            _leave_cores_to_the_gpu_thread(module)
+            _prepare_for_the_gpu(module)
 
     def placement(self, path: str) -> tuple[torch.device, torch.dtype]:
         """(device, dtype) the rules gave the module at `path` (or its nearest placed ancestor)."""
@@ -83,15 +83,20 @@ class Model:
         return chat(self, messages, stream, params, **kw)
 
 
-def _leave_cores_to_the_gpu_thread(module) -> None:
-    """CPU experts beside a GPU get half the cores unless their rule sets `threads`: the
-    thread that launches the GPU work needs a core of its own. On a 16-core H100 machine,
-    synthetic MoE step (scripts/make_moe_gguf.py, mixtral-gpu): 8 threads 18.8 ms, 15
-    threads 23.1 ms (95 ms against 28 ms at 16 and 8 before cuDNN attention was left out)."""
+def _prepare_for_the_gpu(module) -> None:
+    """For a model with modules on a GPU (measured on a 16-core H100 machine, synthetic MoE
+    of scripts/make_moe_gguf.py under mixtral-gpu, docs/performance.md "GPU hybrid"):
+
+    - attention leaves cuDNN out (as torch.set_num_threads above, for the whole process):
+      cuDNN builds an execution plan for every new key length, i.e. at every decode step,
+      3.9 ms of CPU time a call; flash or memory-efficient attention take 60 us;
+    - CPU experts get half the cores unless their rule sets `threads`: the thread that
+      launches the GPU work needs a core of its own (8 threads 18.8 ms a step, 15: 23.1)."""
     import numba
 
     from operators import CPUExperts
 
+    torch.backends.cuda.enable_cudnn_sdp(False)
     half = max(1, numba.config.NUMBA_NUM_THREADS // 2)
     for m in module.modules():
         if isinstance(m, CPUExperts) and m.threads is None:

@@ -32,7 +32,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     cache = m.new_cache(1, a.prompt + 3 * a.steps + 64)
-    m.forward(torch.randint(0, 1000, (1, a.prompt)), [0], [0], cache)
+    m.forward(torch.randint(0, m.config.vocab_size, (1, a.prompt)), [0], [0], cache)
     token, pos = torch.tensor([[5]]), [a.prompt]
 
     def timed(n: int) -> float:

@@ -85,6 +85,7 @@ def test_default_rules_on_a_cuda_machine_are_the_gpu_file(tiny):
     m = hybrid.load(d)
     assert m.ruleset.source.endswith(f"{family}-gpu.yaml")
     assert m.module.model.layers[0].self_attn.o_proj.weight.device.type == "cuda"
+    assert not torch.backends.cuda.cudnn_sdp_enabled()  # it plans anew at every decode step
 
 
 def test_batched_decode_on_the_gpu_file_matches_torch(tiny):
@@ -126,4 +127,4 @@ def test_cpu_experts_beside_a_gpu_leave_cores_to_it(tiny):
     experts = lambda m: [mod for name, mod in m.module.named_modules() if name.endswith(".experts")]  # noqa: E731
     assert {e.threads for e in experts(hybrid.load(d))} == {max(1, numba.config.NUMBA_NUM_THREADS // 2)}
     assert {e.threads for e in experts(hybrid.load(d, rules=FP32_HYBRID.replace("{class: CPUExperts}", "{class: CPUExperts, kwargs: {threads: 3}}")))} == {3}
-    assert {e.threads for e in experts(hybrid.load(d, rules=f"{family}-cpu")) if hasattr(e, "threads")} <= {None}
+    assert {e.threads for e in experts(hybrid.load(d, rules=f"{family}-cpu"))} == {None}

@@ -299,3 +299,21 @@ def test_prefill_device_cuda_on_cpu_machine_fails_clearly():
 def test_prefill_device_is_for_operators_only():
     with pytest.raises(RuleError, match=r"unknown key\(s\) \['prefill_device'\] in kwargs of 'default'"):
         parse_rules("rules:\n  - match: {name: a}\n    replace: {class: default, kwargs: {prefill_device: cpu}}\n")
+
+
+def test_a_model_on_a_gpu_prepares_the_process_for_it(tiny_moe_gguf):
+    """What loading a model with modules on CUDA does, checked without a GPU: cuDNN
+    attention off, CPU experts on half the cores unless their rule sets `threads`."""
+    import numba
+
+    from hybrid.model import _prepare_for_the_gpu
+
+    m = hybrid.load(tiny_moe_gguf, rules="mixtral-cpu")
+    experts = [mod for name, mod in m.module.named_modules() if name.endswith(".experts")]
+    experts[0].threads = 3  # as a rule's `threads: 3` would set it
+    try:
+        _prepare_for_the_gpu(m.module)
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+    assert [e.threads for e in experts] == [3] + [max(1, numba.config.NUMBA_NUM_THREADS // 2)] * (len(experts) - 1)

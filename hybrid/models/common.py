@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -18,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass
@@ -218,16 +216,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, scale:
     """q [B, H, T, D], k/v [B, Hkv, L, D] -> [B, T, H*Dv]."""
     B, H, T, _ = q.shape
     k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may keep a narrower type
-    with sdpa_kernel(_GPU_SDPA) if q.is_cuda else nullcontext():
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=step.mask, scale=scale, enable_gqa=k.shape[1] != H
-        )
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=step.mask, scale=scale, enable_gqa=k.shape[1] != H
+    )
     return out.transpose(1, 2).reshape(B, T, -1)
-
-
-# Not cuDNN: it builds an execution plan for every new key length, i.e. at every decode
-# step (3.9 ms of CPU time a call on an H100, 16 layers of a synthetic MoE: 69 ms a step).
-_GPU_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class Attention(nn.Module):
