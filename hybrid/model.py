@@ -24,6 +24,7 @@ class Model:
             torch.set_num_threads(1)
         if any(torch.device(p.device).type == "cuda" for p in self.placements):
             _prepare_for_the_gpu(module)
+        _stack_decoder_layers(module)
 
     def placement(self, path: str) -> tuple[torch.device, torch.dtype]:
         """(device, dtype) the rules gave the module at `path` (or its nearest placed ancestor)."""
@@ -81,6 +82,15 @@ class Model:
         from .generate import chat
 
         return chat(self, messages, stream, params, **kw)
+
+
+def _stack_decoder_layers(module) -> None:
+    """Decode steps run each run of consecutive `CPUDecoderLayer`s as one call."""
+    from operators.layer import CPUDecoderLayer, DecodeStack
+
+    layers = getattr(getattr(module, "model", None), "layers", None)
+    if hasattr(module, "decode_stack") and any(isinstance(m, CPUDecoderLayer) for m in layers or ()):
+        module.decode_stack = DecodeStack(layers)
 
 
 def _prepare_for_the_gpu(module) -> None:

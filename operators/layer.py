@@ -104,9 +104,25 @@ class CPUDecoderLayer(Operator):
     def decode_bytes(self, top_k: int) -> int:
         return sum(child.decode_bytes(top_k) for child in self.children())
 
+    def stack_args(self, cache) -> tuple:
+        """This layer's entry in a `kernels.layer.dense_stack_step` (MLP) or `moe_stack_step`
+        call that decodes with `cache`."""
+        n1, n2, attn = self.input_layernorm, self.post_attention_layernorm, self.self_attn
+        common = (n1.w, n1.eps, n2.w, n2.eps, attn.args, *cache.arrays, attn.scale)
+        if isinstance(self.ffn, CPUMLP):
+            return (*common, self.ffn_args)
+        ex = self.ffn.experts
+        return (*common, *self.ffn_args, gemv_chunks(min(ex.hidden, ex.intermediate)))
+
+    @staticmethod
+    def takes(x: torch.Tensor) -> bool:
+        """Whether a forward of x runs the decode kernel (else the block's torch code)."""
+        B, T, _ = x.shape
+        return T == 1 and B <= moe.FUSED_MAX_TOKENS and x.device.type == "cpu" and x.dtype == torch.float32
+
     def forward(self, x: torch.Tensor, rope, step, cache) -> torch.Tensor:
         B, T, C = x.shape
-        if T > 1 or B > moe.FUSED_MAX_TOKENS or x.device.type != "cpu" or x.dtype != torch.float32:
+        if not self.takes(x):
             return Block.forward(self, x, rope, step, cache)
         attn, step_args = self.self_attn.args, self.self_attn.step_args(rope, step, cache)
         n1, n2 = self.input_layernorm, self.post_attention_layernorm
@@ -118,3 +134,56 @@ class CPUDecoderLayer(Operator):
             chunks = gemv_chunks(min(ex.hidden, ex.intermediate))
             y = layer.moe_layer_step(xs, n1.w, n1.eps, n2.w, n2.eps, attn, step_args, *self.ffn_args, chunks, threads)
         return torch.from_numpy(y).view(B, T, C)
+
+
+class DecodeStack:
+    """A decode step through a model's layers where each run of consecutive
+    `CPUDecoderLayer`s of one kind (and the same argument types) is one numba call
+    (`kernels.layer.dense_stack_step`, `moe_stack_step`): between per-layer calls a step
+    spent ~20 us a layer in Python (module call, argument tuples, array conversions).
+    Other layers, and layers with forward hooks, run their own forward. The runs are
+    worked out once per list of caches (and again when hooks come or go)."""
+
+    def __init__(self, layers: nn.ModuleList):
+        self.layers = layers
+        self._key: tuple = ()
+        self._plan: list[tuple] = []
+
+    def _make_plan(self, caches, hooked: tuple[int, ...]) -> list[tuple]:
+        """[(kernel or None, layer args, layers, caches, smallest cache)] in layer order: a run
+        of layers for one kernel call, or (None) one layer for its own forward."""
+        plan, last_type = [], None
+        for i, (lay, cache) in enumerate(zip(self.layers, caches)):
+            if not isinstance(lay, CPUDecoderLayer) or i in hooked:
+                plan.append((None, (), [lay], [cache]))
+                last_type = None
+                continue
+            args = lay.stack_args(cache)
+            kernel = layer.dense_stack_step if isinstance(lay.ffn, CPUMLP) else layer.moe_stack_step
+            this_type = (kernel, numba.typeof(args))
+            if this_type != last_type:
+                plan.append((kernel, [], [], []))
+                last_type = this_type
+            for part, item in zip(plan[-1][1:], (args, lay, cache)):
+                part.append(item)
+        # the smallest cache of a run stands for all of them in the check that the step fits
+        return [(kernel, tuple(args), layers, cs, min(cs, key=lambda c: c.k.shape[2])) for kernel, args, layers, cs in plan]
+
+    def __call__(self, x: torch.Tensor, rope, step, caches) -> torch.Tensor:
+        hooked = tuple(i for i, lay in enumerate(self.layers) if lay._forward_hooks or lay._forward_pre_hooks)
+        if self._key != (caches, hooked):
+            self._plan, self._key = self._make_plan(caches, hooked), (caches, hooked)
+        B, T, C = x.shape
+        threads, xs = numba.get_num_threads(), None  # xs: x as numpy between kernel calls
+        for kernel, args, layers, cs, smallest in self._plan:
+            if kernel is not None and xs is None and CPUDecoderLayer.takes(x):
+                xs = x.reshape(B, C).contiguous().numpy()
+            if kernel is not None and xs is not None:
+                smallest.check_fits(step)
+                xs = kernel(xs, args, *rope.arrays, *step.arrays, threads)
+                continue
+            if xs is not None:
+                x, xs = torch.from_numpy(xs).view(B, T, C), None
+            for lay, cache in zip(layers, cs):
+                x = lay(x, rope, step, cache)
+        return x if xs is None else torch.from_numpy(xs).view(B, T, C)

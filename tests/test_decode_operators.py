@@ -18,6 +18,8 @@ from hybrid.models.common import MLP, Attention, KVCache, RMSNorm, Rotary, Step
 from hybrid.rules import RuleError, parse_rules
 from operators import CPUAttention, CPUDecoderLayer, CPUMLP, CPURMSNorm
 from operators.kernels import decode
+from operators.kernels import layer as layer_kernels
+from operators.layer import DecodeStack
 from operators.kernels.formats import as_blocks
 from operators.kernels.linear import dequantize
 
@@ -248,3 +250,57 @@ def test_whole_layers_read_what_the_modules_read(family, tmp_path):
     assert decode_bytes_per_token(fused) == decode_bytes_per_token(modules)
     for a, b in zip(decode_logits(fused), decode_logits(modules)):
         assert rel_err(a, b) < 1e-5
+
+
+def _count_calls(monkeypatch, owner, name: str) -> list:
+    """Wraps owner.name to record the shape of its first argument per call."""
+    calls, real = [], getattr(owner, name)
+
+    def counted(*args, **kw):
+        calls.append(tuple(getattr(args[1] if owner is CPUDecoderLayer else args[0], "shape", ())))
+        return real(*args, **kw)
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_decode_steps_run_the_layers_as_one_call(tiny_dir, monkeypatch):
+    """A decode step goes through `DecodeStack`: one kernel call for all the layers, no
+    per-layer forward, and bitwise the logits of the per-layer calls."""
+    model = hybrid.load(tiny_dir)
+    assert isinstance(model.module.decode_stack, DecodeStack)
+    stack, model.module.decode_stack = model.module.decode_stack, None
+    per_layer = decode_logits(model)
+    model.module.decode_stack = stack
+    kernels = _count_calls(monkeypatch, layer_kernels, "dense_stack_step")
+    moe_kernels = _count_calls(monkeypatch, layer_kernels, "moe_stack_step")
+    forwards = _count_calls(monkeypatch, CPUDecoderLayer, "forward")
+    fused = decode_logits(model)
+    assert all(torch.equal(a, b) for a, b in zip(fused, per_layer))
+    assert len(kernels) + len(moe_kernels) == len(fused)  # one call a step: the layers are one run
+    assert all(shape[1] > 1 for shape in forwards)  # only prefills
+
+
+def test_layers_with_hooks_or_of_another_kind_split_the_runs(tmp_path, monkeypatch):
+    """A Qwen3-MoE with a dense layer between sparse ones, a hook on the last: runs of MoE,
+    dense, then the hooked layer through its own forward (the hook fires at every step);
+    the logits stay those of per-layer calls."""
+    import transformers
+
+    cfg = transformers.Qwen3MoeConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=4,
+                                      num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[2])
+    torch.manual_seed(0)
+    transformers.Qwen3MoeForCausalLM(cfg).eval().save_pretrained(tmp_path)
+    model = hybrid.load(tmp_path)
+    stack, model.module.decode_stack = model.module.decode_stack, None
+    per_layer = decode_logits(model)
+    model.module.decode_stack = stack
+    fired = []
+    model.module.model.layers[3].register_forward_hook(lambda mod, args, out: fired.append(args[0].shape))
+    dense, sparse = (_count_calls(monkeypatch, layer_kernels, k) for k in ("dense_stack_step", "moe_stack_step"))
+    fused = decode_logits(model)
+    assert all(torch.equal(a, b) for a, b in zip(fused, per_layer))
+    steps = len(fused)
+    assert len(sparse) == len(dense) == steps  # layers 0-1 and layer 2; layer 3 alone
+    assert [(kernel is not None, len(layers)) for kernel, _, layers, _, _ in stack._plan] == [(True, 2), (True, 1), (False, 1)]
+    assert sum(shape[1] == 1 for shape in fired) == steps

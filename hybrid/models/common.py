@@ -311,6 +311,9 @@ class CausalLM(nn.Module):
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = self.make_rotary(cfg)
+        # set where the rules placed layers that can decode several at a time in one call
+        # (`operators.layer.DecodeStack`): forward(x, rope, step, caches) -> x
+        self.decode_stack = None
 
     def make_rotary(self, cfg) -> Rotary:
         return Rotary(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
@@ -335,8 +338,11 @@ class CausalLM(nn.Module):
         projection of all of them can cost as much as the layers)."""
         x = self.model.embed_tokens(tokens)
         rope = self.rotary(step.positions.to(x.device))
-        for layer, cache in zip(self.model.layers, caches):
-            x = layer(x, rope, step, cache)
+        if self.decode_stack is not None and tokens.shape[1] == 1:
+            x = self.decode_stack(x, rope, step, caches)
+        else:
+            for layer, cache in zip(self.model.layers, caches):
+                x = layer(x, rope, step, cache)
         if keep is not None:
             x = x[torch.arange(x.shape[0], device=x.device), torch.as_tensor(keep, device=x.device)][:, None]
         return self.lm_head(self.model.norm(x)).float()

@@ -94,6 +94,28 @@ def moe_layer_step(x, n1, eps1, n2, eps2, attn, step, router, experts, shared, m
     return x + out
 
 
+@numba.njit(nogil=True, cache=True)
+def dense_stack_step(x, layers, cos, sin, slots, pos, threads):
+    """`dense_layer_step` through consecutive layers in one call: layers is a tuple of
+    (n1, eps1, n2, eps2, attn, k cache, v cache, scale, mlp), one per layer, all of one
+    type; the rope tables and the step's slots and positions are shared by all of them."""
+    for i in range(len(layers)):
+        n1, eps1, n2, eps2, attn, kc, vc, scale, mlp = layers[i]
+        x = dense_layer_step(x, n1, eps1, n2, eps2, attn, (cos, sin, kc, vc, slots, pos, scale), mlp, threads)
+    return x
+
+
+@numba.njit(nogil=True, cache=True)
+def moe_stack_step(x, layers, cos, sin, slots, pos, threads):
+    """As `dense_stack_step` for MoE layers: (n1, eps1, n2, eps2, attn, k cache, v cache,
+    scale, router, experts, shared, moe_chunks) each."""
+    for i in range(len(layers)):
+        n1, eps1, n2, eps2, attn, kc, vc, scale, router, experts, shared, chunks = layers[i]
+        step = (cos, sin, kc, vc, slots, pos, scale)
+        x = moe_layer_step(x, n1, eps1, n2, eps2, attn, step, router, experts, shared, chunks, threads)
+    return x
+
+
 @numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
 def _add_shared_expert(h, shared, out, threads):
     tg, wg, tu, wu, td, wd, tsg, wsg = shared
