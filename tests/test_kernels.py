@@ -9,7 +9,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from operators import kernels
-from operators.kernels import moe
+from operators.kernels import formats, moe
 from operators.kernels.formats import INT_TYPES, quantize_rows
 from operators.quantize import QUANTIZABLE, RELATIVE_RMS_ERROR, quantize
 
@@ -59,7 +59,7 @@ def seen(qtype, x):
     x = np.asarray(x, dtype=np.float32)
     if int(qtype) not in INT_TYPES:
         return x.astype(np.float64)
-    _, xq, xs, _ = quantize_rows(np.ascontiguousarray(x.reshape(-1, x.shape[-1])))
+    _, xq, xs, _, _ = quantize_rows(np.ascontiguousarray(x.reshape(-1, x.shape[-1])))
     return (xq.reshape(xs.shape[0], -1, 32) * xs[..., None].astype(np.float64)).reshape(x.shape)
 
 
@@ -198,7 +198,10 @@ def test_quantize_rows():
     x[0, :32] = 0
     x[1, 40] = 1e4  # an outlier costs only its own block precision
     x[2, 70], x[2, 5] = np.nan, np.inf
-    _, xq, xs, xsum = quantize_rows(x)
+    _, xq, xs, xsum, xb = quantize_rows(x, True, True)
+    high, low = (xb.reshape(3, 3, 2, 32)[:, :, k].astype(np.int32) for k in (0, 1))
+    np.testing.assert_array_equal(256 * high + low, xq.reshape(3, 3, 32))  # the VNNI path's bytes
+    assert xb.shape == (3, 192) and quantize_rows(x, True, False)[4].shape == (3, 0)
     back = xq.reshape(3, 3, 32) * xs[..., None].astype(np.float64)
     blocks = x.reshape(3, 3, 32)
     ok = np.isfinite(blocks).all(-1)
@@ -219,6 +222,25 @@ def test_int_path_shapes(qtype, blocks):
     x = np.random.default_rng(9).standard_normal(cols, dtype=np.float32)
     x[3] = 300
     assert_close(kernels.gemv(qtype, w, x, threads=2), reference(qtype, w) @ seen(qtype, x))
+
+
+@pytest.mark.skipif(not formats.HAS_VNNI, reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda t: t.name)
+def test_vnni_path_is_the_int16_dot(qtype):
+    """Where the CPU has VNNI, Q8_0/Q4_0/Q4_1 rows take vpdpbusd: the same integer dots as the
+    int16 path (Q4_1: the float path over the same rounded x), to float rounding."""
+    cols = cols_for(qtype, 7)
+    w = make_weight(qtype, (9, cols), seed=3)
+    x = np.random.default_rng(4).standard_normal((1, cols), dtype=np.float32)
+    t, blocks, _ = formats.as_blocks(qtype, w)
+    got, other = np.zeros(9, np.float32), np.zeros(9, np.float32)
+    formats.gemv_rows(t, blocks, quantize_rows(x, True, True), 0, 0, 9, got)
+    if qtype == Q.Q4_1:
+        formats.gemv_rows(t, blocks, quantize_rows(seen(qtype, x).astype(np.float32), False), 0, 0, 9, other)
+    else:
+        formats.gemv_rows(t, blocks, quantize_rows(x, True, False), 0, 0, 9, other)
+    assert_close(got, other, rtol=2e-6)
+    assert_close(got, reference(qtype, w) @ seen(qtype, x)[0])
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
