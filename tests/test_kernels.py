@@ -225,11 +225,11 @@ def test_int_path_shapes(qtype, blocks):
 
 
 @pytest.mark.skipif(not formats.HAS_VNNI, reason="this CPU has no AVX-512 VNNI")
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K], ids=lambda t: t.name)
 def test_vnni_path_is_the_int16_dot(qtype):
-    """Where the CPU has VNNI, Q8_0/Q4_0/Q4_1 rows take vpdpbusd: the same integer dots as the
-    int16 path (Q4_1: the float path over the same rounded x), to float rounding."""
-    cols = cols_for(qtype, 7)
+    """Where the CPU has VNNI, Q8_0/Q4_0/Q4_1/Q4_K rows take vpdpbusd: the same integer dots
+    as the int16 path (Q4_1: the float path over the same rounded x), to float rounding."""
+    cols = cols_for(qtype, 3 if qtype == Q.Q4_K else 7)
     w = make_weight(qtype, (9, cols), seed=3)
     x = np.random.default_rng(4).standard_normal((1, cols), dtype=np.float32)
     t, blocks, _ = formats.as_blocks(qtype, w)

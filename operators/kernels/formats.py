@@ -26,7 +26,7 @@ blocks taken in pairs into separate lanes, K-quant scales unpacked as one vector
 the FMAs from memory (`_k_scales`, `_opaque`). Q4_0 is bound by instruction count, about
 13 per block; fewer needs int8 activations or a repacked layout.
 
-Where the CPU has AVX-512 VNNI (`HAS_VNNI`), Q8_0, Q4_0 and Q4_1 take a third path: the
+Where the CPU has AVX-512 VNNI (`HAS_VNNI`), Q8_0, Q4_0, Q4_1 and Q4_K take a third path: the
 int16 x split into two bytes, a block as two vpdpbusd (`_dot_split`), see "VNNI path" below.
 """
 
@@ -519,13 +519,14 @@ def _int_q6_k(row, v, o, xq, xs, xsum, b, a, ao):
 
 
 # --- VNNI path: 8-bit products into int32 (vpdpbusd), int16 precision kept ---------------
-# Where the CPU has AVX-512 VNNI, Q4_0, Q4_1 and Q8_0 rows take vpdpbusd: 32 products of
+# Where the CPU has AVX-512 VNNI, Q4_0, Q4_1, Q4_K and Q8_0 rows take vpdpbusd: 32 products of
 # unsigned bytes (the weights: 4-bit values as they are, 8-bit ones plus 128) with signed
 # bytes, summed by fours into 8 int32 lanes, in one instruction. x keeps its int16
 # rounding, split into bytes, x = 256 * xh + xl (`quantize_rows`' xb: per block 32 xh, then
 # 32 xl), so a block is two vpdpbusd and a shift; the weights' offset (-8, -128) or Q4_1's
 # minimum comes back as a multiple of the block's sum of x (xsum). Bitwise the same integer
-# dot as the int16 path; one core, weights in L2, Q4_0 rows 12.7-15.9 -> 19.8-22.5 G weights/s.
+# dot as the int16 path; one core, weights in L2: Q4_0 12.4 -> 17.3, Q4_K 15.1 -> 25.2 G
+# weights/s (docs/performance.md, "Kernels").
 
 _I8x32 = ir.VectorType(ir.IntType(8), 32)
 _I32x8 = ir.VectorType(ir.IntType(32), 8)
@@ -584,6 +585,22 @@ def _dot_bytes(typingctx, a, ao, row, o, xb, xo, s):
     return types.none(a, ao, row, o, xb, xo, s), codegen
 
 
+def _dot_half_bytes(shift):
+    @intrinsic
+    def dot(typingctx, a, ao, row, o, xb, xo, s):
+        def codegen(context, builder, sig, args):
+            v = builder.load(_vec_at(context, builder, sig.args[2], args[2], args[3], 32), align=1)
+            w = builder.lshr(v, ir.Constant(_I8x32, [shift] * 32)) if shift else v
+            w = builder.and_(w, ir.Constant(_I8x32, [15] * 32))
+            return _dot_split(context, builder, sig, args, w)
+        return types.none(a, ao, row, o, xb, xo, s), codegen
+    return dot
+
+
+# `_dot_split` of the low or the high nibbles of the 32 bytes at row[o:o + 32] (Q4_K)
+_dot_low4, _dot_high4 = _dot_half_bytes(0), _dot_half_bytes(4)
+
+
 # _vnni_<fmt>(row, o, xb, xs, xsum, b, a, ao): block b (bytes from o) into a[ao:ao + 8];
 # returns the offset or minimum term.
 
@@ -599,6 +616,18 @@ def _vnni_q4_1(row, o, xb, xs, xsum, b, a, ao):
     d = _f16(row, o)
     _dot_nibbles(a, ao, row, o + 4, xb, 64 * b, d * _get(xs, b))
     return _f16(row, o + 2) * _get(xsum, b)
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _vnni_q4_k(row, o, xb, xs, xsum, b, a, ao):
+    buf = _stack_f32(8)
+    mins = _k_scales(row, o, _f16(row, o), xs, xsum, 8 * b, buf)
+    sc = numba.carray(_opaque_f32(buf), (8,))
+    for c in range(4):
+        g = 8 * b + 2 * c
+        _dot_low4(a, 0, row, o + 16 + 32 * c, xb, 64 * g, sc[2 * c])
+        _dot_high4(a, 8, row, o + 16 + 32 * c, xb, 64 * g + 64, sc[2 * c + 1])
+    return -_f16(row, o + 2) * mins
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
@@ -694,6 +723,11 @@ def _pair_vnni(acc, block_bytes):
         c0 = np.float32(0)
         c1 = np.float32(0)
         nb = r0.size // block_bytes
+        if block_bytes > 34:  # K-quants alternate the lanes within a block
+            for b in range(nb):
+                c0 += acc(r0, b * block_bytes, xb, xs, xsum, b, a0, 0)
+                c1 += acc(r1, b * block_bytes, xb, xs, xsum, b, a1, 0)
+            nb = 0
         for b in range(0, nb - 1, 2):
             o = b * block_bytes
             c0 += acc(r0, o, xb, xs, xsum, b, a0, 0)
@@ -784,7 +818,8 @@ _rows_int_q6_k = _rows_of(_pair_int(_int_q6_k, 210, np.int8))
 _rows_vnni_q8_0 = _rows_of(_pair_vnni(_vnni_q8_0, 34))
 _rows_vnni_q4_0 = _rows_of(_pair_vnni(_vnni_q4_0, 18))
 _rows_vnni_q4_1 = _rows_of(_pair_vnni(_vnni_q4_1, 20))
-VNNI_TYPES = (Q8_0, Q4_0, Q4_1) if HAS_VNNI else ()
+_rows_vnni_q4_k = _rows_of(_pair_vnni(_vnni_q4_k, 144))
+VNNI_TYPES = (Q8_0, Q4_0, Q4_1, Q4_K) if HAS_VNNI else ()
 # Formats whose GEMV takes x rounded to integers (`quantize_rows`). Q4_1 only with VNNI: on
 # the int16 path it gained nothing (SmolLM2's step 7.20 vs 7.11 ms).
 INT16_TYPES = (Q8_0, Q4_0, Q4_K, Q6_K)
@@ -804,8 +839,10 @@ def gemv_rows(t, w, xa, n, lo, hi, y):
             _rows_vnni_q8_0(w, xv, lo, hi, y)
         elif t == Q4_0:
             _rows_vnni_q4_0(w, xv, lo, hi, y)
-        else:
+        elif t == Q4_1:
             _rows_vnni_q4_1(w, xv, lo, hi, y)
+        else:
+            _rows_vnni_q4_k(w, xv, lo, hi, y)
     elif xq.shape[1] and t in INT16_TYPES:
         xi = (xq[n], xs[n], xsum[n])
         if t == Q8_0:
