@@ -9,10 +9,10 @@ from gguf import GGMLQuantizationType as Q
 
 from hybrid.engine import prefill_groups
 from operators import kernels
-from operators.kernels import batch, linear, moe
+from operators.kernels import batch, formats, linear, moe
 from operators.kernels.formats import as_blocks
 
-from .test_kernels import FORMATS, MOE_TYPES, assert_close, cols_for, make_weight, reference, run_moe
+from .test_kernels import FORMATS, MOE_TYPES, assert_close, cols_for, make_weight, reference, run_moe, seen
 
 
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
@@ -32,7 +32,9 @@ def test_small_batch_matches_gguf(qtype, tokens):
     """Through `matmul`'s dispatch: 37 rows (a short last group of 4) over 2 threads' chunks."""
     w = make_weight(qtype, (37, cols_for(qtype, 3)))
     x = np.random.default_rng(tokens).standard_normal((tokens, cols_for(qtype, 3)), dtype=np.float32)
-    assert_close(kernels.matmul(qtype, w, x), x @ reference(qtype, w).T)
+    # with VNNI, up to GEMM_TOKENS tokens of MULTI_TYPES take the integer rows (x rounded)
+    rounded = tokens <= formats.GEMM_TOKENS and int(qtype) in formats.MULTI_TYPES
+    assert_close(kernels.matmul(qtype, w, x), (seen(qtype, x) if rounded else x) @ reference(qtype, w).T)
 
 
 @pytest.mark.parametrize("rows,chunks", [(1, 1), (2, 2), (5, 3), (9, 2)])
@@ -63,6 +65,28 @@ def test_rows_do_not_depend_on_the_batch():
     full = kernels.matmul(Q.Q4_K, w, x)
     np.testing.assert_array_equal(kernels.matmul(Q.Q4_K, w, x[[4, 1, 7]]), full[[4, 1, 7]])
     np.testing.assert_array_equal(kernels.matmul(Q.Q4_K, w, x[[2, 2]]), full[[2, 2]])
+
+
+@pytest.mark.skipif(not formats.HAS_VNNI, reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda t: t.name)
+def test_vnni_rows_are_the_gemv_in_any_company(qtype):
+    """With VNNI, a batch of up to GEMM_TOKENS tokens (a batched decode step) gives each
+    token bitwise what its GEMV alone gives, for a matmul and for the fused MoE: a request
+    decodes the same whatever other requests share its steps."""
+    w = make_weight(qtype, (37, 224))
+    x = np.random.default_rng(11).standard_normal((formats.GEMM_TOKENS, 224), dtype=np.float32)
+    alone = np.stack([kernels.gemv(qtype, w, v) for v in x])
+    for pick in ([0, 1], [5, 2, 2], [3, 0, 6, 1, 4], list(range(formats.GEMM_TOKENS))):
+        np.testing.assert_array_equal(kernels.matmul(qtype, w, x[pick]), alone[pick])
+    gate, up = (make_weight(qtype, (3, 64, 224), seed) for seed in (1, 2))
+    down = make_weight(qtype, (3, 224, 64), 3)
+    ids = np.random.default_rng(12).integers(0, 3, (formats.GEMM_TOKENS, 2))
+    ids[:, 1] = (ids[:, 0] + 1) % 3  # two different experts per token: 2-8 tokens an expert
+    weights = np.random.default_rng(13).random(ids.shape, dtype=np.float32)
+    batched = kernels.moe_forward(qtype, gate, qtype, up, qtype, down, x, ids, weights)
+    for n in range(formats.GEMM_TOKENS):
+        one = kernels.moe_forward(qtype, gate, qtype, up, qtype, down, x[n:n + 1], ids[n:n + 1], weights[n:n + 1])
+        np.testing.assert_array_equal(batched[n], one[0])
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])

@@ -79,8 +79,10 @@ def test_matmul(qtype, tokens):
     w = make_weight(qtype, (37, cols_for(qtype)))
     x = np.random.default_rng(1).standard_normal((tokens, cols_for(qtype)), dtype=np.float32)
     y = kernels.matmul(qtype, w, x)
-    # one token takes the GEMV (integer path for some formats), more the float kernels
-    assert_close(y, (seen(qtype, x) if tokens == 1 else x) @ reference(qtype, w).T)
+    # one token takes the GEMV (integer path for some formats), a few with VNNI the integer
+    # rows against several tokens (gemm_rows), more the float kernels
+    rounded = tokens == 1 or (tokens <= formats.GEMM_TOKENS and int(qtype) in formats.MULTI_TYPES)
+    assert_close(y, (seen(qtype, x) if rounded else x) @ reference(qtype, w).T)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.F16, Q.F32], ids=lambda t: t.name)
@@ -130,9 +132,19 @@ def run_moe(types, experts, top_k, tokens, hidden=256, inter=512, seed=0, x=None
     as_t = lambda t, w: torch.from_numpy(reference(t, w))  # noqa: E731
     proj = {"gate": tg, "up": tu, "down": td}
     # the fused kernel (up to FUSED_MAX_TOKENS) takes GEMVs for an expert with up to
-    # GEMV_TOKENS (token, slot) pairs, which round activations for integer-path formats
-    gemv = (np.bincount(ids[ids >= 0], minlength=experts) <= moe.GEMV_TOKENS) & (tokens <= moe.FUSED_MAX_TOKENS)
-    see = lambda p, e, v: torch.from_numpy(seen(proj[p], v.numpy())) if gemv[e] else v  # noqa: E731
+    # GEMV_TOKENS (token, slot) pairs, which round activations for integer-path formats, and
+    # with VNNI gemm_rows (rounded too) up to GEMM_TOKENS pairs where both gate and up (or
+    # down) are in MULTI_TYPES
+    count = np.bincount(ids[ids >= 0], minlength=experts)
+    multi = {"gate": tg in formats.MULTI_TYPES and tu in formats.MULTI_TYPES, "down": td in formats.MULTI_TYPES}
+    multi["up"] = multi["gate"]
+
+    def rounded(p, e):
+        if tokens > moe.FUSED_MAX_TOKENS:
+            return False
+        return count[e] <= moe.GEMV_TOKENS or (multi[p] and count[e] <= formats.GEMM_TOKENS)
+
+    see = lambda p, e, v: torch.from_numpy(seen(proj[p], v.numpy())) if rounded(p, e) else v  # noqa: E731
     ref = torch_moe(as_t(tg, gate), as_t(tu, up), as_t(td, down), torch.from_numpy(x).double(),
                     torch.from_numpy(ids), torch.from_numpy(weights).double(), see)
     return y, ref.numpy(), ids
@@ -241,6 +253,33 @@ def test_vnni_path_is_the_int16_dot(qtype):
         formats.gemv_rows(t, blocks, quantize_rows(x, True, False), 0, 0, 9, other)
     assert_close(got, other, rtol=2e-6)
     assert_close(got, reference(qtype, w) @ seen(qtype, x)[0])
+
+
+@pytest.mark.skipif(not formats.HAS_VNNI, reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("blocks", [1, 2, 7])
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda t: t.name)
+def test_gemm_rows_is_the_gemv_per_token(qtype, blocks):
+    """Rows against several tokens at once (fours, then the rest): each token, picked by
+    ix (repeats and any order) and written to row iy of y, gets its own GEMV's dot; rows
+    outside lo..hi and unlisted rows of y stay as they were; a NaN token spoils only itself."""
+    cols, rows = 32 * blocks, 11
+    t, w, _ = formats.as_blocks(qtype, make_weight(qtype, (rows, cols), seed=blocks))
+    x = np.random.default_rng(blocks).standard_normal((6, cols), dtype=np.float32)
+    x[4, 3] = np.nan
+    xa = quantize_rows(x, True, True)
+    single = np.zeros((6, rows), np.float32)
+    for n in range(6):
+        formats.gemv_rows(t, w, xa, n, 0, rows, single[n])
+    for count in range(1, 10):
+        ix = np.random.default_rng(count).integers(0, 6, count)
+        iy = np.random.default_rng(count).permutation(12)[:count]
+        y = np.full((12, rows), 7.0, np.float32)
+        formats.gemm_rows(t, w, xa, ix, iy, count, 2, rows - 1, y)
+        got, want = y[iy, 2:rows - 1], single[ix, 2:rows - 1]
+        ok = ix != 4
+        np.testing.assert_allclose(got[ok], want[ok], rtol=1e-5, atol=1e-5 * np.abs(single[:4]).max())
+        assert np.isnan(got[~ok]).all()
+        assert (y[iy][:, [0, 1, rows - 1]] == 7).all() and (np.delete(y, iy, axis=0) == 7).all()
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

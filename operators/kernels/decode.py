@@ -14,7 +14,7 @@ from numba import prange, types
 from numba.extending import intrinsic, overload
 
 from .batch import ROWS, tile_rows
-from .formats import FASTMATH, INT_TYPES, _h2f, _stack_f32, gemv_rows, quantize_rows
+from .formats import FASTMATH, GEMM_TOKENS, HAS_VNNI, INT_TYPES, MULTI_TYPES, _h2f, _stack_f32, gemm_rows, gemv_rows, quantize_rows
 
 
 @intrinsic
@@ -55,21 +55,28 @@ def _store_impl(a, i, value):
 @numba.njit(inline="always", fastmath=FASTMATH)
 def _rows(t, w, xa, y, lo, hi):
     """y[b, r] = w[r] . x[b] for rows lo..hi-1 and every token b; xa: the tokens x as
-    `quantize_rows` gives them. One token: `gemv_rows`, as `_gemv`. Two or more: rows
-    decoded once into L1 tiles for all tokens (a per-token dot decodes every row B times:
-    a batch-8 MoE attention took 6.7x batch 1)."""
+    `quantize_rows` gives them. One token: `gemv_rows`, as `_gemv`. Two to GEMM_TOKENS of a
+    format in MULTI_TYPES: `gemm_rows`. Otherwise rows decoded once into L1 tiles for all
+    tokens (a per-token dot decodes every row B times: a batch-8 MoE attention took 6.7x
+    batch 1)."""
     x = xa[0]
-    if x.shape[0] >= 2:
-        tile_rows(t, w, x, y, lo, hi, 0, x.shape[0], np.empty((ROWS, x.shape[1]), np.float32))
-    else:
+    B = x.shape[0]
+    if B == 1:
         gemv_rows(t, w, xa, 0, lo, hi, y[0])
+    elif B <= GEMM_TOKENS and xa[4].shape[1] and t in MULTI_TYPES:
+        tokens = np.arange(B)
+        gemm_rows(t, w, xa, tokens, tokens, B, lo, hi, y)
+    else:
+        tile_rows(t, w, x, y, lo, hi, 0, B, np.empty((ROWS, x.shape[1]), np.float32))
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
 def rows_input(x, int_path):
-    """x as `_rows` takes it: rounded to int16 only for one token of a format on the integer
-    path (`int_path`); two or more tokens go through float tiles."""
-    return quantize_rows(x, x.shape[0] == 1 and int_path)
+    """x as `_rows` takes it: rounded to int16 for a format on the integer path
+    (`int_path`) where `_rows` takes that path, for one token or (VNNI) up to GEMM_TOKENS;
+    more tokens go through float tiles."""
+    B = x.shape[0]
+    return quantize_rows(x, int_path and (B == 1 or (HAS_VNNI and B <= GEMM_TOKENS)))
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)

@@ -40,6 +40,9 @@ from numba.extending import intrinsic, models, register_model
 
 # LLVM may reassociate and contract (needed to vectorize sums), but must keep NaN/Inf.
 FASTMATH = {"contract", "reassoc", "nsz", "arcp", "afn"}
+# The VNNI paths' flags: no reassociation, so a dot's order of operations is the source's
+# and the same in every kernel that computes it (see `_sum16`).
+STRICT = {"contract"}
 
 # Type codes are GGML's own numbers, so a kernel can branch on int(qtype).
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = (
@@ -127,6 +130,18 @@ def _stack_f32(typingctx, n):
     def codegen(context, builder, sig, args):
         return cgutils.alloca_once(builder, ir.FloatType(), size=size)
     return types.CPointer(types.float32)(n), codegen
+
+
+@intrinsic
+def _stack_i64(typingctx, n):
+    """Pointer to an int64[n] on the stack (n a literal)."""
+    if not isinstance(n, types.IntegerLiteral):
+        return None
+    size = ir.Constant(ir.IntType(64), n.literal_value)
+
+    def codegen(context, builder, sig, args):
+        return cgutils.alloca_once(builder, ir.IntType(64), size=size)
+    return types.CPointer(types.int64)(n), codegen
 
 
 @numba.njit(inline="always")
@@ -549,28 +564,84 @@ def _dpbusd(builder, acc, a, b):
     return acc
 
 
-def _dot_split(context, builder, sig, args, w):
+def _split_dot(context, builder, aty, a, ao, w, xbty, xb, xo, s):
     """a[ao:ao + 8] += s * (w . x) for x = 256 * xb[xo:xo + 32] + xb[xo + 32:xo + 64]."""
-    a, ao, _, _, xb, xo, s = args
-    xh = builder.load(_vec_at(context, builder, sig.args[4], xb, xo, 32), align=1)
-    xl = builder.load(_vec_at(context, builder, sig.args[4], xb, builder.add(xo, ir.Constant(xo.type, 32)), 32), align=1)
+    xh = builder.load(_vec_at(context, builder, xbty, xb, xo, 32), align=1)
+    xl = builder.load(_vec_at(context, builder, xbty, xb, builder.add(xo, ir.Constant(xo.type, 32)), 32), align=1)
     t = _dpbusd(builder, ir.Constant(_I32x8, [0] * 8), w, xh)
     t = _dpbusd(builder, builder.shl(t, ir.Constant(_I32x8, [8] * 8)), w, xl)
-    at = _vec_at(context, builder, sig.args[0], a, ao, 8)
-    prod = builder.fmul(builder.sitofp(t, _F32x8), _splat(builder, s, 8), flags=["fast"])
-    builder.store(builder.fadd(builder.load(at, align=4), prod, flags=["fast"]), at, align=4)
+    at = _vec_at(context, builder, aty, a, ao, 8)
+    prod = builder.fmul(builder.sitofp(t, _F32x8), _splat(builder, s, 8), flags=["contract"])
+    builder.store(builder.fadd(builder.load(at, align=4), prod, flags=["contract"]), at, align=4)
     return context.get_dummy_value()
+
+
+def _dot_split(context, builder, sig, args, w):
+    """`_split_dot` for the intrinsics (a, ao, row, o, xb, xo, s) that make w from row[o:]."""
+    a, ao, _, _, xb, xo, s = args
+    return _split_dot(context, builder, sig.args[0], a, ao, w, sig.args[4], xb, xo, s)
+
+
+class _W8Type(types.Type):
+    """32 weights as unsigned bytes, an LLVM <32 x i8> value: one block made ready for
+    vpdpbusd once and dotted with several tokens (`_dot_w`)."""
+
+    def __init__(self):
+        super().__init__(name="W8x32")
+
+
+_W8 = _W8Type()
+
+
+@register_model(_W8Type)
+class _W8Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _I8x32)
+
+
+def _nibble_vector(context, builder, rowty, row, o):
+    i8x16 = ir.VectorType(ir.IntType(8), 16)
+    v = builder.load(_vec_at(context, builder, rowty, row, o, 16), align=1)
+    lo = builder.and_(v, ir.Constant(i8x16, [15] * 16))
+    hi = builder.lshr(v, ir.Constant(i8x16, [4] * 16))
+    return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
+
+
+def _byte_vector(context, builder, rowty, row, o):
+    v = builder.load(_vec_at(context, builder, rowty, row, o, 32), align=1)
+    return builder.xor(v, ir.Constant(_I8x32, [0x80] * 32))
+
+
+@intrinsic
+def _w_nibbles(typingctx, row, o):
+    """The 32 4-bit weights at row[o:o + 16] (low nibbles first, as Q4_0) as a `_W8`."""
+    def codegen(context, builder, sig, args):
+        return _nibble_vector(context, builder, sig.args[0], *args)
+    return _W8(row, o), codegen
+
+
+@intrinsic
+def _w_bytes(typingctx, row, o):
+    """The 32 signed 8-bit weights at row[o:o + 32] plus 128 (as unsigned) as a `_W8`."""
+    def codegen(context, builder, sig, args):
+        return _byte_vector(context, builder, sig.args[0], *args)
+    return _W8(row, o), codegen
+
+
+@intrinsic
+def _dot_w(typingctx, a, ao, w, xb, xo, s):
+    """`_split_dot` of a `_W8` block w with the token bytes at xb[xo:xo + 64]."""
+    def codegen(context, builder, sig, args):
+        a, ao, w, xb, xo, s = args
+        return _split_dot(context, builder, sig.args[0], a, ao, w, sig.args[3], xb, xo, s)
+    return types.none(a, ao, w, xb, xo, s), codegen
 
 
 @intrinsic
 def _dot_nibbles(typingctx, a, ao, row, o, xb, xo, s):
     """`_dot_split` of the 32 4-bit weights at row[o:o + 16] (low nibbles first, as Q4_0)."""
     def codegen(context, builder, sig, args):
-        i8x16 = ir.VectorType(ir.IntType(8), 16)
-        v = builder.load(_vec_at(context, builder, sig.args[2], args[2], args[3], 16), align=1)
-        lo = builder.and_(v, ir.Constant(i8x16, [15] * 16))
-        hi = builder.lshr(v, ir.Constant(i8x16, [4] * 16))
-        w = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
+        w = _nibble_vector(context, builder, sig.args[2], args[2], args[3])
         return _dot_split(context, builder, sig, args, w)
     return types.none(a, ao, row, o, xb, xo, s), codegen
 
@@ -579,8 +650,7 @@ def _dot_nibbles(typingctx, a, ao, row, o, xb, xo, s):
 def _dot_bytes(typingctx, a, ao, row, o, xb, xo, s):
     """`_dot_split` of the 32 signed 8-bit weights at row[o:o + 32] plus 128 (as unsigned)."""
     def codegen(context, builder, sig, args):
-        v = builder.load(_vec_at(context, builder, sig.args[2], args[2], args[3], 32), align=1)
-        w = builder.xor(v, ir.Constant(_I8x32, [0x80] * 32))
+        w = _byte_vector(context, builder, sig.args[2], args[2], args[3])
         return _dot_split(context, builder, sig, args, w)
     return types.none(a, ao, row, o, xb, xo, s), codegen
 
@@ -601,21 +671,44 @@ def _dot_half_bytes(shift):
 _dot_low4, _dot_high4 = _dot_half_bytes(0), _dot_half_bytes(4)
 
 
-# _vnni_<fmt>(row, o, xb, xs, xsum, b, a, ao): block b (bytes from o) into a[ao:ao + 8];
-# returns the offset or minimum term.
+# _blk_<fmt>(row, o): (scale d, the block as a `_W8`, the coefficient m of the block's
+# offset or minimum) of a 32-weight block: w . x = d * xs * (w8 . xq) + OFF * m * xsum, with
+# OFF = -8 (Q4_0), -128 (Q8_0) or 1 (Q4_1, m its minimum) applied once to a row's sum of
+# m * xsum (a power of two: the same as per block, one multiply a block fewer).
+OFF_Q4_0, OFF_Q4_1, OFF_Q8_0 = np.float32(-8), np.float32(1), np.float32(-128)
 
 @numba.njit(inline="always", fastmath=FASTMATH)
-def _vnni_q4_0(row, o, xb, xs, xsum, b, a, ao):
+def _blk_q4_0(row, o):
     d = _f16(row, o)
-    _dot_nibbles(a, ao, row, o + 2, xb, 64 * b, d * _get(xs, b))
-    return np.float32(-8) * d * _get(xsum, b)
+    return d, _w_nibbles(row, o + 2), d
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
-def _vnni_q4_1(row, o, xb, xs, xsum, b, a, ao):
+def _blk_q4_1(row, o):
+    return _f16(row, o), _w_nibbles(row, o + 4), _f16(row, o + 2)
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _blk_q8_0(row, o):
     d = _f16(row, o)
-    _dot_nibbles(a, ao, row, o + 4, xb, 64 * b, d * _get(xs, b))
-    return _f16(row, o + 2) * _get(xsum, b)
+    return d, _w_bytes(row, o + 2), d
+
+
+def _vnni_of(blk):
+    """_vnni_<fmt>(row, o, xb, xs, xsum, b, a, ao): block b (bytes from o) into a[ao:ao + 8];
+    returns the offset or minimum term. The same arithmetic, in the same order, as a
+    token's share of `_dots_vnni`."""
+
+    @numba.njit(inline="always", fastmath=FASTMATH)
+    def block(row, o, xb, xs, xsum, b, a, ao):
+        d, w, m = blk(row, o)
+        _dot_w(a, ao, w, xb, 64 * b, d * _get(xs, b))
+        return m * _get(xsum, b)
+
+    return block
+
+
+_vnni_q4_0, _vnni_q4_1, _vnni_q8_0 = _vnni_of(_blk_q4_0), _vnni_of(_blk_q4_1), _vnni_of(_blk_q8_0)
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
@@ -630,11 +723,27 @@ def _vnni_q4_k(row, o, xb, xs, xsum, b, a, ao):
     return -_f16(row, o + 2) * mins
 
 
-@numba.njit(inline="always", fastmath=FASTMATH)
-def _vnni_q8_0(row, o, xb, xs, xsum, b, a, ao):
-    d = _f16(row, o)
-    _dot_bytes(a, ao, row, o + 2, xb, 64 * b, d * _get(xs, b))
-    return np.float32(-128) * d * _get(xsum, b)
+@intrinsic
+def _sum16(typingctx, a, o, c):
+    """c + the 16 lanes a[o:o + 16] (float32), halved as vectors down to one lane, in a
+    fixed order: the VNNI paths are compiled without reassociation (STRICT), so that a
+    token's dot is bitwise the same from `gemv_rows` and from `gemm_rows` whatever other
+    tokens it comes with."""
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        # as two 8-lane halves, the accesses `_split_dot` makes (a 16-lane load kept the
+        # lanes out of registers: gemm_rows 33 -> 24 G weight-tokens/s)
+        lo = builder.load(_vec_at(context, builder, sig.args[0], args[0], args[1], 8), align=4)
+        hi = builder.load(_vec_at(context, builder, sig.args[0], args[0], builder.add(args[1], ir.Constant(args[1].type, 8)), 8), align=4)
+        v = builder.fadd(lo, hi)
+        n = 8
+        while n > 1:
+            n //= 2
+            lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, n), list(range(n))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, n), list(range(n, 2 * n))))
+            v = builder.fadd(lo, hi)
+        return builder.fadd(args[2], builder.extract_element(v, ir.Constant(i32, 0)))
+    return types.float32(a, o, c), codegen
 
 
 # --- generic loops, specialized per format ---------------------------------------------
@@ -708,7 +817,7 @@ def _pair_int(acc, block_bytes, view):
     return pair_int
 
 
-def _pair_vnni(acc, block_bytes):
+def _pair_vnni(acc, block_bytes, off=np.float32(1)):
     """Two rows on the VNNI path; x: (xb, xs, xsum) of one token as `quantize_rows` gives them.
     Blocks go in pairs into lanes 0-7 and 8-15: two accumulator chains per row."""
 
@@ -738,10 +847,7 @@ def _pair_vnni(acc, block_bytes):
             o = (nb - 1) * block_bytes
             c0 += acc(r0, o, xb, xs, xsum, nb - 1, a0, 0)
             c1 += acc(r1, o, xb, xs, xsum, nb - 1, a1, 0)
-        for j in range(16):
-            c0 += a0[j]
-            c1 += a1[j]
-        return c0, c1
+        return _sum16(a0, 0, off * c0), _sum16(a1, 0, off * c1)
 
     return pair_vnni
 
@@ -787,10 +893,10 @@ def _pair_f32(r0, r1, x):
     return s0, s1
 
 
-def _rows_of(pair):
+def _rows_of(pair, fastmath=FASTMATH):
     """y[r] = w[r] . x for rows lo..hi-1 of w (uint8 [rows, row_bytes]), in far pairs."""
 
-    @numba.njit(nogil=True, fastmath=FASTMATH)
+    @numba.njit(nogil=True, fastmath=fastmath)
     def rows(w, x, lo, hi, y):
         half = (hi - lo + 1) // 2
         for i in range(half):
@@ -815,11 +921,110 @@ _rows_int_q8_0 = _rows_of(_pair_int(_int_q8_0, 34, np.int8))
 _rows_int_q4_0 = _rows_of(_pair_int(_int_q4_0, 18, np.uint8))
 _rows_int_q4_k = _rows_of(_pair_int(_int_q4_k, 144, np.uint8))
 _rows_int_q6_k = _rows_of(_pair_int(_int_q6_k, 210, np.int8))
-_rows_vnni_q8_0 = _rows_of(_pair_vnni(_vnni_q8_0, 34))
-_rows_vnni_q4_0 = _rows_of(_pair_vnni(_vnni_q4_0, 18))
-_rows_vnni_q4_1 = _rows_of(_pair_vnni(_vnni_q4_1, 20))
-_rows_vnni_q4_k = _rows_of(_pair_vnni(_vnni_q4_k, 144))
+_rows_vnni_q8_0 = _rows_of(_pair_vnni(_vnni_q8_0, 34, OFF_Q8_0), STRICT)
+_rows_vnni_q4_0 = _rows_of(_pair_vnni(_vnni_q4_0, 18, OFF_Q4_0), STRICT)
+_rows_vnni_q4_1 = _rows_of(_pair_vnni(_vnni_q4_1, 20, OFF_Q4_1), STRICT)
+_rows_vnni_q4_k = _rows_of(_pair_vnni(_vnni_q4_k, 144), STRICT)
 VNNI_TYPES = (Q8_0, Q4_0, Q4_1, Q4_K) if HAS_VNNI else ()
+
+# --- several tokens per weight row (VNNI) -------------------------------------------------
+# A batch of tokens (a batched decode step, the tokens an expert got) on the GEMV path
+# unpacks every block once per token; here a row's block is unpacked once and dotted with
+# K tokens, rows read once, front to back. A token's lanes and its offset sum run in the
+# same order as `_pair_vnni` (even blocks into lanes 0-7, odd ones into 8-15), so each
+# token gets the GEMV's result, bit for bit.
+
+def _dots_vnni(blk, block_bytes, off, K):
+    """y[iy[j0 + k], r] = w[r] . x[ix[j0 + k]] for k < K (a compile-time count); w: the
+    flattened rows (row r from byte r * nb * block_bytes), xb, xs, xsum: the flattened
+    arrays of `quantize_rows`; nb: blocks per row; a, c: float32 stack scratch of 16 * K
+    and K. Flat arrays and scratch from the caller: a row view or a carray made per call
+    costs a reference-count call each, per row."""
+
+    @numba.njit(inline="always", fastmath=FASTMATH)
+    def dots(w, xb, xs, xsum, nb, ix, j0, y, iy, r, a, c, at):
+        for j in range(16 * K):
+            a[j] = 0
+        for k in range(K):
+            c[k] = 0
+            at[k] = _get(ix, j0 + k) * nb  # token k's first block
+        o = r * nb * block_bytes
+        for b in range(0, nb - 1, 2):
+            d0, w0, m0 = blk(w, o + b * block_bytes)
+            d1, w1, m1 = blk(w, o + (b + 1) * block_bytes)
+            for k in range(K):
+                s = at[k] + b
+                _dot_w(a, 16 * k, w0, xb, 64 * s, d0 * _get(xs, s))
+                c[k] += m0 * _get(xsum, s)
+                _dot_w(a, 16 * k + 8, w1, xb, 64 * s + 64, d1 * _get(xs, s + 1))
+                c[k] += m1 * _get(xsum, s + 1)
+        if nb % 2:
+            b = nb - 1
+            d0, w0, m0 = blk(w, o + b * block_bytes)
+            for k in range(K):
+                s = at[k] + b
+                _dot_w(a, 16 * k, w0, xb, 64 * s, d0 * _get(xs, s))
+                c[k] += m0 * _get(xsum, s)
+        for k in range(K):
+            y[_get(iy, j0 + k), r] = _sum16(a, 16 * k, off * c[k])
+
+    return dots
+
+
+def _gemm_vnni(blk, block_bytes, off):
+    """Rows lo..hi-1, each against `count` tokens: four at a time, the rest (1-3) at once."""
+    dots4 = _dots_vnni(blk, block_bytes, off, 4)
+    dots3 = _dots_vnni(blk, block_bytes, off, 3)
+    dots2 = _dots_vnni(blk, block_bytes, off, 2)
+    dots1 = _dots_vnni(blk, block_bytes, off, 1)
+
+    @numba.njit(inline="always", fastmath=FASTMATH)
+    def rows(w, xb, xs, xsum, ix, count, lo, hi, y, iy):
+        nb = w.shape[1] // block_bytes
+        wf = w.reshape(w.size)
+        a = numba.carray(_stack_f32(64), (64,))
+        c = numba.carray(_stack_f32(4), (4,))
+        at = numba.carray(_stack_i64(4), (4,))
+        rest = count % 4
+        for r in range(lo, hi):
+            for j in range(0, count - rest, 4):
+                dots4(wf, xb, xs, xsum, nb, ix, j, y, iy, r, a, c, at)
+            j = count - rest
+            if rest == 3:
+                dots3(wf, xb, xs, xsum, nb, ix, j, y, iy, r, a, c, at)
+            elif rest == 2:
+                dots2(wf, xb, xs, xsum, nb, ix, j, y, iy, r, a, c, at)
+            elif rest == 1:
+                dots1(wf, xb, xs, xsum, nb, ix, j, y, iy, r, a, c, at)
+
+    return rows
+
+
+_gemm_q8_0 = _gemm_vnni(_blk_q8_0, 34, OFF_Q8_0)
+_gemm_q4_0 = _gemm_vnni(_blk_q4_0, 18, OFF_Q4_0)
+_gemm_q4_1 = _gemm_vnni(_blk_q4_1, 20, OFF_Q4_1)
+# Formats `gemm_rows` takes (the 32-weight blocks of the VNNI path), and up to how many
+# tokens it is used: one core, 512 x 1024 in L2, G weight-tokens/s for 2, 3, 4 tokens,
+# Q8_0: GEMV per token 22, 22, 22, decoded float tiles 14, 15, 21, gemm_rows 25, 28, 31;
+# from about 5 tokens on the float tiles are as fast and gain with every token.
+MULTI_TYPES = (Q8_0, Q4_0, Q4_1) if HAS_VNNI else ()
+GEMM_TOKENS = 8
+
+
+@numba.njit(nogil=True, fastmath=STRICT)
+def gemm_rows(t, w, xa, ix, iy, count, lo, hi, y):
+    """y[iy[j], r] = w[r] . x[ix[j]] for j < count and rows lo..hi-1 of w (type code t in
+    MULTI_TYPES, uint8 [rows, row_bytes]); xa as `quantize_rows` gives it with the split
+    bytes; ix, iy: int64 token and output row indices; y: float32 [*, rows]. Each token
+    gets what `gemv_rows` gives it."""
+    xb, xs, xsum = xa[4], xa[2], xa[3]
+    xbf, xsf, xsumf = xb.reshape(xb.size), xs.reshape(xs.size), xsum.reshape(xsum.size)
+    if t == Q8_0:
+        _gemm_q8_0(w, xbf, xsf, xsumf, ix, count, lo, hi, y, iy)
+    elif t == Q4_0:
+        _gemm_q4_0(w, xbf, xsf, xsumf, ix, count, lo, hi, y, iy)
+    else:
+        _gemm_q4_1(w, xbf, xsf, xsumf, ix, count, lo, hi, y, iy)
 # Formats whose GEMV takes x rounded to integers (`quantize_rows`). Q4_1 only with VNNI: on
 # the int16 path it gained nothing (SmolLM2's step 7.20 vs 7.11 ms).
 INT16_TYPES = (Q8_0, Q4_0, Q4_K, Q6_K)

@@ -1,6 +1,7 @@
-"""y = W @ x on GGUF blocks: GEMV for one token, decoded L1 tiles (batch.py) up to
-SMALL_BATCH tokens, and tile dequantization + BLAS above (weights are read once per batch
-in every case)."""
+"""y = W @ x on GGUF blocks: GEMV for one token, VNNI rows against a few tokens at once
+(`formats.gemm_rows`) up to GEMM_TOKENS, decoded L1 tiles (batch.py) up to SMALL_BATCH
+tokens, and tile dequantization + BLAS above (weights are read once per batch in every
+case)."""
 
 from contextlib import contextmanager
 
@@ -10,7 +11,7 @@ import torch
 from numba import prange
 
 from .batch import decode_row, matmul_small
-from .formats import FASTMATH, INT_TYPES, as_blocks, gemv_rows, quantize_rows
+from .formats import FASTMATH, GEMM_TOKENS, INT_TYPES, MULTI_TYPES, as_blocks, gemm_rows, gemv_rows, quantize_rows
 
 # Up to this many tokens, decode each group of 4 weight rows once into L1 and multiply it
 # there with every token (batch.py); above, decode a tile of rows and hand it to BLAS.
@@ -46,6 +47,19 @@ def _gemv(t, w, x, y, chunks):
         lo = c * rows // chunks
         hi = (c + 1) * rows // chunks
         gemv_rows(t, w, xa, 0, lo, hi, y)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
+def _gemm(t, w, x, y, chunks):
+    """As `_gemv` for 2..GEMM_TOKENS tokens of a format in MULTI_TYPES: x float32 [N, cols],
+    y float32 [N, rows]; each row read once for all tokens (`gemm_rows`)."""
+    rows = w.shape[0]
+    xa = quantize_rows(x, True)
+    tokens = np.arange(x.shape[0])
+    for c in prange(chunks):
+        lo = c * rows // chunks
+        hi = (c + 1) * rows // chunks
+        gemm_rows(t, w, xa, tokens, tokens, x.shape[0], lo, hi, y)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
@@ -115,6 +129,8 @@ def matmul(qtype, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, t
     with num_threads(threads):
         if n == 1:
             _gemv(t, w, x[0], y[0], gemv_chunks(rows))
+        elif n <= GEMM_TOKENS and t in MULTI_TYPES:
+            _gemm(t, w, x, y, gemv_chunks(rows))
         elif n <= SMALL_BATCH:
             matmul_small(t, w, x, y, gemv_chunks(rows))
         else:

@@ -12,7 +12,7 @@ import numpy as np
 from numba import prange
 
 from .batch import ROWS, decode_tile, tile_dot
-from .formats import FASTMATH, INT_TYPES, as_blocks, gemv_rows, quantize_rows
+from .formats import FASTMATH, GEMM_TOKENS, INT_TYPES, MULTI_TYPES, as_blocks, gemm_rows, gemv_rows, quantize_rows
 from .linear import gemv_chunks, matmul, num_threads
 
 # Up to this many tokens the fused kernel runs (measured 3x faster than going expert by
@@ -22,6 +22,8 @@ FUSED_MAX_TOKENS = 2048
 # An expert with up to this many tokens runs a GEMV per token (the integer path, its rows
 # re-read from L2 for the next token); more, a decoded tile. A batch-8 decode step of the
 # synthetic Q8_0 MoE, 1 -> 4: 40-42.5 ms -> 33-35 ms (5-8 tokens measured the same as 4).
+# With VNNI, an expert with 2 to GEMM_TOKENS tokens takes `gemm_rows` instead: each row
+# against all of them, each token's result bitwise its GEMV's.
 GEMV_TOKENS = 4
 
 
@@ -67,6 +69,7 @@ def _moe_fused(tg, gate, tu, up, td, down, x, ids, weights, out, chunks):
     used, first, pairs = _group_by_expert(ids, gate.shape[0])
     h = np.empty((n_tok * k_top, inter), np.float32)
     xa = quantize_rows(x, tg in INT_TYPES or tu in INT_TYPES)  # the form gemv_rows takes
+    multi = xa[4].shape[1] > 0 and tg in MULTI_TYPES and tu in MULTI_TYPES
 
     # silu(gate @ x) * (up @ x) for every (expert, chunk of rows) in use. A task reads its
     # rows of gate, then the same rows of up: interleaving gate and up row by row halved
@@ -79,6 +82,16 @@ def _moe_fused(tg, gate, tu, up, td, down, x, ids, weights, out, chunks):
         lo = (task % chunks) * inter // chunks
         hi = (task % chunks + 1) * inter // chunks
         j0, j1 = first[g], first[g + 1]
+        if 2 <= j1 - j0 <= GEMM_TOKENS and multi:
+            ps = pairs[j0:j1]
+            u = np.empty((j1 - j0, inter), np.float32)
+            gemm_rows(tg, gate[e], xa, ps // k_top, ps, j1 - j0, lo, hi, h)
+            gemm_rows(tu, up[e], xa, ps // k_top, np.arange(j1 - j0), j1 - j0, lo, hi, u)
+            for j in range(j1 - j0):
+                p = ps[j]
+                for r in range(lo, hi):
+                    h[p, r] = _silu(h[p, r]) * u[j, r]
+            continue
         if j1 - j0 <= GEMV_TOKENS:
             u = np.empty(inter, np.float32)
             for j in range(j0, j1):
@@ -111,15 +124,26 @@ def _moe_fused(tg, gate, tu, up, td, down, x, ids, weights, out, chunks):
     # A chunk of out rows is owned by one task (no races while summing over experts) and
     # read expert by expert, as above.
     ha = quantize_rows(h, td in INT_TYPES)
+    multi = ha[4].shape[1] > 0 and td in MULTI_TYPES
     for c in prange(chunks):
         lo = c * hidden // chunks
         hi = (c + 1) * hidden // chunks
         out[:, lo:hi] = 0
         tile = np.empty((ROWS, inter), np.float32)
         y = np.empty(hidden, np.float32)
+        ys = np.empty((GEMM_TOKENS, hidden), np.float32)
         for g in range(used.size):
             e = used[g]
             j0, j1 = first[g], first[g + 1]
+            if 2 <= j1 - j0 <= GEMM_TOKENS and multi:
+                ps = pairs[j0:j1]
+                gemm_rows(td, down[e], ha, ps, np.arange(j1 - j0), j1 - j0, lo, hi, ys)
+                for j in range(j1 - j0):
+                    n = ps[j] // k_top
+                    wk = weights[n, ps[j] % k_top]
+                    for r in range(lo, hi):
+                        out[n, r] += wk * ys[j, r]
+                continue
             if j1 - j0 <= GEMV_TOKENS:
                 for j in range(j0, j1):
                     p = pairs[j]
