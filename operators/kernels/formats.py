@@ -577,7 +577,7 @@ def _split_dot(context, builder, aty, a, ao, w, xbty, xb, xo, s):
 
 
 def _dot_split(context, builder, sig, args, w):
-    """`_split_dot` for the intrinsics (a, ao, row, o, xb, xo, s) that make w from row[o:]."""
+    """`_split_dot` for an intrinsic (a, ao, row, o, xb, xo, s) that makes w from row[o:]."""
     a, ao, _, _, xb, xo, s = args
     return _split_dot(context, builder, sig.args[0], a, ao, w, sig.args[4], xb, xo, s)
 
@@ -599,24 +599,15 @@ class _W8Model(models.PrimitiveModel):
         super().__init__(dmm, fe_type, _I8x32)
 
 
-def _nibble_vector(context, builder, rowty, row, o):
-    i8x16 = ir.VectorType(ir.IntType(8), 16)
-    v = builder.load(_vec_at(context, builder, rowty, row, o, 16), align=1)
-    lo = builder.and_(v, ir.Constant(i8x16, [15] * 16))
-    hi = builder.lshr(v, ir.Constant(i8x16, [4] * 16))
-    return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
-
-
-def _byte_vector(context, builder, rowty, row, o):
-    v = builder.load(_vec_at(context, builder, rowty, row, o, 32), align=1)
-    return builder.xor(v, ir.Constant(_I8x32, [0x80] * 32))
-
-
 @intrinsic
 def _w_nibbles(typingctx, row, o):
     """The 32 4-bit weights at row[o:o + 16] (low nibbles first, as Q4_0) as a `_W8`."""
     def codegen(context, builder, sig, args):
-        return _nibble_vector(context, builder, sig.args[0], *args)
+        i8x16 = ir.VectorType(ir.IntType(8), 16)
+        v = builder.load(_vec_at(context, builder, sig.args[0], args[0], args[1], 16), align=1)
+        lo = builder.and_(v, ir.Constant(i8x16, [15] * 16))
+        hi = builder.lshr(v, ir.Constant(i8x16, [4] * 16))
+        return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
     return _W8(row, o), codegen
 
 
@@ -624,7 +615,8 @@ def _w_nibbles(typingctx, row, o):
 def _w_bytes(typingctx, row, o):
     """The 32 signed 8-bit weights at row[o:o + 32] plus 128 (as unsigned) as a `_W8`."""
     def codegen(context, builder, sig, args):
-        return _byte_vector(context, builder, sig.args[0], *args)
+        v = builder.load(_vec_at(context, builder, sig.args[0], args[0], args[1], 32), align=1)
+        return builder.xor(v, ir.Constant(_I8x32, [0x80] * 32))
     return _W8(row, o), codegen
 
 
@@ -635,24 +627,6 @@ def _dot_w(typingctx, a, ao, w, xb, xo, s):
         a, ao, w, xb, xo, s = args
         return _split_dot(context, builder, sig.args[0], a, ao, w, sig.args[3], xb, xo, s)
     return types.none(a, ao, w, xb, xo, s), codegen
-
-
-@intrinsic
-def _dot_nibbles(typingctx, a, ao, row, o, xb, xo, s):
-    """`_dot_split` of the 32 4-bit weights at row[o:o + 16] (low nibbles first, as Q4_0)."""
-    def codegen(context, builder, sig, args):
-        w = _nibble_vector(context, builder, sig.args[2], args[2], args[3])
-        return _dot_split(context, builder, sig, args, w)
-    return types.none(a, ao, row, o, xb, xo, s), codegen
-
-
-@intrinsic
-def _dot_bytes(typingctx, a, ao, row, o, xb, xo, s):
-    """`_dot_split` of the 32 signed 8-bit weights at row[o:o + 32] plus 128 (as unsigned)."""
-    def codegen(context, builder, sig, args):
-        w = _byte_vector(context, builder, sig.args[2], args[2], args[3])
-        return _dot_split(context, builder, sig, args, w)
-    return types.none(a, ao, row, o, xb, xo, s), codegen
 
 
 def _dot_half_bytes(shift):
@@ -926,6 +900,10 @@ _rows_vnni_q4_0 = _rows_of(_pair_vnni(_vnni_q4_0, 18, OFF_Q4_0), STRICT)
 _rows_vnni_q4_1 = _rows_of(_pair_vnni(_vnni_q4_1, 20, OFF_Q4_1), STRICT)
 _rows_vnni_q4_k = _rows_of(_pair_vnni(_vnni_q4_k, 144), STRICT)
 VNNI_TYPES = (Q8_0, Q4_0, Q4_1, Q4_K) if HAS_VNNI else ()
+# Formats whose GEMV takes x rounded to integers (`quantize_rows`). Q4_1 only with VNNI: on
+# the int16 path it gained nothing (SmolLM2's step 7.20 vs 7.11 ms).
+INT16_TYPES = (Q8_0, Q4_0, Q4_K, Q6_K)
+INT_TYPES = INT16_TYPES + ((Q4_1,) if HAS_VNNI else ())
 
 # --- several tokens per weight row (VNNI) -------------------------------------------------
 # A batch of tokens (a batched decode step, the tokens an expert got) on the GEMV path
@@ -937,8 +915,8 @@ VNNI_TYPES = (Q8_0, Q4_0, Q4_1, Q4_K) if HAS_VNNI else ()
 def _dots_vnni(blk, block_bytes, off, K):
     """y[iy[j0 + k], r] = w[r] . x[ix[j0 + k]] for k < K (a compile-time count); w: the
     flattened rows (row r from byte r * nb * block_bytes), xb, xs, xsum: the flattened
-    arrays of `quantize_rows`; nb: blocks per row; a, c: float32 stack scratch of 16 * K
-    and K. Flat arrays and scratch from the caller: a row view or a carray made per call
+    arrays of `quantize_rows`; nb: blocks per row; a, c, at: stack scratch (float32 16 * K
+    lanes, K offset sums, K first-block indices). Flat arrays and scratch from the caller: a row view or a carray made per call
     costs a reference-count call each, per row."""
 
     @numba.njit(inline="always", fastmath=FASTMATH)
@@ -1025,10 +1003,6 @@ def gemm_rows(t, w, xa, ix, iy, count, lo, hi, y):
         _gemm_q4_0(w, xbf, xsf, xsumf, ix, count, lo, hi, y, iy)
     else:
         _gemm_q4_1(w, xbf, xsf, xsumf, ix, count, lo, hi, y, iy)
-# Formats whose GEMV takes x rounded to integers (`quantize_rows`). Q4_1 only with VNNI: on
-# the int16 path it gained nothing (SmolLM2's step 7.20 vs 7.11 ms).
-INT16_TYPES = (Q8_0, Q4_0, Q4_K, Q6_K)
-INT_TYPES = INT16_TYPES + ((Q4_1,) if HAS_VNNI else ())
 
 
 @numba.njit(nogil=True, fastmath=FASTMATH)
