@@ -2,7 +2,7 @@
 
 from .checkpoint import CheckpointError
 from .loader import load
-from .rules import RuleError, inject
+from .placement import RuleError, inject
 
 __all__ = ["load", "inject", "CheckpointError", "RuleError"]
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     a plain parallel sum is compute-bound on these cores and reads slower."""
     from gguf import GGMLQuantizationType as Q
 
-    from operators import kernels
+    from hybrid.operators import kernels
 
     # random finite halves (uniform data could flatter the memory system)
     w = np.random.default_rng(0).integers(0, 0x3C00, (nbytes // 8192, 4096), dtype=np.uint16).view(np.float16)

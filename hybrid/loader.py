@@ -15,7 +15,7 @@ import re
 import torch
 from torch import nn
 
-from . import rules as rules_mod
+from . import placement as rules_mod
 from .checkpoint import (
     CheckpointError,
     Source,

@@ -86,7 +86,7 @@ class Model:
 
 def _stack_decoder_layers(module) -> None:
     """Decode steps run each run of consecutive `CPUDecoderLayer`s as one call."""
-    from operators.layer import CPUDecoderLayer, DecodeStack
+    from hybrid.operators.layer import CPUDecoderLayer, DecodeStack
 
     layers = getattr(getattr(module, "model", None), "layers", None)
     if hasattr(module, "decode_stack") and any(isinstance(m, CPUDecoderLayer) for m in layers or ()):
@@ -104,7 +104,7 @@ def _prepare_for_the_gpu(module) -> None:
       launches the GPU work needs a core of its own (8 threads 18.8 ms a step, 15: 23.1)."""
     import numba
 
-    from operators import CPUExperts
+    from hybrid.operators import CPUExperts
 
     torch.backends.cuda.enable_cudnn_sdp(False)
     half = max(1, numba.config.NUMBA_NUM_THREADS // 2)

@@ -96,7 +96,7 @@ def main() -> None:
         torch.set_num_threads(1)
     del model
     # The same with the KV cache in float16 (a rule kwarg): half the bytes per key.
-    rules = (hybrid.rules.builtin_rules_dir() / "llama-cpu.yaml").read_text().replace(
+    rules = (hybrid.placement.builtin_rules_dir() / "llama-cpu.yaml").read_text().replace(
         "replace: {class: CPUDecoderLayer}", "replace: {class: CPUDecoderLayer, kwargs: {kv_dtype: float16}}")
     model = hybrid.load(path, rules=rules)
     h100, h2000 = decode_rate(model, 100, steps), decode_rate(model, 2000, steps)

@@ -17,8 +17,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from hybrid.bench import measure_bandwidth
-from operators import kernels
-from operators.kernels.linear import num_threads
+from hybrid.operators import kernels
+from hybrid.operators.kernels.linear import num_threads
 
 # fp16 scale offsets inside each block: random bytes elsewhere are valid weights.
 SCALES = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2),

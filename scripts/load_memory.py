@@ -27,8 +27,8 @@ def _status(key: str) -> int:
 def _warm_kernels() -> None:
     import numpy as np
 
-    from operators import kernels
-    from operators.quantize import QUANTIZABLE, quantize
+    from hybrid.operators import kernels
+    from hybrid.operators.quantize import QUANTIZABLE, quantize
 
     square = np.zeros((256, 256), np.float32)
     for q in kernels.SUPPORTED_TYPES:  # K-quants have no quantizer: compiled on first use

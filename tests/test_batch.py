@@ -1,4 +1,4 @@
-"""Batched kernels (operators/kernels/batch.py and the fused MoE over it) against gguf's
+"""Batched kernels (hybrid/operators/kernels/batch.py and the fused MoE over it) against gguf's
 dequantize, and the engine's batched prefill."""
 
 from types import SimpleNamespace
@@ -8,9 +8,9 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from hybrid.engine import prefill_groups
-from operators import kernels
-from operators.kernels import batch, formats, linear, moe
-from operators.kernels.formats import as_blocks
+from hybrid.operators import kernels
+from hybrid.operators.kernels import batch, formats, linear, moe
+from hybrid.operators.kernels.formats import as_blocks
 
 from .test_kernels import FORMATS, MOE_TYPES, assert_close, cols_for, make_weight, reference, run_moe, seen
 

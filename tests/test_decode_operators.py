@@ -15,13 +15,13 @@ from torch import nn
 import hybrid
 from hybrid.bench import decode_bytes_per_token
 from hybrid.models.common import MLP, Attention, KVCache, RMSNorm, Rotary, Step
-from hybrid.rules import RuleError, parse_rules
-from operators import CPUAttention, CPUDecoderLayer, CPUMLP, CPURMSNorm
-from operators.kernels import decode
-from operators.kernels import layer as layer_kernels
-from operators.layer import DecodeStack
-from operators.kernels.formats import as_blocks
-from operators.kernels.linear import dequantize
+from hybrid.placement import RuleError, parse_rules
+from hybrid.operators import CPUAttention, CPUDecoderLayer, CPUMLP, CPURMSNorm
+from hybrid.operators.kernels import decode
+from hybrid.operators.kernels import layer as layer_kernels
+from hybrid.operators.layer import DecodeStack
+from hybrid.operators.kernels.formats import as_blocks
+from hybrid.operators.kernels.linear import dequantize
 
 from .test_kernels import make_weight
 from .tiny import make_tiny, rel_err

@@ -64,7 +64,7 @@ rules:
 
 
 def test_experts_prefill_on_gpu_decode_on_cpu(tiny, monkeypatch):
-    from operators import offload
+    from hybrid.operators import offload
 
     d, ref, _ = tiny
     m = hybrid.load(d, rules=PREFILL_ON_GPU)

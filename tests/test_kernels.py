@@ -8,10 +8,10 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
-from operators import kernels
-from operators.kernels import formats, moe
-from operators.kernels.formats import INT_TYPES, quantize_rows
-from operators.quantize import QUANTIZABLE, RELATIVE_RMS_ERROR, quantize
+from hybrid.operators import kernels
+from hybrid.operators.kernels import formats, moe
+from hybrid.operators.kernels.formats import INT_TYPES, quantize_rows
+from hybrid.operators.quantize import QUANTIZABLE, RELATIVE_RMS_ERROR, quantize
 
 QUANTIZED = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 FORMATS = QUANTIZED + [Q.F16, Q.BF16, Q.F32]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import hybrid
-from hybrid.rules import RuleError, builtin_rules_dir, parse_rules, plan
+from hybrid.placement import RuleError, builtin_rules_dir, parse_rules, plan
 
 
 class Leaf(nn.Module):
@@ -254,7 +254,7 @@ rules:
 def test_prefill_device_takes_long_calls_and_leaves_decode_to_the_kernels(tmp_path, monkeypatch):
     """prefill_device: calls of >= prefill_min_tokens tokens stream dequantized tiles to that
     device (here the CPU itself, the path a GPU takes) and give the same logits."""
-    from operators import offload
+    from hybrid.operators import offload
 
     from .tiny import make_tiny, reference_logits, rel_err
 

@@ -312,7 +312,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = self.make_rotary(cfg)
         # set where the rules placed layers that can decode several at a time in one call
-        # (`operators.layer.DecodeStack`): forward(x, rope, step, caches) -> x
+        # (`hybrid.operators.layer.DecodeStack`): forward(x, rope, step, caches) -> x
         self.decode_stack = None
 
     def make_rotary(self, cfg) -> Rotary:

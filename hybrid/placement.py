@@ -3,7 +3,7 @@
 A rule file is a mapping with `default_device`, optional `dtype`, and `rules`, an ordered
 list. Each rule has `match` (`name`: a regex matched against the whole dotted module
 path, and/or `class`: class name or import path), `replace` (`class`: an operator from
-`operators/` or `default`; `kwargs`), and optional `recursive` (default true). The first
+`hybrid/operators/` or `default`; `kwargs`), and optional `recursive` (default true). The first
 matching rule wins; an unmatched module inherits its parent's placement. Everything is
 checked before any weight is read; errors name the rule number and file line.
 """
@@ -103,7 +103,7 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _con
 
 
 def builtin_rules_dir() -> Path:
-    return Path(str(resources.files("rules")))
+    return Path(str(resources.files("hybrid.rules")))
 
 
 def resolve_rules_path(spec: str | Path) -> Path:
@@ -205,7 +205,7 @@ def _only(d: dict, allowed: set, where: str, what: str) -> None:
 
 
 def _find_operator(name: str, where: str) -> type:
-    import operators
+    from hybrid import operators
 
     if name in operators.OPERATORS:
         return operators.OPERATORS[name]

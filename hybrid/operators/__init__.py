@@ -1,7 +1,7 @@
 """Replaceable modules that the YAML rules put in place of model modules.
 
 `OPERATORS` maps the short names rule files use to the classes; a rule may also name
-any operator by import path (e.g. `operators.linear.CPULinear`)."""
+any operator by import path (e.g. `hybrid.operators.linear.CPULinear`)."""
 
 from .attention import CPUAttention
 from .embedding import CPUEmbedding
