@@ -1,8 +1,12 @@
 """numba kernels against gguf's dequantize and a plain torch MoE, on small shapes."""
 
 import importlib.util
+import os
+import shutil
+from pathlib import Path
 
 import gguf
+import numba
 import numpy as np
 import pytest
 import torch
@@ -328,3 +332,18 @@ def test_real_gguf_blocks(gemma_tensors):
         y = kernels.gemv(qtype, t.data, x)
         assert_close(y, ref @ seen(qtype, x))
         assert_close(y, ref @ x, rtol=5e-5)  # the int16 rounding of x, on real rows
+
+
+def test_the_kernel_cache_is_keyed_by_every_kernel_source(tmp_path):
+    """numba checks only the file that defines a kernel; an edit to a helper it inlines from
+    another file must still give a fresh cache."""
+    from hybrid.operators.kernels import cache_dir
+
+    src = Path(kernels.__file__).parent
+    copy = tmp_path / "kernels"
+    shutil.copytree(src, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = cache_dir(copy)
+    assert before.name == cache_dir(src).name  # the same sources, the same cache
+    (copy / "formats.py").write_text((copy / "formats.py").read_text() + "\n# an edit\n")
+    assert cache_dir(copy).name != before.name
+    assert os.environ.get("NUMBA_CACHE_DIR") or numba.config.CACHE_DIR == str(cache_dir(src))

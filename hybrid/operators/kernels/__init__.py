@@ -3,7 +3,38 @@
 Weights stay in the GGUF form: a quantized [rows, cols] matrix is uint8 [rows, row_bytes]
 (one row of blocks per output row), stacked experts [E, rows, row_bytes]; F32/F16/BF16
 weights are float32/float16/uint16 (bf16 bits) arrays [rows, cols].
+
+Compiled kernels are cached on disk under a directory named by a hash of this package's
+sources: numba's own cache checks only the file that defines a kernel, so an edit to a
+helper it inlines from another file would otherwise run stale machine code.
 """
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import numba
+
+
+def cache_dir(sources: Path) -> Path:
+    """`sources`/__pycache__/numba-<hash of every .py file in `sources`>."""
+    digest = hashlib.sha256()
+    for source in sorted(sources.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    return sources / "__pycache__" / f"numba-{digest.hexdigest()[:16]}"
+
+
+def _use_source_keyed_cache() -> None:
+    here = cache_dir(Path(__file__).parent)
+    numba.config.CACHE_DIR = str(here)
+    for old in here.parent.glob("numba-*"):  # caches of earlier sources
+        if old != here:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+if not os.environ.get("NUMBA_CACHE_DIR"):  # the user's own choice wins
+    _use_source_keyed_cache()
 
 from .formats import SUPPORTED_TYPES
 from .linear import Prepared, dequantize, gemv, matmul
