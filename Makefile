@@ -17,7 +17,7 @@ $(VENV)/.test: $(VENV)/.base
 	$(PIP) -e '.[test]'
 	touch $@
 
-.PHONY: serve test install
+.PHONY: serve test test-avx2 install
 install: $(VENV)/.base
 
 serve: $(VENV)/.base
@@ -25,3 +25,8 @@ serve: $(VENV)/.base
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q -rs
+
+# The kernel tests again with numba compiling for an AVX2-only CPU (Haswell): the paths
+# that CPUs without AVX-512 or VNNI take, checked on any x86-64 machine.
+test-avx2: $(VENV)/.test
+	NUMBA_CPU_NAME=haswell $(PY) -m pytest -q -rs tests/test_kernels.py tests/test_batch.py

@@ -67,25 +67,29 @@ def test_rows_do_not_depend_on_the_batch():
     np.testing.assert_array_equal(kernels.matmul(Q.Q4_K, w, x[[2, 2]]), full[[2, 2]])
 
 
-@pytest.mark.skipif(not formats.HAS_VNNI, reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("acts", ["int16", "int8"])
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda t: t.name)
-def test_vnni_rows_are_the_gemv_in_any_company(qtype):
-    """With VNNI, a batch of up to GEMM_TOKENS tokens (a batched decode step) gives each
-    token bitwise what its GEMV alone gives, for a matmul and for the fused MoE: a request
-    decodes the same whatever other requests share its steps."""
+def test_integer_rows_are_the_gemv_in_any_company(qtype, acts):
+    """On the int8 path (any CPU), and on the int16 one with VNNI, a batch of up to
+    GEMM_TOKENS tokens (a batched decode step) gives each token bitwise what its GEMV alone
+    gives, for a matmul and for the fused MoE: a request decodes the same whatever other
+    requests share its steps."""
+    if acts == "int16" and not formats.HAS_VNNI:
+        pytest.skip("this CPU has no VNNI")
+    a = formats.ACTIVATIONS[acts]
     w = make_weight(qtype, (37, 224))
     x = np.random.default_rng(11).standard_normal((formats.GEMM_TOKENS, 224), dtype=np.float32)
-    alone = np.stack([kernels.gemv(qtype, w, v) for v in x])
+    alone = np.stack([kernels.gemv(qtype, w, v, acts=a) for v in x])
     for pick in ([0, 1], [5, 2, 2], [3, 0, 6, 1, 4], list(range(formats.GEMM_TOKENS))):
-        np.testing.assert_array_equal(kernels.matmul(qtype, w, x[pick]), alone[pick])
+        np.testing.assert_array_equal(kernels.matmul(qtype, w, x[pick], acts=a), alone[pick])
     gate, up = (make_weight(qtype, (3, 64, 224), seed) for seed in (1, 2))
     down = make_weight(qtype, (3, 224, 64), 3)
     ids = np.random.default_rng(12).integers(0, 3, (formats.GEMM_TOKENS, 2))
     ids[:, 1] = (ids[:, 0] + 1) % 3  # two different experts per token: 2-8 tokens an expert
     weights = np.random.default_rng(13).random(ids.shape, dtype=np.float32)
-    batched = kernels.moe_forward(qtype, gate, qtype, up, qtype, down, x, ids, weights)
+    batched = kernels.moe_forward(qtype, gate, qtype, up, qtype, down, x, ids, weights, acts=a)
     for n in range(formats.GEMM_TOKENS):
-        one = kernels.moe_forward(qtype, gate, qtype, up, qtype, down, x[n:n + 1], ids[n:n + 1], weights[n:n + 1])
+        one = kernels.moe_forward(qtype, gate, qtype, up, qtype, down, x[n:n + 1], ids[n:n + 1], weights[n:n + 1], acts=a)
         np.testing.assert_array_equal(batched[n], one[0])
 
 

@@ -17,7 +17,7 @@ from hybrid.bench import decode_bytes_per_token
 from hybrid.models.common import MLP, Attention, KVCache, RMSNorm, Rotary, Step
 from hybrid.placement import RuleError, parse_rules
 from hybrid.operators import CPUAttention, CPUDecoderLayer, CPUMLP, CPURMSNorm
-from hybrid.operators.kernels import decode
+from hybrid.operators.kernels import decode, formats
 from hybrid.operators.kernels import layer as layer_kernels
 from hybrid.operators.layer import DecodeStack
 from hybrid.operators.kernels.formats import as_blocks
@@ -214,7 +214,7 @@ def test_mlp_step_on_k_quants(qtype):
     """The fused MLP kernel on formats no rule quantizes to (random K-quant blocks)."""
     weights = [make_weight(qtype, shape, seed) for seed, shape in enumerate([(512, 256), (512, 256), (256, 512)])]
     x = np.random.default_rng(0).standard_normal((3, 256), dtype=np.float32)
-    y = decode.mlp_step(x, *(a for w in weights for a in as_blocks(qtype, w)[:2]), numba.get_num_threads())
+    y = decode.mlp_step(x, *(a for w in weights for a in as_blocks(qtype, w)[:2]), formats.ACT_INT16, numba.get_num_threads())
     g, u, d = (torch.from_numpy(dequantize(qtype, w)) for w in weights)
     xt = torch.from_numpy(x)
     want = (torch.nn.functional.silu(xt @ g.T) * (xt @ u.T)) @ d.T
@@ -304,3 +304,37 @@ def test_layers_with_hooks_or_of_another_kind_split_the_runs(tmp_path, monkeypat
     assert len(sparse) == len(dense) == steps  # layers 0-1 and layer 2; layer 3 alone
     assert [(kernel is not None, len(layers)) for kernel, _, layers, _, _ in stack._plan] == [(True, 2), (True, 1), (False, 1)]
     assert sum(shape[1] == 1 for shape in fired) == steps
+
+
+def _rules_with_activations(activations: str) -> str:
+    kwargs = f"{{quant: Q8_0, activations: {activations}}}"
+    return (
+        "rules:\n"
+        "  - match: {name: 'model\\.layers\\.\\d+', class: Block}\n"
+        f"    replace: {{class: CPUDecoderLayer, kwargs: {kwargs}}}\n"
+        "  - match: {name: 'model\\.embed_tokens'}\n"
+        "    replace: {class: CPUEmbedding}\n"
+        "  - match: {class: RMSNorm}\n"
+        "    replace: {class: CPURMSNorm}\n"
+        "  - match: {class: Linear}\n"
+        f"    replace: {{class: CPULinear, kwargs: {kwargs}}}\n"
+    )
+
+
+def test_activation_forms_against_float_activations(tiny_dir):
+    """`activations` on the decode operators: int16 stays within 1e-4 of float activations
+    over the same Q8_0 weights, int8 within the error its rounding allows (and does differ,
+    so the path is taken), in batched decode steps of sequences at different lengths."""
+    ref = decode_logits(hybrid.load(tiny_dir, rules=_rules_with_activations("float")))
+    for activations, tol in (("int16", 1e-4), ("int8", 3e-2)):
+        model = hybrid.load(tiny_dir, rules=_rules_with_activations(activations))
+        got = decode_logits(model, follow=ref)
+        errors = [rel_err(g, r) for g, r in zip(got, ref)]
+        assert max(errors) < tol, (activations, errors)
+        if activations == "int8":
+            assert max(errors) > 1e-6
+
+
+def test_bad_activations_kwarg_is_refused_when_the_rules_are_read():
+    with pytest.raises(RuleError, match="activations 'int4' is not one of float, int16, int8"):
+        parse_rules("rules:\n  - match: {class: Linear}\n    replace: {class: CPULinear, kwargs: {activations: int4}}\n")

@@ -63,7 +63,7 @@ def seen(qtype, x):
     x = np.asarray(x, dtype=np.float32)
     if int(qtype) not in INT_TYPES:
         return x.astype(np.float64)
-    _, xq, xs, _, _ = quantize_rows(np.ascontiguousarray(x.reshape(-1, x.shape[-1])))
+    _, xq, xs, _, _, _ = quantize_rows(np.ascontiguousarray(x.reshape(-1, x.shape[-1])))
     return (xq.reshape(xs.shape[0], -1, 32) * xs[..., None].astype(np.float64)).reshape(x.shape)
 
 
@@ -206,6 +206,61 @@ def test_nan_inf_propagate(bad):
 
 
 INT_FORMATS = [t for t in QUANTIZED if int(t) in INT_TYPES]
+INT8_FORMATS = [t for t in QUANTIZED if int(t) in formats.INT8_TYPES]
+
+
+def as_int8(x):
+    """x as the int8 path sees it (float64): rounded to int8 per 32-block."""
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    _, _, xs, _, _, x8 = quantize_rows(x, True, False, True)
+    return (x8.reshape(xs.shape[0], -1, 32) * xs[..., None].astype(np.float64)).reshape(x.shape)
+
+
+def test_quantize_rows_int8():
+    """int8 activations: each block's error within half a step of its own scale (max/127),
+    exact block sums, zero blocks, NaN/Inf spoiling only their own block."""
+    x = np.random.default_rng(18).standard_normal((3, 96), dtype=np.float32)
+    x[0, :32] = 0
+    x[1, 40] = 1e4
+    x[2, 70], x[2, 5] = np.nan, np.inf
+    _, xq, xs, xsum, xb, x8 = quantize_rows(x, True, True, True)
+    assert xq.shape == (3, 0) and xb.shape == (3, 0) and x8.shape == (3, 96)
+    with np.errstate(invalid="ignore"):
+        back = x8.reshape(3, 3, 32) * xs[..., None].astype(np.float64)
+    blocks = x.reshape(3, 3, 32)
+    ok = np.isfinite(blocks).all(-1)
+    assert (np.abs(back - blocks).max(-1)[ok] <= 0.5001 * xs[ok]).all()
+    np.testing.assert_allclose(xs[ok], np.abs(blocks).max(-1)[ok] / 127, rtol=1e-6)
+    assert (np.abs(x8) <= 127).all()
+    np.testing.assert_allclose(xsum[ok], back.sum(-1)[ok], rtol=1e-6, atol=1e-6)
+    assert not x8[0, :32].any() and xs[0, 0] == 0
+    assert not np.isfinite(xs[2, [0, 2]]).any() and np.isfinite(xs[2, 1])
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3, 7])
+@pytest.mark.parametrize("qtype", INT8_FORMATS, ids=lambda t: t.name)
+def test_int8_path_is_the_dot_with_rounded_x(qtype, blocks):
+    """The int8 GEMV (vpdpbusd with VNNI, vpmaddubsw on AVX2, plain IR otherwise) is the
+    exact dot of the weights with x rounded to int8, to float rounding; extreme weights
+    (Q8_0's -128, all-ones nibbles) included. Against float x, its error stays within the
+    bound that int8 rounding allows: |dw . dx| <= sum_b |w_b|_1 * xs_b / 2."""
+    cols = cols_for(qtype, blocks)
+    w = make_weight(qtype, (9, cols), seed=blocks)
+    if qtype == Q.Q8_0:  # the extremes of the signed weights
+        w = w.reshape(9, -1, 34)
+        w[0, :, 2:] = 0x80
+        w[1, :, 2:] = 0x7F
+        w = w.reshape(9, -1)
+    x = np.random.default_rng(blocks).standard_normal((1, cols), dtype=np.float32)
+    x[0, 3] = -40
+    t, rows, _ = formats.as_blocks(qtype, w)
+    got = np.zeros(9, np.float32)
+    xa = quantize_rows(x, True, False, True)
+    formats.gemv_rows(t, rows, xa, 0, 0, 9, got)
+    ref = reference(qtype, w)
+    assert_close(got, ref @ as_int8(x)[0], rtol=3e-6)
+    bound = (np.abs(ref).reshape(9, -1, 32).sum(-1) * xa[2][0] / 2).sum(-1)
+    assert (np.abs(got - ref @ x[0].astype(np.float64)) <= bound * 1.001 + 1e-5).all()
 
 
 def test_quantize_rows():
@@ -214,7 +269,7 @@ def test_quantize_rows():
     x[0, :32] = 0
     x[1, 40] = 1e4  # an outlier costs only its own block precision
     x[2, 70], x[2, 5] = np.nan, np.inf
-    _, xq, xs, xsum, xb = quantize_rows(x, True, True)
+    _, xq, xs, xsum, xb, _ = quantize_rows(x, True, True)
     high, low = (xb.reshape(3, 3, 2, 32)[:, :, k].astype(np.int32) for k in (0, 1))
     np.testing.assert_array_equal(256 * high + low, xq.reshape(3, 3, 32))  # the VNNI path's bytes
     assert xb.shape == (3, 192) and quantize_rows(x, True, False)[4].shape == (3, 0)
@@ -259,18 +314,22 @@ def test_vnni_path_is_the_int16_dot(qtype):
     assert_close(got, reference(qtype, w) @ seen(qtype, x)[0])
 
 
-@pytest.mark.skipif(not formats.HAS_VNNI, reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("form", ["split", "int8"])
 @pytest.mark.parametrize("blocks", [1, 2, 7])
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda t: t.name)
-def test_gemm_rows_is_the_gemv_per_token(qtype, blocks):
-    """Rows against several tokens at once (fours, then the rest): each token, picked by
-    ix (repeats and any order) and written to row iy of y, gets its own GEMV's dot; rows
-    outside lo..hi and unlisted rows of y stay as they were; a NaN token spoils only itself."""
+def test_gemm_rows_is_the_gemv_per_token(qtype, blocks, form):
+    """Rows against several tokens at once (fours, then the rest), on the int8 path (any
+    CPU) or the VNNI one: each token, picked by ix (repeats and any order) and written to
+    row iy of y, gets its own GEMV's dot; rows outside lo..hi and unlisted rows of y stay as
+    they were; a NaN token spoils only itself."""
+    if form == "split" and not formats.HAS_VNNI:
+        pytest.skip("this CPU has no VNNI")
     cols, rows = 32 * blocks, 11
     t, w, _ = formats.as_blocks(qtype, make_weight(qtype, (rows, cols), seed=blocks))
     x = np.random.default_rng(blocks).standard_normal((6, cols), dtype=np.float32)
     x[4, 3] = np.nan
-    xa = quantize_rows(x, True, True)
+    xa = quantize_rows(x, True, form == "split", form == "int8")
+    assert formats.gemm_takes(xa, t)
     single = np.zeros((6, rows), np.float32)
     for n in range(6):
         formats.gemv_rows(t, w, xa, n, 0, rows, single[n])
@@ -281,7 +340,7 @@ def test_gemm_rows_is_the_gemv_per_token(qtype, blocks):
         formats.gemm_rows(t, w, xa, ix, iy, count, 2, rows - 1, y)
         got, want = y[iy, 2:rows - 1], single[ix, 2:rows - 1]
         ok = ix != 4
-        np.testing.assert_allclose(got[ok], want[ok], rtol=1e-5, atol=1e-5 * np.abs(single[:4]).max())
+        np.testing.assert_array_equal(got[ok], want[ok])  # bit for bit
         assert np.isnan(got[~ok]).all()
         assert (y[iy][:, [0, 1, rows - 1]] == 7).all() and (np.delete(y, iy, axis=0) == 7).all()
 

@@ -11,6 +11,7 @@ from hybrid.models.common import Attention, KVCache, RMSNorm, Step
 
 from .base import Operator, check_cpu, check_quant
 from .kernels import decode
+from .kernels.formats import DEFAULT_ACTIVATIONS, check_activations
 from .linear import CPULinear
 
 KV_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -28,22 +29,25 @@ class CPUAttention(Operator):
 
     replaces = (Attention,)
 
-    def __init__(self, original: Attention, config, *, device: str = "cpu", quant: str | None = None, kv_dtype: str = "float32"):
+    def __init__(self, original: Attention, config, *, device: str = "cpu", quant: str | None = None, kv_dtype: str = "float32",
+                 activations: str = DEFAULT_ACTIVATIONS):
         super().__init__(original, config)
-        self.check_kwargs(device, quant, kv_dtype)
+        self.check_kwargs(device, quant, kv_dtype, activations)
+        self.acts = check_activations("CPUAttention", activations)
         self.n_heads, self.n_kv_heads, self.head_dim = original.n_heads, original.n_kv_heads, original.head_dim
         self.scale, self.kv_dtype = original.scale, KV_DTYPES[kv_dtype]
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(self, name, CPULinear(getattr(original, name), config, quant=quant))
+            setattr(self, name, CPULinear(getattr(original, name), config, quant=quant, activations=activations))
         self.eps = 0.0
         if hasattr(original, "q_norm"):
             self.eps = original.q_norm.eps
             self.q_norm, self.k_norm = RMSNorm(self.head_dim, self.eps), RMSNorm(self.head_dim, self.eps)
 
     @staticmethod
-    def check_kwargs(device="cpu", quant=None, kv_dtype="float32"):
+    def check_kwargs(device="cpu", quant=None, kv_dtype="float32", activations=DEFAULT_ACTIVATIONS):
         check_cpu("CPUAttention", device)
         check_quant(quant)
+        check_activations("CPUAttention", activations)
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype {kv_dtype!r} is not one of {sorted(KV_DTYPES)}")
 
@@ -54,12 +58,13 @@ class CPUAttention(Operator):
             self.q_norm.weight = torch.nn.Parameter(get("q_norm.weight").tensor(), requires_grad=False)
             self.k_norm.weight = torch.nn.Parameter(get("k_norm.weight").tensor(), requires_grad=False)
         # What the kernel takes, in the order it takes it: (type, blocks) per projection,
-        # then the biases and q/k norm weights as float32 arrays ([0]: none).
+        # then the biases and q/k norm weights as float32 arrays ([0]: none), their epsilon
+        # and the activation form.
         projections = (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
         weights = tuple(a for p in projections for a in (p.prepared.t, p.prepared.w))
         biases = tuple((p.bias if p.bias is not None else _NONE).numpy() for p in projections)
         norms = (self.q_norm.weight, self.k_norm.weight) if hasattr(self, "q_norm") else (_NONE, _NONE)
-        self.args = (*weights, *biases, *(w.detach().numpy() for w in norms), self.eps)
+        self.args = (*weights, *biases, *(w.detach().numpy() for w in norms), self.eps, self.acts)
 
     def step_args(self, rope, step: Step, cache: KVCache) -> tuple:
         """What `decode.attention_step` takes after `args`, for a decode step of B tokens:

@@ -9,6 +9,7 @@ from hybrid.models.common import Experts
 
 from . import kernels, offload
 from .base import Operator, check_quant, weight_array
+from .kernels.formats import DEFAULT_ACTIVATIONS, check_activations
 
 
 class CPUExperts(Operator):
@@ -20,17 +21,21 @@ class CPUExperts(Operator):
     def __init__(
         self, original: Experts, config, *, device: str = "cpu", quant: str | None = None, threads: int | None = None,
         generate_device: str | None = None, prefill_device: str | None = None, prefill_min_tokens: int = offload.PREFILL_MIN_TOKENS,
+        activations: str = DEFAULT_ACTIVATIONS,
     ):
         super().__init__(original, config)
-        self.check_kwargs(device, quant, threads, generate_device, prefill_device, prefill_min_tokens)
+        self.check_kwargs(device, quant, threads, generate_device, prefill_device, prefill_min_tokens, activations)
+        self.acts = check_activations("CPUExperts", activations)
         self.num_experts, self.hidden, self.intermediate = original.num_experts, original.hidden, original.intermediate
         self.quant, self.threads = quant, threads
         self.prefill = offload.Prefill(prefill_device, prefill_min_tokens)
 
     @staticmethod
-    def check_kwargs(device="cpu", quant=None, threads=None, generate_device=None, prefill_device=None, prefill_min_tokens=offload.PREFILL_MIN_TOKENS):
+    def check_kwargs(device="cpu", quant=None, threads=None, generate_device=None, prefill_device=None,
+                     prefill_min_tokens=offload.PREFILL_MIN_TOKENS, activations=DEFAULT_ACTIVATIONS):
         offload.check_devices("CPUExperts", device, generate_device, prefill_device, prefill_min_tokens)
         check_quant(quant)
+        check_activations("CPUExperts", activations)
 
     def load(self, get) -> None:
         self.gate = weight_array(get("gate_proj"), self.quant)
@@ -52,6 +57,7 @@ class CPUExperts(Operator):
             ids.to("cpu", torch.int64).contiguous().numpy(),
             weights.to("cpu", torch.float32).contiguous().numpy(),
             threads=self.threads,
+            acts=self.acts,
         )
         return torch.from_numpy(out).to(x.device, x.dtype)
 

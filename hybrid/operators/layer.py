@@ -15,7 +15,7 @@ from .attention import CPUAttention
 from .base import Operator, check_cpu, check_quant
 from .experts import CPUExperts
 from .kernels import layer, moe
-from .kernels.formats import as_blocks
+from .kernels.formats import DEFAULT_ACTIVATIONS, as_blocks, check_activations
 from .kernels.linear import gemv_chunks
 from .linear import CPULinear
 from .mlp import CPUMLP
@@ -28,14 +28,15 @@ class _RoutedExperts(nn.Module):
 
     forward = qwen_moe.SparseMoe.forward  # Mixtral's, plus the shared expert where there is one
 
-    def __init__(self, moe, config, quant):
+    def __init__(self, moe, config, quant, activations):
         super().__init__()
         if moe.gate.bias is not None:  # the layer kernel's router has none
             raise ValueError("CPUDecoderLayer: a router with a bias is not supported")
         self.top_k, self.normalize = moe.top_k, moe.normalize
-        self.gate, self.experts = CPULinear(moe.gate, config, quant=quant), CPUExperts(moe.experts, config, quant=quant)
+        self.gate = CPULinear(moe.gate, config, quant=quant)  # the router's kernel takes int16
+        self.experts = CPUExperts(moe.experts, config, quant=quant, activations=activations)
         if hasattr(moe, "shared_expert"):
-            self.shared_expert = CPUMLP(moe.shared_expert, config, quant=quant)
+            self.shared_expert = CPUMLP(moe.shared_expert, config, quant=quant, activations=activations)
             self.shared_expert_gate = CPULinear(moe.shared_expert_gate, config, quant=quant)
 
     def load(self, get) -> None:
@@ -49,11 +50,11 @@ class _RoutedExperts(nn.Module):
         """(router, experts, shared) as `kernels.layer.moe_layer_step` takes them."""
         router = (self.gate.prepared.t, self.gate.prepared.w, self.top_k, bool(self.normalize))
         ex = self.experts
-        experts = tuple(a for w in (ex.gate, ex.up, ex.down) for a in as_blocks(*w)[:2])
+        experts = (*(a for w in (ex.gate, ex.up, ex.down) for a in as_blocks(*w)[:2]), ex.acts)
         shared = None
         if hasattr(self, "shared_expert"):
             g = self.shared_expert_gate.prepared
-            shared = (*self.shared_expert.weights, g.t, g.w)
+            shared = (*self.shared_expert.args, g.t, g.w)
         return router, experts, shared
 
 
@@ -69,9 +70,10 @@ class CPUDecoderLayer(Operator):
 
     replaces = (Block,)
 
-    def __init__(self, original: Block, config, *, device: str = "cpu", quant: str | None = None, kv_dtype: str = "float32"):
+    def __init__(self, original: Block, config, *, device: str = "cpu", quant: str | None = None, kv_dtype: str = "float32",
+                 activations: str = DEFAULT_ACTIVATIONS):
         super().__init__(original, config)
-        self.check_kwargs(device, quant, kv_dtype)
+        self.check_kwargs(device, quant, kv_dtype, activations)
         attn, self.ffn_name = original.self_attn, original.ffn_name
         ffn = original._modules[self.ffn_name]
         if type(attn) is not Attention or type(ffn) not in (MLP, mixtral.SparseMoe, qwen_moe.SparseMoe):
@@ -81,15 +83,19 @@ class CPUDecoderLayer(Operator):
                 "place its modules one by one instead (CPUAttention, CPUMLP, CPUExperts, ...)"
             )
         self.input_layernorm = CPURMSNorm(original.input_layernorm, config)
-        self.self_attn = CPUAttention(attn, config, quant=quant, kv_dtype=kv_dtype)
+        self.self_attn = CPUAttention(attn, config, quant=quant, kv_dtype=kv_dtype, activations=activations)
         self.post_attention_layernorm = CPURMSNorm(original.post_attention_layernorm, config)
-        ffn_op = CPUMLP(ffn, config, quant=quant) if type(ffn) is MLP else _RoutedExperts(ffn, config, quant)
+        if type(ffn) is MLP:
+            ffn_op = CPUMLP(ffn, config, quant=quant, activations=activations)
+        else:
+            ffn_op = _RoutedExperts(ffn, config, quant, activations)
         self.add_module(self.ffn_name, ffn_op)
 
     @staticmethod
-    def check_kwargs(device="cpu", quant=None, kv_dtype="float32"):
+    def check_kwargs(device="cpu", quant=None, kv_dtype="float32", activations=DEFAULT_ACTIVATIONS):
         check_cpu("CPUDecoderLayer", device)
         check_quant(quant)
+        check_activations("CPUDecoderLayer", activations)
         CPUAttention.check_kwargs(kv_dtype=kv_dtype)
 
     @property
@@ -99,7 +105,7 @@ class CPUDecoderLayer(Operator):
     def load(self, get) -> None:
         for name, child in self.named_children():
             child.load(lambda n, p=name: get(f"{p}.{n}"))
-        self.ffn_args = self.ffn.weights if isinstance(self.ffn, CPUMLP) else self.ffn.kernel_args()
+        self.ffn_args = self.ffn.args if isinstance(self.ffn, CPUMLP) else self.ffn.kernel_args()
 
     def decode_bytes(self, top_k: int) -> int:
         return sum(child.decode_bytes(top_k) for child in self.children())

@@ -7,33 +7,39 @@ from torch import nn
 
 from . import kernels, offload
 from .base import Operator, check_quant, weight_array
+from .kernels.formats import DEFAULT_ACTIVATIONS, check_activations
 
 
 class CPULinear(Operator):
     """Replaces nn.Linear. Weight [out, in] stays in its stored GGUF form (raw blocks);
-    `quant` quantizes float checkpoints at load (q8_0, q4_0, ...)."""
+    `quant` quantizes float checkpoints at load (q8_0, q4_0, ...); `activations` (int8,
+    int16 or float) is the form x takes in the quantized dot products (`kernels.formats`)."""
 
     replaces = (nn.Linear,)
 
     def __init__(
         self, original: nn.Linear, config, *, device: str = "cpu", quant: str | None = None, threads: int | None = None,
         generate_device: str | None = None, prefill_device: str | None = None, prefill_min_tokens: int = offload.PREFILL_MIN_TOKENS,
+        activations: str = DEFAULT_ACTIVATIONS,
     ):
         super().__init__(original, config)
-        self.check_kwargs(device, quant, threads, generate_device, prefill_device, prefill_min_tokens)
+        self.check_kwargs(device, quant, threads, generate_device, prefill_device, prefill_min_tokens, activations)
+        self.acts = check_activations("CPULinear", activations)
         self.in_features, self.out_features = original.in_features, original.out_features
         self.quant, self.threads = quant, threads
         self.prefill = offload.Prefill(prefill_device, prefill_min_tokens)
         self.has_bias = original.bias is not None
 
     @staticmethod
-    def check_kwargs(device="cpu", quant=None, threads=None, generate_device=None, prefill_device=None, prefill_min_tokens=offload.PREFILL_MIN_TOKENS):
+    def check_kwargs(device="cpu", quant=None, threads=None, generate_device=None, prefill_device=None,
+                     prefill_min_tokens=offload.PREFILL_MIN_TOKENS, activations=DEFAULT_ACTIVATIONS):
         offload.check_devices("CPULinear", device, generate_device, prefill_device, prefill_min_tokens)
         check_quant(quant)
+        check_activations("CPULinear", activations)
 
     def load(self, get) -> None:
         self.qtype, self.weight = weight_array(get("weight"), self.quant)
-        self.prepared = kernels.Prepared(self.qtype, self.weight)
+        self.prepared = kernels.Prepared(self.qtype, self.weight, self.acts)
         self.bias = get("bias").tensor() if self.has_bias else None
 
     def decode_bytes(self, top_k: int) -> int:
@@ -51,7 +57,7 @@ class CPULinear(Operator):
             y = torch.empty(1, self.out_features)
             self.prepared.gemv(flat[0], y.numpy()[0])
         else:
-            y = torch.from_numpy(kernels.matmul(self.qtype, self.weight, flat, threads=self.threads))
+            y = torch.from_numpy(kernels.matmul(self.qtype, self.weight, flat, threads=self.threads, acts=self.acts))
         if self.bias is not None:
             y += self.bias
         return y.view(*lead, self.out_features).to(x.device, x.dtype)

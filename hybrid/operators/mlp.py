@@ -9,6 +9,7 @@ from hybrid.models.common import MLP
 
 from .base import Operator, check_cpu, check_quant
 from .kernels import decode
+from .kernels.formats import DEFAULT_ACTIVATIONS, check_activations
 from .linear import CPULinear
 
 
@@ -26,21 +27,25 @@ class CPUMLP(Operator):
 
     replaces = (MLP,)
 
-    def __init__(self, original: MLP, config, *, device: str = "cpu", quant: str | None = None):
+    def __init__(self, original: MLP, config, *, device: str = "cpu", quant: str | None = None,
+                 activations: str = DEFAULT_ACTIVATIONS):
         super().__init__(original, config)
-        self.check_kwargs(device, quant)
+        self.check_kwargs(device, quant, activations)
+        self.acts = check_activations("CPUMLP", activations)
         for name in ("gate_proj", "up_proj", "down_proj"):
-            setattr(self, name, CPULinear(getattr(original, name), config, quant=quant))
+            setattr(self, name, CPULinear(getattr(original, name), config, quant=quant, activations=activations))
 
     @staticmethod
-    def check_kwargs(device="cpu", quant=None):
+    def check_kwargs(device="cpu", quant=None, activations=DEFAULT_ACTIVATIONS):
         check_cpu("CPUMLP", device)
         check_quant(quant)
+        check_activations("CPUMLP", activations)
 
     def load(self, get) -> None:
         for name in ("gate_proj", "up_proj", "down_proj"):
             getattr(self, name).load(lambda n, p=name: get(f"{p}.{n}"))
-        self.weights = tuple(a for p in (self.gate_proj, self.up_proj, self.down_proj) for a in (p.prepared.t, p.prepared.w))
+        # what `decode.mlp_step` takes: (type, blocks) per projection, then the activation form
+        self.args = (*(a for p in (self.gate_proj, self.up_proj, self.down_proj) for a in (p.prepared.t, p.prepared.w)), self.acts)
 
     def decode_bytes(self, top_k: int) -> int:
         return sum(p.decode_bytes(top_k) for p in (self.gate_proj, self.up_proj, self.down_proj))
@@ -49,5 +54,5 @@ class CPUMLP(Operator):
         lead, C = x.shape[:-1], x.shape[-1]
         if lead.numel() > FUSED_MAX_TOKENS or x.device.type != "cpu" or x.dtype != torch.float32:
             return MLP.forward(self, x)
-        y = decode.mlp_step(x.reshape(-1, C).contiguous().numpy(), *self.weights, numba.get_num_threads())
+        y = decode.mlp_step(x.reshape(-1, C).contiguous().numpy(), *self.args, numba.get_num_threads())
         return torch.from_numpy(y).view(*lead, C)

@@ -14,7 +14,7 @@ from numba import prange, types
 from numba.extending import intrinsic, overload
 
 from .batch import ROWS, tile_rows
-from .formats import FASTMATH, GEMM_TOKENS, HAS_VNNI, INT_TYPES, MULTI_TYPES, _h2f, _stack_f32, gemm_rows, gemv_rows, quantize_rows
+from .formats import FASTMATH, GEMM_TOKENS, _h2f, _stack_f32, act_mode, gemm_rows, gemm_takes, gemv_rows, rows_input
 
 
 @intrinsic
@@ -55,28 +55,19 @@ def _store_impl(a, i, value):
 @numba.njit(inline="always", fastmath=FASTMATH)
 def _rows(t, w, xa, y, lo, hi):
     """y[b, r] = w[r] . x[b] for rows lo..hi-1 and every token b; xa: the tokens x as
-    `quantize_rows` gives them. One token: `gemv_rows`, as `_gemv`. Two to GEMM_TOKENS of a
-    format in MULTI_TYPES: `gemm_rows`. Otherwise rows decoded once into L1 tiles for all
+    `quantize_rows` gives them. One token: `gemv_rows`, as `_gemv`. Two to GEMM_TOKENS
+    where `gemm_takes` the format: `gemm_rows`. Otherwise rows decoded once into L1 tiles for all
     tokens (a per-token dot decodes every row B times: a batch-8 MoE attention took 6.7x
     batch 1)."""
     x = xa[0]
     B = x.shape[0]
     if B == 1:
         gemv_rows(t, w, xa, 0, lo, hi, y[0])
-    elif B <= GEMM_TOKENS and xa[4].shape[1] and t in MULTI_TYPES:
+    elif B <= GEMM_TOKENS and gemm_takes(xa, t):
         tokens = np.arange(B)
         gemm_rows(t, w, xa, tokens, tokens, B, lo, hi, y)
     else:
         tile_rows(t, w, x, y, lo, hi, 0, B, np.empty((ROWS, x.shape[1]), np.float32))
-
-
-@numba.njit(inline="always", fastmath=FASTMATH)
-def rows_input(x, int_path):
-    """x as `_rows` takes it: rounded to int16 for a format on the integer path
-    (`int_path`) where `_rows` takes that path, for one token or (VNNI) up to GEMM_TOKENS;
-    more tokens go through float tiles."""
-    B = x.shape[0]
-    return quantize_rows(x, int_path and (B == 1 or (HAS_VNNI and B <= GEMM_TOKENS)))
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
@@ -206,13 +197,14 @@ def _attend(q, q0, gc, keys, vals, lo, hi, scale, m_out, l_out, o_out, D, W):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
-def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, eps, cos, sin, kc, vc, slots, pos, scale, threads):
+def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, eps, acts, cos, sin, kc, vc, slots, pos, scale, threads):
     """Grouped-query attention of one new token per sequence; returns float32 [B, hidden].
 
     x: float32 [B, hidden], the normed input of token b of sequence b;
     wq, wk, wv, wo: uint8 blocks [rows, row_bytes], type codes tq, tk, tv, to;
     bq, bk, bv, bo: float32 [rows] biases, or [0] for none;
     qn, kn: float32 [D] q/k RMSNorm weights, or [0] for none (eps: their epsilon);
+    acts: the activation form the projections ask for (formats.ACT_*);
     cos, sin: float32 [B, D] rotary tables at each token's position (scale included);
     kc, vc: float32, or uint16 float16 bits, [slots, Hkv, max_len, D], written at (slots[b], :, pos[b]);
     slots, pos: int64 [B] cache slot and position of each token (it attends to keys 0..pos[b]);
@@ -229,7 +221,7 @@ def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, ep
     q = np.empty((B, H * D), np.float32)
     k = np.empty((B, Hkv * D), np.float32)
     v = np.empty((B, Hkv * D), np.float32)
-    xa = rows_input(x, tq in INT_TYPES or tk in INT_TYPES or tv in INT_TYPES)
+    xa = rows_input(x, max(act_mode(acts, tq), act_mode(acts, tk), act_mode(acts, tv)))
     for c in prange(threads):
         lo, hi = _share(H * D, c, threads)
         _rows(tq, wq, xa, q, lo, hi)
@@ -307,7 +299,7 @@ def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, ep
                     att[b, qo + d] /= total
 
     y = np.empty((B, wo.shape[0]), np.float32)
-    atta = rows_input(att, to in INT_TYPES)
+    atta = rows_input(att, act_mode(acts, to))
     for c in prange(threads):
         lo, hi = _share(wo.shape[0], c, threads)
         _rows(to, wo, atta, y, lo, hi)
@@ -318,16 +310,17 @@ def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, ep
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
-def mlp_step(x, tg, wg, tu, wu, td, wd, threads):
+def mlp_step(x, tg, wg, tu, wu, td, wd, acts, threads):
     """down(silu(gate x) * up x) for a few tokens; returns float32 [N, hidden].
 
     x: float32 [N, hidden]; wg, wu: uint8 blocks [I, row_bytes]; wd: [hidden, row_bytes];
-    tg, tu, td: their type codes; threads: numba's thread count.
+    tg, tu, td: their type codes; acts: the activation form asked for (formats.ACT_*);
+    threads: numba's thread count.
     """
     N, I = x.shape[0], wg.shape[0]
     act = np.empty((N, I), np.float32)
     up = np.empty((N, I), np.float32)
-    xa = rows_input(x, tg in INT_TYPES or tu in INT_TYPES)
+    xa = rows_input(x, max(act_mode(acts, tg), act_mode(acts, tu)))
     for c in prange(threads):
         lo, hi = _share(I, c, threads)
         # gate's rows, then the same rows of up (as `_rows`: GEMVs, or decoded tiles)
@@ -338,7 +331,7 @@ def mlp_step(x, tg, wg, tu, wu, td, wd, threads):
                 g = act[n, r]
                 act[n, r] = g / (np.float32(1) + np.exp(-g)) * up[n, r]
     y = np.empty((N, wd.shape[0]), np.float32)
-    acta = rows_input(act, td in INT_TYPES)
+    acta = rows_input(act, act_mode(acts, td))
     for c in prange(threads):
         lo, hi = _share(wd.shape[0], c, threads)
         _rows(td, wd, acta, y, lo, hi)

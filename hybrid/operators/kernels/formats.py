@@ -53,14 +53,15 @@ FLOAT_DTYPES = {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: np.uint16}
 
 
 def _host_has_vnni() -> bool:
-    """Whether numba compiles for a CPU with AVX-512 VNNI on 256-bit vectors (vpdpbusd ymm):
+    """Whether numba compiles for a CPU with vpdpbusd on 256-bit vectors (AVX-VNNI, or AVX-512
+    VNNI with VL):
     the host's features, unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES pick another target."""
     if numba.config.CPU_NAME or numba.config.CPU_FEATURES:
         return False
     from llvmlite import binding
 
     features = binding.get_host_cpu_features()
-    return bool(features.get("avx512vnni") and features.get("avx512vl"))
+    return bool(features.get("avxvnni") or (features.get("avx512vnni") and features.get("avx512vl")))
 
 
 # Part of each kernel's compiled code (numba's cache is per CPU, so it stays consistent).
@@ -720,6 +721,200 @@ def _sum16(typingctx, a, o, c):
     return types.float32(a, o, c), codegen
 
 
+# --- int8 path: x rounded to int8 per 32-block, one 8-bit dot product per block ---------
+# llama.cpp's activation form (its Q8_0 companion): x = d * q8 per 32 values, |q8| <= 127.
+# A block's 32 products are summed by fours into 8 int32 lanes by one instruction where the
+# CPU has VNNI (vpdpbusd, AVX-512 VNNI or AVX-VNNI) or two on AVX2 (vpmaddubsw, then vpmaddwd
+# with ones). Both take unsigned weights: 4-bit ones as they are (the -8 offset or Q4_1's
+# minimum comes back through the block's sum of x, as on the VNNI path), signed ones (Q8_0,
+# Q6_K) as |w| against x with w's sign, so that vpmaddubsw's int16 pair sums cannot
+# saturate (|w| <= 128, |q8| <= 127). x's rounding error is ~4e-3 of a block's largest
+# value; docs/performance.md ("Activations") has what it does to a model's perplexity.
+
+_AVX2_CPUS = frozenset(
+    "haswell broadwell skylake skylake-avx512 cascadelake cooperlake cannonlake icelake-client"
+    " icelake-server tigerlake rocketlake alderlake raptorlake meteorlake arrowlake lunarlake"
+    " sapphirerapids emeraldrapids graniterapids znver1 znver2 znver3 znver4 znver5 x86-64-v3"
+    " x86-64-v4".split()
+)
+
+
+def _target_has_avx2() -> bool:
+    """Whether numba compiles for a CPU with AVX2 (the host's, or NUMBA_CPU_NAME's)."""
+    if numba.config.CPU_FEATURES:
+        return "+avx2" in numba.config.CPU_FEATURES.split(",")
+    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
+        return numba.config.CPU_NAME in _AVX2_CPUS
+    from llvmlite import binding
+
+    return bool(binding.get_host_cpu_features().get("avx2"))
+
+
+HAS_AVX2 = _target_has_avx2()
+
+
+def _call(builder, name, ret, args):
+    fn = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+def _dot4(builder, acc, w, x):
+    """acc + the sums of four products zext(w) * sext(x) per int32 lane (w, x: <32 x i8>;
+    w <= 128, where AVX2's pairwise int16 sums stay exact)."""
+    if HAS_VNNI or not HAS_AVX2:
+        return _dpbusd(builder, acc, w, x)
+    i16x16 = ir.VectorType(ir.IntType(16), 16)
+    pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", i16x16, [w, x])
+    return builder.add(acc, _call(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [pairs, ir.Constant(i16x16, [1] * 16)]))
+
+
+def _dot4_signed(builder, acc, w, x):
+    """`_dot4` of signed weights (-128..127): |w| against x with w's sign."""
+    zero = ir.Constant(_I8x32, [0] * 32)
+    neg = builder.icmp_signed("<", w, zero)
+    return _dot4(builder, acc, builder.select(neg, builder.sub(zero, w), w), builder.select(neg, builder.sub(zero, x), x))
+
+
+def _into_lanes(context, builder, aty, a, ao, t, s):
+    """a[ao:ao + 8] += float(t) * s (t: <8 x i32>; s: a float, or <8 x float> per lane)."""
+    if not isinstance(s.type, ir.VectorType):
+        s = _splat(builder, s, 8)
+    at = _vec_at(context, builder, aty, a, ao, 8)
+    prod = builder.fmul(builder.sitofp(t, _F32x8), s, flags=["contract"])
+    builder.store(builder.fadd(builder.load(at, align=4), prod, flags=["contract"]), at, align=4)
+    return context.get_dummy_value()
+
+
+def _load32(context, builder, aty, arr, o):
+    return builder.load(_vec_at(context, builder, aty, arr, o, 32), align=1)
+
+
+_NO_LANES = ir.Constant(_I32x8, [0] * 8)
+
+
+@intrinsic
+def _dot8_w(typingctx, a, ao, w, x8, xo, s):
+    """a[ao:ao + 8] += s * (w . x8[xo:xo + 32]) for a `_W8` block w of unsigned weights."""
+    def codegen(context, builder, sig, args):
+        a, ao, w, x8, xo, s = args
+        t = _dot4(builder, _NO_LANES, w, _load32(context, builder, sig.args[3], x8, xo))
+        return _into_lanes(context, builder, sig.args[0], a, ao, t, s)
+    return types.none(a, ao, w, x8, xo, s), codegen
+
+
+@intrinsic
+def _dot8_sw(typingctx, a, ao, w, x8, xo, s):
+    """As `_dot8_w` for a block w of signed weights (`_w_raw`)."""
+    def codegen(context, builder, sig, args):
+        a, ao, w, x8, xo, s = args
+        t = _dot4_signed(builder, _NO_LANES, w, _load32(context, builder, sig.args[3], x8, xo))
+        return _into_lanes(context, builder, sig.args[0], a, ao, t, s)
+    return types.none(a, ao, w, x8, xo, s), codegen
+
+
+@intrinsic
+def _w_raw(typingctx, row, o):
+    """The 32 bytes at row[o:o + 32] as a `_W8` (Q8_0's signed weights as they are)."""
+    def codegen(context, builder, sig, args):
+        return _load32(context, builder, sig.args[0], args[0], args[1])
+    return _W8(row, o), codegen
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _blk8_q8_0(row, o):
+    """A Q8_0 block for the int8 path: (d, its signed weights, no offset)."""
+    return _f16(row, o), _w_raw(row, o + 2), np.float32(0)
+
+
+def _dot8_nibbles(shift):
+    @intrinsic
+    def dot(typingctx, a, ao, row, o, x8, xo, s):
+        def codegen(context, builder, sig, args):
+            a, ao, row, o, x8, xo, s = args
+            w = _load32(context, builder, sig.args[2], row, o)
+            w = builder.lshr(w, ir.Constant(_I8x32, [shift] * 32)) if shift else w
+            w = builder.and_(w, ir.Constant(_I8x32, [15] * 32))
+            t = _dot4(builder, _NO_LANES, w, _load32(context, builder, sig.args[4], x8, xo))
+            return _into_lanes(context, builder, sig.args[0], a, ao, t, s)
+        return types.none(a, ao, row, o, x8, xo, s), codegen
+    return dot
+
+
+# a[ao:ao + 8] += s * (w . x8[xo:]) for the low or the high nibbles of the 32 bytes at row[o:] (Q4_K)
+_dot8_low4, _dot8_high4 = _dot8_nibbles(0), _dot8_nibbles(4)
+
+
+@intrinsic
+def _dot8_q6(typingctx, a, ao, row, lo, lo_shift, hi, hi_shift, x8, xo, s0, s1):
+    """a[ao:ao + 8] += s * (w . x8[xo:xo + 32]) for 32 Q6_K weights w = q - 32, q's low 4 bits
+    (row[lo + j] >> lo_shift) & 15 and high 2 bits (row[hi + j] >> hi_shift) & 3; s = s0 for
+    weights 0-15 (lanes 0-3), s1 for 16-31."""
+    def codegen(context, builder, sig, args):
+        a, ao, row, lo, lo_shift, hi, hi_shift, x8, xo, s0, s1 = args
+        rty = sig.args[2]
+
+        def field(off, shift, mask):
+            v = builder.lshr(_load32(context, builder, rty, row, off), _splat(builder, builder.trunc(shift, ir.IntType(8)), 32))
+            return builder.and_(v, ir.Constant(_I8x32, [mask] * 32))
+        q = builder.or_(field(lo, lo_shift, 15), builder.shl(field(hi, hi_shift, 3), ir.Constant(_I8x32, [4] * 32)))
+        w = builder.sub(q, ir.Constant(_I8x32, [32] * 32))
+        t = _dot4_signed(builder, _NO_LANES, w, _load32(context, builder, sig.args[7], x8, xo))
+        s = builder.shuffle_vector(_splat(builder, s0, 8), _splat(builder, s1, 8), ir.Constant(_I32x8, [0] * 4 + [8] * 4))
+        return _into_lanes(context, builder, sig.args[0], a, ao, t, s)
+    return types.none(a, ao, row, lo, lo_shift, hi, hi_shift, x8, xo, s0, s1), codegen
+
+
+# _i8_<fmt>(row, o, x8, xs, xsum, b, a, ao): block b (bytes from o) of a row against x as
+# `quantize_rows(..., int8=True)` gives it, into a[ao:ao + 8] (K-quants: lanes 0-7 and 8-15
+# themselves); returns the block's offset or minimum term, as the VNNI path's blocks do.
+
+def _i8_of(blk, dot):
+    """The int8 block of a 32-weight format: the same arithmetic, in the same order, as a
+    token's share of `_dots` with `dot`."""
+
+    @numba.njit(inline="always", fastmath=FASTMATH)
+    def block(row, o, x8, xs, xsum, b, a, ao):
+        d, w, m = blk(row, o)
+        dot(a, ao, w, x8, 32 * b, d * _get(xs, b))
+        return m * _get(xsum, b)
+
+    return block
+
+
+_i8_q4_0, _i8_q4_1, _i8_q8_0 = _i8_of(_blk_q4_0, _dot8_w), _i8_of(_blk_q4_1, _dot8_w), _i8_of(_blk8_q8_0, _dot8_sw)
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _i8_q4_k(row, o, x8, xs, xsum, b, a, ao):
+    buf = _stack_f32(8)
+    mins = _k_scales(row, o, _f16(row, o), xs, xsum, 8 * b, buf)
+    sc = numba.carray(_opaque_f32(buf), (8,))
+    for c in range(4):
+        g = 8 * b + 2 * c
+        _dot8_low4(a, 0, row, o + 16 + 32 * c, x8, 32 * g, sc[2 * c])
+        _dot8_high4(a, 8, row, o + 16 + 32 * c, x8, 32 * g + 32, sc[2 * c + 1])
+    return -_f16(row, o + 2) * mins
+
+
+@numba.njit(inline="always")
+def _s8(row, o):
+    """The signed byte at row[o] as float32."""
+    return np.float32(np.int8(row[o]))
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _i8_q6_k(row, o, x8, xs, xsum, b, a, ao):
+    d = _f16(row, o + 208)
+    for h in range(2):
+        for k in range(4):  # weights 128h + 32k + j, bits and scales as in _acc_q6_k
+            g = 8 * b + 4 * h + k
+            s = d * _get(xs, g)
+            sc = o + 192 + 8 * h + 2 * k
+            _dot8_q6(a, 8 * (k & 1), row, o + 64 * h + 32 * (k & 1), 4 * (k >> 1), o + 128 + 32 * h, 2 * k,
+                     x8, 32 * g, s * _s8(row, sc), s * _s8(row, sc + 1))
+    return np.float32(0)
+
+
 # --- generic loops, specialized per format ---------------------------------------------
 # A `_pair_*` function dots two rows; `_rows_of` wraps it in the loop over a range of row
 # pairs, inlined: as a function called per pair, the call and the reference counts of the
@@ -899,6 +1094,13 @@ _rows_vnni_q8_0 = _rows_of(_pair_vnni(_vnni_q8_0, 34, OFF_Q8_0), STRICT)
 _rows_vnni_q4_0 = _rows_of(_pair_vnni(_vnni_q4_0, 18, OFF_Q4_0), STRICT)
 _rows_vnni_q4_1 = _rows_of(_pair_vnni(_vnni_q4_1, 20, OFF_Q4_1), STRICT)
 _rows_vnni_q4_k = _rows_of(_pair_vnni(_vnni_q4_k, 144), STRICT)
+_rows_i8_q8_0 = _rows_of(_pair_vnni(_i8_q8_0, 34), STRICT)
+_rows_i8_q4_0 = _rows_of(_pair_vnni(_i8_q4_0, 18, OFF_Q4_0), STRICT)
+_rows_i8_q4_1 = _rows_of(_pair_vnni(_i8_q4_1, 20, OFF_Q4_1), STRICT)
+_rows_i8_q4_k = _rows_of(_pair_vnni(_i8_q4_k, 144), STRICT)
+_rows_i8_q6_k = _rows_of(_pair_vnni(_i8_q6_k, 210), STRICT)
+# Formats with an int8 path (`quantize_rows(..., int8=True)`), on any x86-64 CPU.
+INT8_TYPES = (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)
 VNNI_TYPES = (Q8_0, Q4_0, Q4_1, Q4_K) if HAS_VNNI else ()
 # Formats whose GEMV takes x rounded to integers (`quantize_rows`). Q4_1 only with VNNI: on
 # the int16 path it gained nothing (SmolLM2's step 7.20 vs 7.11 ms).
@@ -912,12 +1114,14 @@ INT_TYPES = INT16_TYPES + ((Q4_1,) if HAS_VNNI else ())
 # same order as `_pair_vnni` (even blocks into lanes 0-7, odd ones into 8-15), so each
 # token gets the GEMV's result, bit for bit.
 
-def _dots_vnni(blk, block_bytes, off, K):
+def _dots(blk, block_bytes, off, K, dot, step):
     """y[iy[j0 + k], r] = w[r] . x[ix[j0 + k]] for k < K (a compile-time count); w: the
     flattened rows (row r from byte r * nb * block_bytes), xb, xs, xsum: the flattened
     arrays of `quantize_rows`; nb: blocks per row; a, c, at: stack scratch (float32 16 * K
-    lanes, K offset sums, K first-block indices). Flat arrays and scratch from the caller: a row view or a carray made per call
-    costs a reference-count call each, per row."""
+    lanes, K offset sums, K first-block indices); dot: the block dot of the path (`_dot_w` on
+    split int16 bytes, `step` 64 per block; `_dot8_w`/`_dot8_sw` on int8, 32). Flat arrays and
+    scratch from the caller: a row view or a carray made per call costs a reference-count
+    call each, per row."""
 
     @numba.njit(inline="always", fastmath=FASTMATH)
     def dots(w, xb, xs, xsum, nb, ix, j0, y, iy, r, a, c, at):
@@ -932,16 +1136,16 @@ def _dots_vnni(blk, block_bytes, off, K):
             d1, w1, m1 = blk(w, o + (b + 1) * block_bytes)
             for k in range(K):
                 s = at[k] + b
-                _dot_w(a, 16 * k, w0, xb, 64 * s, d0 * _get(xs, s))
+                dot(a, 16 * k, w0, xb, step * s, d0 * _get(xs, s))
                 c[k] += m0 * _get(xsum, s)
-                _dot_w(a, 16 * k + 8, w1, xb, 64 * s + 64, d1 * _get(xs, s + 1))
+                dot(a, 16 * k + 8, w1, xb, step * s + step, d1 * _get(xs, s + 1))
                 c[k] += m1 * _get(xsum, s + 1)
         if nb % 2:
             b = nb - 1
             d0, w0, m0 = blk(w, o + b * block_bytes)
             for k in range(K):
                 s = at[k] + b
-                _dot_w(a, 16 * k, w0, xb, 64 * s, d0 * _get(xs, s))
+                dot(a, 16 * k, w0, xb, step * s, d0 * _get(xs, s))
                 c[k] += m0 * _get(xsum, s)
         for k in range(K):
             y[_get(iy, j0 + k), r] = _sum16(a, 16 * k, off * c[k])
@@ -949,12 +1153,12 @@ def _dots_vnni(blk, block_bytes, off, K):
     return dots
 
 
-def _gemm_vnni(blk, block_bytes, off):
+def _gemm(blk, block_bytes, off, dot=_dot_w, step=64):
     """Rows lo..hi-1, each against `count` tokens: four at a time, the rest (1-3) at once."""
-    dots4 = _dots_vnni(blk, block_bytes, off, 4)
-    dots3 = _dots_vnni(blk, block_bytes, off, 3)
-    dots2 = _dots_vnni(blk, block_bytes, off, 2)
-    dots1 = _dots_vnni(blk, block_bytes, off, 1)
+    dots4 = _dots(blk, block_bytes, off, 4, dot, step)
+    dots3 = _dots(blk, block_bytes, off, 3, dot, step)
+    dots2 = _dots(blk, block_bytes, off, 2, dot, step)
+    dots1 = _dots(blk, block_bytes, off, 1, dot, step)
 
     @numba.njit(inline="always", fastmath=FASTMATH)
     def rows(w, xb, xs, xsum, ix, count, lo, hi, y, iy):
@@ -978,26 +1182,45 @@ def _gemm_vnni(blk, block_bytes, off):
     return rows
 
 
-_gemm_q8_0 = _gemm_vnni(_blk_q8_0, 34, OFF_Q8_0)
-_gemm_q4_0 = _gemm_vnni(_blk_q4_0, 18, OFF_Q4_0)
-_gemm_q4_1 = _gemm_vnni(_blk_q4_1, 20, OFF_Q4_1)
+_gemm_q8_0 = _gemm(_blk_q8_0, 34, OFF_Q8_0)
+_gemm_q4_0 = _gemm(_blk_q4_0, 18, OFF_Q4_0)
+_gemm_q4_1 = _gemm(_blk_q4_1, 20, OFF_Q4_1)
+_gemm8_q8_0 = _gemm(_blk8_q8_0, 34, np.float32(1), _dot8_sw, 32)
+_gemm8_q4_0 = _gemm(_blk_q4_0, 18, OFF_Q4_0, _dot8_w, 32)
+_gemm8_q4_1 = _gemm(_blk_q4_1, 20, OFF_Q4_1, _dot8_w, 32)
 # Formats `gemm_rows` takes (the 32-weight blocks of the VNNI path), and up to how many
 # tokens it is used: one core, 512 x 1024 in L2, G weight-tokens/s for 2, 3, 4 tokens,
 # Q8_0: GEMV per token 22, 22, 22, decoded float tiles 14, 15, 21, gemm_rows 25, 28, 31;
 # from about 5 tokens on the float tiles are as fast and gain with every token.
 MULTI_TYPES = (Q8_0, Q4_0, Q4_1) if HAS_VNNI else ()
+# ... and on the int8 path, on any CPU
+MULTI8_TYPES = (Q8_0, Q4_0, Q4_1)
 GEMM_TOKENS = 8
+
+
+@numba.njit(inline="always")
+def gemm_takes(xa, t):
+    """Whether `gemm_rows` takes type code t with x in the form xa (`quantize_rows`)."""
+    return (xa[5].shape[1] > 0 and t in MULTI8_TYPES) or (xa[4].shape[1] > 0 and t in MULTI_TYPES)
 
 
 @numba.njit(nogil=True, fastmath=STRICT)
 def gemm_rows(t, w, xa, ix, iy, count, lo, hi, y):
-    """y[iy[j], r] = w[r] . x[ix[j]] for j < count and rows lo..hi-1 of w (type code t in
-    MULTI_TYPES, uint8 [rows, row_bytes]); xa as `quantize_rows` gives it with the split
-    bytes; ix, iy: int64 token and output row indices; y: float32 [*, rows]. Each token
-    gets what `gemv_rows` gives it."""
-    xb, xs, xsum = xa[4], xa[2], xa[3]
+    """y[iy[j], r] = w[r] . x[ix[j]] for j < count and rows lo..hi-1 of w (uint8 [rows,
+    row_bytes], type code t as `gemm_takes` allows); xa as `quantize_rows` gives it, in
+    int8 or with the split int16 bytes; ix, iy: int64 token and output row indices;
+    y: float32 [*, rows]. Each token gets what `gemv_rows` gives it, bit for bit."""
+    xb, xs, xsum, x8 = xa[4], xa[2], xa[3], xa[5]
     xbf, xsf, xsumf = xb.reshape(xb.size), xs.reshape(xs.size), xsum.reshape(xsum.size)
-    if t == Q8_0:
+    x8f = x8.reshape(x8.size)
+    if x8.shape[1]:
+        if t == Q8_0:
+            _gemm8_q8_0(w, x8f, xsf, xsumf, ix, count, lo, hi, y, iy)
+        elif t == Q4_0:
+            _gemm8_q4_0(w, x8f, xsf, xsumf, ix, count, lo, hi, y, iy)
+        else:
+            _gemm8_q4_1(w, x8f, xsf, xsumf, ix, count, lo, hi, y, iy)
+    elif t == Q8_0:
         _gemm_q8_0(w, xbf, xsf, xsumf, ix, count, lo, hi, y, iy)
     elif t == Q4_0:
         _gemm_q4_0(w, xbf, xsf, xsumf, ix, count, lo, hi, y, iy)
@@ -1011,8 +1234,20 @@ def gemv_rows(t, w, xa, n, lo, hi, y):
     xa: the tokens x as `quantize_rows` gives them (formats in VNNI_TYPES take the VNNI
     path where xa has the split bytes, the others in INT16_TYPES the int16 path where it
     has xq, the rest the float one); y: float32 [rows]. Rows are dotted in far pairs."""
-    x, xq, xs, xsum, xb = xa
-    if xb.shape[1] and t in VNNI_TYPES:
+    x, xq, xs, xsum, xb, x8 = xa
+    if x8.shape[1] and t in INT8_TYPES:
+        x1 = (x8[n], xs[n], xsum[n])
+        if t == Q8_0:
+            _rows_i8_q8_0(w, x1, lo, hi, y)
+        elif t == Q4_0:
+            _rows_i8_q4_0(w, x1, lo, hi, y)
+        elif t == Q4_1:
+            _rows_i8_q4_1(w, x1, lo, hi, y)
+        elif t == Q4_K:
+            _rows_i8_q4_k(w, x1, lo, hi, y)
+        else:
+            _rows_i8_q6_k(w, x1, lo, hi, y)
+    elif xb.shape[1] and t in VNNI_TYPES:
         xv = (xb[n], xs[n], xsum[n])
         if t == Q8_0:
             _rows_vnni_q8_0(w, xv, lo, hi, y)
@@ -1057,24 +1292,29 @@ def gemv_rows(t, w, xa, n, lo, hi, y):
 
 
 # x is rounded to at most 127 * 256 in magnitude, so that its high byte (the VNNI path's xh)
-# stays within int8 however the low byte rounds.
+# stays within int8 however the low byte rounds; on the int8 path to at most 127.
 X_MAX = 32512
+X8_MAX = 127
 
 
 @numba.njit(nogil=True, fastmath=FASTMATH)
-def quantize_rows(x, needed=True, split=HAS_VNNI):
-    """(x, xq, xs, xsum, xb): each 32-block of each row of x (float32 [N, cols]) as int16 xq
-    [N, cols] times scale xs [N, cols // 32], the block's sum xsum (of xq * xs) and, with
-    `split` (the VNNI path), xq's bytes: int8 xb [N, 2 * cols], per block 32 high bytes xh
-    then 32 low ones xl, xq = 256 * xh + xl; the form `gemv_rows` takes.
+def quantize_rows(x, needed=True, split=HAS_VNNI, int8=False):
+    """(x, xq, xs, xsum, xb, x8): each 32-block of each row of x (float32 [N, cols]) rounded
+    to integers times a scale xs [N, cols // 32], with the block's sum xsum (of the rounded
+    values times xs); the form `gemv_rows` takes. Rounded to int16, xq [N, cols], and with
+    `split` (the VNNI path) also xq's bytes: int8 xb [N, 2 * cols], per block 32 high bytes
+    xh then 32 low ones xl, xq = 256 * xh + xl. With `int8`, rounded to int8 instead: x8
+    [N, cols] (xq and xb empty).
     A block holding NaN or Inf gets scale NaN or Inf and zeros, so its dots are NaN. Not
-    `needed` (no row of a format on the integer path): only x, with empty quantized arrays."""
+    `needed` (no row of a format on an integer path): only x, with empty integer arrays."""
     n, cols = x.shape
     nb = cols // 32 if needed else 0
-    xq = np.empty((n, 32 * nb), np.int16)
+    top_q = X8_MAX if int8 else X_MAX
+    xq = np.empty((n, 0 if int8 else 32 * nb), np.int16)
+    x8 = np.empty((n, 32 * nb if int8 else 0), np.int8)
     xs = np.empty((n, nb), np.float32)
     xsum = np.empty((n, nb), np.float32)
-    xb = np.empty((n, 64 * nb if split else 0), np.int8)
+    xb = np.empty((n, 64 * nb if split and not int8 else 0), np.int8)
     for i in range(n):
         bits = x[i].view(np.uint32)
         for b in range(nb):
@@ -1084,25 +1324,69 @@ def quantize_rows(x, needed=True, split=HAS_VNNI):
             for j in range(32):
                 top = max(top, bits[32 * b + j] & np.uint32(0x7FFFFFFF))
             m = _u2f(top)
-            inv = np.float32(X_MAX) / m if m > 0 else np.float32(0)  # 0 for NaN and Inf
+            inv = np.float32(top_q) / m if m > 0 else np.float32(0)  # 0 for NaN and Inf
             s = np.float32(0)
-            for j in range(32):
-                q = np.floor(x[i, 32 * b + j] * inv + np.float32(0.5))
-                xq[i, 32 * b + j] = np.int16(q)
-                s += q
-            xs[i, b] = m / np.float32(X_MAX)
+            if int8:
+                for j in range(32):
+                    q = np.floor(x[i, 32 * b + j] * inv + np.float32(0.5))
+                    x8[i, 32 * b + j] = np.int8(q)
+                    s += q
+            else:
+                for j in range(32):
+                    q = np.floor(x[i, 32 * b + j] * inv + np.float32(0.5))
+                    xq[i, 32 * b + j] = np.int16(q)
+                    s += q
+            xs[i, b] = m / np.float32(top_q)
             # the sum of the rounded block: a min term (Q4_K) then cancels against the
             # integer dot exactly as in w . rounded x (with the sum of x itself, real Q4_K
             # rows were 9e-5 off, not 2e-5)
             xsum[i, b] = s * xs[i, b]
-        if split:
+        if xb.shape[1]:
             for b in range(nb):
                 for j in range(32):
                     q = np.int32(xq[i, 32 * b + j])
                     low = np.int8(q & 255)  # as signed: q - 256 * high
                     xb[i, 64 * b + 32 + j] = low
                     xb[i, 64 * b + j] = np.int8((q - np.int32(low)) >> 8)
-    return x, xq, xs, xsum, xb
+    return x, xq, xs, xsum, xb, x8
+
+
+# What an operator's `activations` kwarg asks for: x as it is (the float path of every
+# format), rounded to int16 per 32-block (`INT_TYPES`; ~2e-5 relative error), or to int8
+# (`INT8_TYPES`; ~4e-3 of a block's largest value). A format without the asked-for path
+# takes the next one down.
+ACT_FLOAT, ACT_INT16, ACT_INT8 = 0, 1, 2
+ACTIVATIONS = {"float": ACT_FLOAT, "int16": ACT_INT16, "int8": ACT_INT8}
+DEFAULT_ACTIVATIONS = "int16"
+
+
+def check_activations(op: str, activations: str) -> int:
+    """The ACT_* code of an operator's `activations` kwarg."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"{op}: activations {activations!r} is not one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[activations]
+
+
+@numba.njit(inline="always")
+def act_mode(acts, t):
+    """The activation form (ACT_*) a weight of type code t takes under `acts`."""
+    if acts == ACT_INT8 and t in INT8_TYPES:
+        return ACT_INT8
+    if acts != ACT_FLOAT and t in INT_TYPES:
+        return ACT_INT16
+    return ACT_FLOAT
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def rows_input(x, mode):
+    """x (float32 [B, cols]) as `gemv_rows` and `gemm_rows` take it for weights whose
+    activation form is `mode` (`act_mode`): int8 for up to GEMM_TOKENS tokens; int16 for
+    one token, or up to GEMM_TOKENS with VNNI (`gemm_rows`); more tokens go through float
+    tiles."""
+    B = x.shape[0]
+    if mode == ACT_INT8 and B <= GEMM_TOKENS:
+        return quantize_rows(x, True, False, True)
+    return quantize_rows(x, mode != ACT_FLOAT and (B == 1 or (HAS_VNNI and B <= GEMM_TOKENS)))
 
 
 @numba.njit(inline="always")

@@ -4,18 +4,21 @@ residual. Between the per-module calls a layer spent ~100 us in Python and torch
 SmolLM2 step: 30 layers, most of its time); here the layer's kernels call each other.
 
 Argument groups are tuples, in the order the per-module kernels take them:
-attn = (tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, qk_eps) as
+attn = (tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, qk_eps, acts) as
 `decode.attention_step`; step = (cos, sin, kc, vc, slots, pos, scale);
-mlp = (tg, wg, tu, wu, td, wd) as `decode.mlp_step`;
-router = (tr, wr, top_k, normalize); experts = (tg, gate, tu, up, td, down) as `moe._moe_fused`;
-shared = None, or Qwen2-MoE's shared expert and its gate: (tg, wg, tu, wu, td, wd, tsg, wsg).
+mlp = (tg, wg, tu, wu, td, wd, acts) as `decode.mlp_step`;
+router = (tr, wr, top_k, normalize); experts = (tg, gate, tu, up, td, down, acts) as
+`moe._moe_fused`; shared = None, or Qwen2-MoE's shared expert and its gate:
+(tg, wg, tu, wu, td, wd, acts, tsg, wsg). acts: the activation form (formats.ACT_*); the
+router and the shared expert's gate take int16 activations whatever it is (a router's
+ranking decides which experts run).
 """
 
 import numba
 import numpy as np
 
 from .decode import _rows, attention_step, mlp_step, rms_norm, rows_input
-from .formats import FASTMATH, INT_TYPES
+from .formats import ACT_INT16, FASTMATH, act_mode
 from .moe import _moe_fused
 
 
@@ -75,7 +78,7 @@ def softmax_topk(logits, k, normalize):
 @numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
 def _router(x, tr, wr, top_k, normalize):
     logits = np.empty((x.shape[0], wr.shape[0]), np.float32)
-    _rows(tr, wr, rows_input(x, tr in INT_TYPES), logits, 0, wr.shape[0])
+    _rows(tr, wr, rows_input(x, act_mode(ACT_INT16, tr)), logits, 0, wr.shape[0])
     return softmax_topk(logits, top_k, normalize)
 
 
@@ -118,10 +121,10 @@ def moe_stack_step(x, layers, cos, sin, slots, pos, threads):
 
 @numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
 def _add_shared_expert(h, shared, out, threads):
-    tg, wg, tu, wu, td, wd, tsg, wsg = shared
-    y = mlp_step(h, tg, wg, tu, wu, td, wd, threads)
+    tg, wg, tu, wu, td, wd, acts, tsg, wsg = shared
+    y = mlp_step(h, tg, wg, tu, wu, td, wd, acts, threads)
     gate = np.empty((h.shape[0], 1), np.float32)
-    _rows(tsg, wsg, rows_input(h, tsg in INT_TYPES), gate, 0, 1)
+    _rows(tsg, wsg, rows_input(h, act_mode(ACT_INT16, tsg)), gate, 0, 1)
     for b in range(h.shape[0]):
         g = np.float32(1) / (np.float32(1) + np.exp(-gate[b, 0]))
         for i in range(h.shape[1]):

@@ -11,7 +11,10 @@ import torch
 from numba import prange
 
 from .batch import decode_row, matmul_small
-from .formats import FASTMATH, GEMM_TOKENS, INT_TYPES, MULTI_TYPES, as_blocks, gemm_rows, gemv_rows, quantize_rows
+from .formats import (
+    ACT_FLOAT, ACT_INT8, ACT_INT16, FASTMATH, GEMM_TOKENS, MULTI8_TYPES, MULTI_TYPES, act_mode, as_blocks, gemm_rows, gemv_rows,
+    rows_input,
+)
 
 # Up to this many tokens, decode each group of 4 weight rows once into L1 and multiply it
 # there with every token (batch.py); above, decode a tile of rows and hand it to BLAS.
@@ -38,11 +41,12 @@ def num_threads(threads):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
-def _gemv(t, w, x, y, chunks):
+def _gemv(t, w, x, y, chunks, acts):
     """w: uint8 [rows, row_bytes]; x: float32 [cols]; y: float32 [rows]; rows split in
-    chunks (one per thread: more, shorter streams read slower)."""
+    chunks (one per thread: more, shorter streams read slower); acts: the activation form
+    asked for (formats.ACT_*)."""
     rows = w.shape[0]
-    xa = quantize_rows(x.reshape(1, x.size), t in INT_TYPES)
+    xa = rows_input(x.reshape(1, x.size), act_mode(acts, t))
     for c in prange(chunks):
         lo = c * rows // chunks
         hi = (c + 1) * rows // chunks
@@ -50,11 +54,12 @@ def _gemv(t, w, x, y, chunks):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
-def _gemm(t, w, x, y, chunks):
-    """As `_gemv` for 2..GEMM_TOKENS tokens of a format in MULTI_TYPES: x float32 [N, cols],
-    y float32 [N, rows]; each row read once for all tokens (`gemm_rows`)."""
+def _gemm(t, w, x, y, chunks, acts):
+    """As `_gemv` for 2..GEMM_TOKENS tokens where `gemm_takes` the format in the activation
+    form `acts` asks for: x float32 [N, cols], y float32 [N, rows]; each row read once for
+    all tokens (`gemm_rows`)."""
     rows = w.shape[0]
-    xa = quantize_rows(x, True)
+    xa = rows_input(x, act_mode(acts, t))
     tokens = np.arange(x.shape[0])
     for c in prange(chunks):
         lo = c * rows // chunks
@@ -69,6 +74,11 @@ def _dequantize(t, w, out):
         decode_row(t, w[r], out[r])
 
 
+def _gemm_path(t: int, acts: int) -> bool:
+    """Whether a few tokens take `gemm_rows` (as `formats.gemm_takes` decides inside numba)."""
+    return (acts == ACT_INT8 and t in MULTI8_TYPES) or (acts != ACT_FLOAT and t in MULTI_TYPES)
+
+
 def gemv_chunks(rows):
     """Row chunks for a GEMV: one per numba thread (call inside `num_threads`)."""
     return max(1, min(numba.get_num_threads(), rows // 2))
@@ -78,14 +88,14 @@ class Prepared:
     """A weight checked and viewed once, for the one-token path that runs hundreds of times
     per decoded token: `gemv` skips the per-call checks of `matmul` (about 20 us each)."""
 
-    def __init__(self, qtype, w: np.ndarray):
-        self.qtype = qtype
+    def __init__(self, qtype, w: np.ndarray, acts: int = ACT_INT16):
+        self.qtype, self.acts = qtype, acts
         self.t, self.w, self.cols = as_blocks(qtype, w)
         self.rows = self.w.shape[0]
 
     def gemv(self, x: np.ndarray, y: np.ndarray) -> None:
         """x: float32 [cols] contiguous; y: float32 [rows], written."""
-        _gemv(self.t, self.w, x, y, gemv_chunks(self.rows))
+        _gemv(self.t, self.w, x, y, gemv_chunks(self.rows), self.acts)
 
 
 def dequantize(qtype, w: np.ndarray, threads: int | None = None) -> np.ndarray:
@@ -98,12 +108,14 @@ def dequantize(qtype, w: np.ndarray, threads: int | None = None) -> np.ndarray:
     return out.reshape(*w.shape[:-1], cols)
 
 
-def gemv(qtype, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
+def gemv(qtype, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, threads: int | None = None,
+         acts: int = ACT_INT16) -> np.ndarray:
     """y = W @ x.
 
     w: [rows, row_bytes] uint8 GGUF blocks (or [rows, cols] float32/float16/uint16-bf16);
-    x: float32 [cols]; out: optional float32 [rows]. Q8_0, Q4_0, Q4_K and Q6_K weights take
-    x rounded to int16 per 32 values (`formats.quantize_rows`: ~2e-5 relative error).
+    x: float32 [cols]; out: optional float32 [rows]; acts: the activation form (formats.ACT_*):
+    by default, Q8_0, Q4_0, Q4_K and Q6_K weights take x rounded to int16 per 32 values
+    (`formats.quantize_rows`: ~2e-5 relative error).
     """
     t, w, cols = as_blocks(qtype, w)
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -111,14 +123,16 @@ def gemv(qtype, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, thr
         raise ValueError(f"x has shape {x.shape}, the weight wants ({cols},)")
     y = np.empty(w.shape[0], np.float32) if out is None else out
     with num_threads(threads):
-        _gemv(t, w, x, y, gemv_chunks(w.shape[0]))
+        _gemv(t, w, x, y, gemv_chunks(w.shape[0]), acts)
     return y
 
 
-def matmul(qtype, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
+def matmul(qtype, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, threads: int | None = None,
+           acts: int = ACT_INT16) -> np.ndarray:
     """Y = X @ W.T for a batch of tokens.
 
-    w: as for gemv; x: float32 [N, cols]; returns float32 [N, rows].
+    w: as for gemv; x: float32 [N, cols]; returns float32 [N, rows]; acts as for gemv (a
+    batch of tokens takes int16 at most).
     """
     t, w, cols = as_blocks(qtype, w)
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -128,9 +142,9 @@ def matmul(qtype, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, t
     y = np.empty((n, rows), np.float32) if out is None else out
     with num_threads(threads):
         if n == 1:
-            _gemv(t, w, x[0], y[0], gemv_chunks(rows))
-        elif n <= GEMM_TOKENS and t in MULTI_TYPES:
-            _gemm(t, w, x, y, gemv_chunks(rows))
+            _gemv(t, w, x[0], y[0], gemv_chunks(rows), acts)
+        elif n <= GEMM_TOKENS and _gemm_path(t, acts):
+            _gemm(t, w, x, y, gemv_chunks(rows), acts)
         elif n <= SMALL_BATCH:
             matmul_small(t, w, x, y, gemv_chunks(rows))
         else:

@@ -12,7 +12,7 @@ import numpy as np
 from numba import prange
 
 from .batch import ROWS, decode_tile, tile_dot
-from .formats import FASTMATH, GEMM_TOKENS, INT_TYPES, MULTI_TYPES, as_blocks, gemm_rows, gemv_rows, quantize_rows
+from .formats import ACT_FLOAT, ACT_INT8, ACT_INT16, FASTMATH, GEMM_TOKENS, act_mode, as_blocks, gemm_rows, gemm_takes, gemv_rows, quantize_rows
 from .linear import gemv_chunks, matmul, num_threads
 
 # Up to this many tokens the fused kernel runs (measured 3x faster than going expert by
@@ -58,18 +58,29 @@ def _group_by_expert(ids, experts):
     return used, first, pairs
 
 
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _experts_input(x, mode):
+    """x as the fused MoE's GEMVs and `gemm_rows` take it for the activation form `mode`
+    (`act_mode`): every token rounded to int8, or to int16 (with VNNI, also split) whenever
+    a format asks for integers."""
+    if mode == ACT_INT8:
+        return quantize_rows(x, True, False, True)
+    return quantize_rows(x, mode != ACT_FLOAT)
+
+
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
-def _moe_fused(tg, gate, tu, up, td, down, x, ids, weights, out, chunks):
+def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks):
     """gate, up: uint8 [E, I, H-row-bytes]; down: uint8 [E, H, I-row-bytes]; x: float32
     [N, H]; ids: int64 [N, K]; weights: float32 [N, K]; out: float32 [N, H] (overwritten);
+    acts: the activation form asked for (formats.ACT_*);
     the rows of each matrix are split in `chunks` (one per thread)."""
     n_tok, k_top = ids.shape
     inter = gate.shape[1]
     hidden = down.shape[1]
     used, first, pairs = _group_by_expert(ids, gate.shape[0])
     h = np.empty((n_tok * k_top, inter), np.float32)
-    xa = quantize_rows(x, tg in INT_TYPES or tu in INT_TYPES)  # the form gemv_rows takes
-    multi = xa[4].shape[1] > 0 and tg in MULTI_TYPES and tu in MULTI_TYPES
+    xa = _experts_input(x, max(act_mode(acts, tg), act_mode(acts, tu)))  # the form gemv_rows takes
+    multi = gemm_takes(xa, tg) and gemm_takes(xa, tu)
 
     # silu(gate @ x) * (up @ x) for every (expert, chunk of rows) in use. A task reads its
     # rows of gate, then the same rows of up: interleaving gate and up row by row halved
@@ -123,8 +134,8 @@ def _moe_fused(tg, gate, tu, up, td, down, x, ids, weights, out, chunks):
 
     # A chunk of out rows is owned by one task (no races while summing over experts) and
     # read expert by expert, as above.
-    ha = quantize_rows(h, td in INT_TYPES)
-    multi = ha[4].shape[1] > 0 and td in MULTI_TYPES
+    ha = _experts_input(h, act_mode(acts, td))
+    multi = gemm_takes(ha, td)
     for c in prange(chunks):
         lo = c * hidden // chunks
         hi = (c + 1) * hidden // chunks
@@ -167,12 +178,13 @@ def _moe_fused(tg, gate, tu, up, td, down, x, ids, weights, out, chunks):
 
 
 def moe_forward(qtype_gate, gate, qtype_up, up, qtype_down, down, x, topk_ids, topk_weights,
-                out=None, threads=None) -> np.ndarray:
+                out=None, threads=None, acts=ACT_INT16) -> np.ndarray:
     """Mixture-of-experts MLP with SiLU gating.
 
     gate, up: [E, I, H-row-bytes] GGUF blocks (logical [E, I, H]; or float [E, I, H]);
     down: [E, H, I-row-bytes] (logical [E, H, I]); x: float32 [N, H];
-    topk_ids: int [N, K], -1 = skip; topk_weights: float32 [N, K]; returns float32 [N, H].
+    topk_ids: int [N, K], -1 = skip; topk_weights: float32 [N, K]; returns float32 [N, H];
+    acts: the activation form asked for (formats.ACT_*).
     """
     weights_in = (qtype_gate, gate, qtype_up, up, qtype_down, down)
     tg, gate, hidden = as_blocks(qtype_gate, gate)
@@ -191,23 +203,23 @@ def moe_forward(qtype_gate, gate, qtype_up, up, qtype_down, down, x, topk_ids, t
     y = np.empty_like(x) if out is None else out
     with num_threads(threads):
         if x.shape[0] <= FUSED_MAX_TOKENS:
-            _moe_fused(tg, gate, tu, up, td, down, x, ids, weights, y, gemv_chunks(min(inter, hidden)))
+            _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, y, gemv_chunks(min(inter, hidden)))
         else:
-            _moe_by_expert(*weights_in, x, ids, weights, y)
+            _moe_by_expert(*weights_in, x, ids, weights, y, acts)
     return y
 
 
-def _moe_by_expert(qtype_gate, gate, qtype_up, up, qtype_down, down, x, ids, weights, out):
+def _moe_by_expert(qtype_gate, gate, qtype_up, up, qtype_down, down, x, ids, weights, out, acts):
     """Prefill: each expert's weights are read once for all of its tokens."""
     out[...] = 0
     for e in np.unique(ids[ids >= 0]):
         tok, slot = np.nonzero(ids == e)
         xe = x[tok]
-        g = matmul(qtype_gate, gate[e], xe)
-        u = matmul(qtype_up, up[e], xe)
+        g = matmul(qtype_gate, gate[e], xe, acts=acts)
+        u = matmul(qtype_up, up[e], xe, acts=acts)
         with np.errstate(over="ignore", invalid="ignore"):
             h = g / (1 + np.exp(-g)) * u
-        y = weights[tok, slot, None] * matmul(qtype_down, down[e], h)
+        y = weights[tok, slot, None] * matmul(qtype_down, down[e], h, acts=acts)
         if np.unique(tok).size == tok.size:
             out[tok] += y
         else:  # a token that lists this expert twice
