@@ -457,13 +457,19 @@ def safetensors_tensors(files: list[Path], stacked: dict[str, str]) -> dict[str,
     from safetensors import safe_open
 
     refs: dict[str, TensorRef] = {}
-    handles = [safe_open(str(f), framework="pt") for f in files]
-    for h in handles:
+    handles = []
+    for f in files:
+        try:   # the library checks the header (its length, offsets, dtypes) against the file
+            handles.append((f, safe_open(str(f), framework="pt")))
+        except Exception as e:   # safetensors' own error type is not a ValueError
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e}); is it truncated or corrupt?") from None
+    for f, h in handles:
         for name in h.keys():
             sl = h.get_slice(name)
             dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(sl.get_dtype())
             if dtype is None:
-                raise CheckpointError(f"tensor {name}: dtype {sl.get_dtype()} is not supported (F32, F16, BF16)")
+                raise CheckpointError(f"{f}: tensor {name}: dtype {sl.get_dtype()} is not supported "
+                                      f"(F32, F16, BF16)")
             refs[name] = TensorRef(name, tuple(sl.get_shape()), _TORCH_TYPES[dtype], (lambda h=h, n=name: _np(h.get_tensor(n))))
     for ours, template in stacked.items():
         pattern = _templates_to_regex(template)

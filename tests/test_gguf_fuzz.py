@@ -124,3 +124,20 @@ def test_huge_tensor_count_names_the_field(small_gguf, tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="tensor_count"):
         open_gguf(bad)
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from hybrid.checkpoint import safetensors_tensors
+
+    good = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(4, 4)}, str(good))
+    data = good.read_bytes()
+    for cut in (0, 4, 8, 20, len(data) - 8):
+        bad = tmp_path / f"cut{cut}.safetensors"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="not a readable safetensors file") as e:
+            safetensors_tensors([bad], {})
+        assert str(bad) in str(e.value)

@@ -23,7 +23,7 @@ from .metrics import CONTENT_TYPE_LATEST, Metrics
 
 log = logging.getLogger(__name__)
 
-PUBLIC = {"/", "/health", "/api/version"}     # answered without an API key
+PUBLIC = {"/", "/health", "/api/version", "/openapi.json"}     # answered without an API key
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 
 
@@ -98,6 +98,12 @@ def create_app(model_or_engine=None, *, api_key: str | None = None, served_model
         if state.load_error:
             return {"status": "error", "error": state.load_error}, 503
         return {"status": "loading"}, 503, {"Retry-After": "2"}
+
+    @app.get("/openapi.json")
+    def openapi():
+        from .openapi import document
+
+        return document()
 
     @app.get("/metrics")
     def metrics():

@@ -63,6 +63,7 @@ class Generation:
         self.timing = [Timing(time.perf_counter()) for _ in streams]
         self._done = [False] * len(streams)
         self._closed = False
+        self._checked = time.monotonic()
         for n in prompt_lens:
             metrics.prompt_tokens.inc(n)
         metrics.active.inc(len(streams))
@@ -114,7 +115,13 @@ class Generation:
         return {"submitted": t.submitted, "first_token": t.first_token or t.finished, "finished": t.finished,
                 **t.engine}
 
-    def _check_client(self) -> None:
+    def _check_client(self, now: float | None = None) -> None:
+        """Raise ClientGone if the client has gone; with `now`, only once per POLL seconds
+        (events may come faster than timeouts do)."""
+        if now is not None:
+            if now - self._checked < POLL:
+                return
+            self._checked = now
         if self.client_gone is not None and self.client_gone():
             raise ClientGone()
 
@@ -122,8 +129,8 @@ class Generation:
         s = self.streams[0]
         while True:
             ev = s.next(POLL)
+            self._check_client(None if ev is None else time.monotonic())
             if ev is None:
-                self._check_client()
                 continue
             yield 0, ev
             if ev.finish_reason is not None:
@@ -157,6 +164,7 @@ class Generation:
                 except queue.Empty:
                     self._check_client()
                     continue
+                self._check_client(time.monotonic())
                 if isinstance(exc, StopIteration):
                     live -= 1
                 elif exc is not None:

@@ -37,6 +37,14 @@ def _seed(v):
     return None if v is None else v % 2**63
 
 
+GREEDY_BELOW = 1e-4   # a temperature this small is greedy decoding (dividing by it would overflow)
+
+
+def _temperature(v, default: float) -> float:
+    v = _or(v, default)
+    return 0.0 if v < GREEDY_BELOW else v
+
+
 # ---------------------------------------------------------------- OpenAI
 
 @dataclass
@@ -65,7 +73,7 @@ class CompletionRequest(OpenAIRequest):
 
 def _openai_common(b: S.OpenAISampling, max_tokens: int | None, *, logprobs: bool, top_logprobs: int) -> dict:
     params = _checked(SamplingParams(
-        temperature=_or(b.temperature, 1.0),
+        temperature=_temperature(b.temperature, 1.0),
         top_p=_or(b.top_p, 1.0),
         top_k=max(0, _or(b.top_k, 0)),                 # -1 (vLLM's "off") = 0
         min_p=_or(b.min_p, 0.0),
@@ -120,9 +128,6 @@ def _content(v, where: str, optional: bool) -> str:
         return v
     texts = []
     for j, part in enumerate(v):
-        if part.type != "text":
-            raise invalid(f"'{where}[{j}].type': only 'text' content parts are supported, got {part.type!r}",
-                          f"{where}[{j}].type")
         if part.text is None:
             raise invalid(f"'{where}[{j}].text' is required", f"{where}[{j}].text")
         texts.append(part.text)
@@ -180,7 +185,7 @@ def _ollama_common(b: S.OllamaRequest) -> dict:
         raise invalid("'options.num_predict' must be -1 (no limit), -2 (fill the context) or >= 1",
                       "options.num_predict")
     params = _checked(SamplingParams(
-        temperature=_or(o.temperature, d["temperature"]),
+        temperature=_temperature(o.temperature, d["temperature"]),
         top_p=_or(o.top_p, d["top_p"]),
         top_k=_or(o.top_k, d["top_k"]),
         min_p=_or(o.min_p, d["min_p"]),

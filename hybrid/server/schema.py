@@ -18,6 +18,7 @@ from .errors import invalid
 MAX_CHOICES = 16     # n, times the number of prompts for /v1/completions
 MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
+MIN_PENALTY = 0.01   # a repetition penalty divides logits: smaller ones overflow them
 
 
 def _no_bool_or_str(kind: str):
@@ -28,16 +29,18 @@ def _no_bool_or_str(kind: str):
     return BeforeValidator(check)
 
 
-Number = Annotated[float, _no_bool_or_str("a number"), Field(allow_inf_nan=False)]
-Integer = Annotated[int, _no_bool_or_str("an integer")]
-TokenId = Annotated[Integer, Field(ge=0)]
+def Number(**bounds):
+    return Annotated[float, Field(allow_inf_nan=False, **bounds), _no_bool_or_str("a number")]
+
+
+def Integer(**bounds):
+    return Annotated[int, Field(**bounds), _no_bool_or_str("an integer")]
+
+
+TokenId = Integer(ge=0)
 Text = Annotated[StrictStr, Field(min_length=1)]
 Stop = Union[Text, Annotated[list[Text], Field(max_length=MAX_STOP)]]
-Seed = Annotated[Integer, Field(ge=-(2**63), le=2**64 - 1)]
-
-
-def _range(kind, **bounds):
-    return Annotated[kind, Field(**bounds)]
+Seed = Integer(ge=-(2**63), le=2**64 - 1)
 
 
 class Body(BaseModel):
@@ -47,7 +50,7 @@ class Body(BaseModel):
 # ---------------------------------------------------------------- OpenAI
 
 class ContentPart(Body):
-    type: StrictStr = Field(description="only 'text' parts are accepted")
+    type: Literal["text"] = Field(description="only text parts are accepted")
     text: StrictStr | None = None
 
 
@@ -72,18 +75,18 @@ class ResponseFormat(Body):
 class OpenAISampling(Body):
     """What chat and completion requests share."""
     model: StrictStr | None = None
-    temperature: _range(Number, ge=0, le=2) | None = None
-    top_p: _range(Number, gt=0, le=1) | None = None
-    top_k: _range(Integer, ge=-1) | None = Field(None, description="-1 or 0: off")
-    min_p: _range(Number, ge=0, le=1) | None = None
-    repetition_penalty: _range(Number, gt=0) | None = None
-    presence_penalty: _range(Number, ge=-2, le=2) | None = None
-    frequency_penalty: _range(Number, ge=-2, le=2) | None = None
-    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")], _range(Number, ge=-100, le=100)] | None = \
+    temperature: Number(ge=0, le=2) | None = Field(None, description="below 1e-4: greedy")
+    top_p: Number(gt=0, le=1) | None = None
+    top_k: Integer(ge=-1) | None = Field(None, description="-1 or 0: off")
+    min_p: Number(ge=0, le=1) | None = None
+    repetition_penalty: Number(ge=MIN_PENALTY) | None = None
+    presence_penalty: Number(ge=-2, le=2) | None = None
+    frequency_penalty: Number(ge=-2, le=2) | None = None
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")], Number(ge=-100, le=100)] | None = \
         Field(None, description="token id (as a string) -> bias")
     seed: Seed | None = None
     stop: Stop | None = None
-    n: _range(Integer, ge=1, le=MAX_CHOICES) | None = None
+    n: Integer(ge=1, le=MAX_CHOICES) | None = None
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
@@ -91,10 +94,10 @@ class OpenAISampling(Body):
 
 class ChatCompletionRequest(OpenAISampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: _range(Integer, ge=1) | None = None
-    max_completion_tokens: _range(Integer, ge=1) | None = None
+    max_tokens: Integer(ge=1) | None = None
+    max_completion_tokens: Integer(ge=1) | None = None
     logprobs: StrictBool | None = None
-    top_logprobs: _range(Integer, ge=0, le=MAX_TOP_LOGPROBS) | None = None
+    top_logprobs: Integer(ge=0, le=MAX_TOP_LOGPROBS) | None = None
     tools: list[dict[str, Any]] | None = None
 
 
@@ -104,27 +107,27 @@ Prompt = Union[StrictStr, TokenIds, Annotated[list[Union[StrictStr, TokenIds]], 
 
 class CompletionRequest(OpenAISampling):
     prompt: Prompt = Field(description="a string, strings, token ids, or lists of token ids")
-    max_tokens: _range(Integer, ge=0) | None = None
-    logprobs: _range(Integer, ge=0, le=MAX_TOP_LOGPROBS) | None = Field(None, description="alternatives per token")
+    max_tokens: Integer(ge=0) | None = None
+    logprobs: Integer(ge=0, le=MAX_TOP_LOGPROBS) | None = Field(None, description="alternatives per token")
     echo: StrictBool | None = None
     suffix: StrictStr | None = Field(None, description="not supported: must be empty")
-    best_of: _range(Integer, ge=1) | None = Field(None, description="only equal to n")
+    best_of: Integer(ge=1) | None = Field(None, description="only equal to n")
 
 
 # ---------------------------------------------------------------- Ollama
 
 class OllamaOptions(Body):
-    temperature: _range(Number, ge=0, le=2) | None = None
-    top_p: _range(Number, gt=0, le=1) | None = None
-    top_k: _range(Integer, ge=0) | None = None
-    min_p: _range(Number, ge=0, le=1) | None = None
-    repeat_penalty: _range(Number, gt=0) | None = None
-    presence_penalty: _range(Number, ge=-2, le=2) | None = None
-    frequency_penalty: _range(Number, ge=-2, le=2) | None = None
+    temperature: Number(ge=0, le=2) | None = Field(None, description="below 1e-4: greedy")
+    top_p: Number(gt=0, le=1) | None = None
+    top_k: Integer(ge=0) | None = None
+    min_p: Number(ge=0, le=1) | None = None
+    repeat_penalty: Number(ge=MIN_PENALTY) | None = None
+    presence_penalty: Number(ge=-2, le=2) | None = None
+    frequency_penalty: Number(ge=-2, le=2) | None = None
     seed: Seed | None = None
-    num_predict: _range(Integer, ge=-2) | None = Field(None, description="-1: no limit, -2: fill the context, "
+    num_predict: Integer(ge=-2) | None = Field(None, description="-1: no limit, -2: fill the context, "
                                                                       "else >= 1")
-    num_ctx: _range(Integer, ge=1) | None = None
+    num_ctx: Integer(ge=1) | None = None
     stop: Stop | None = None
 
 
@@ -141,7 +144,7 @@ class OllamaRequest(Body):
     format: Literal["", "json"] | dict[str, Any] | None = None
     options: OllamaOptions | None = None
     logprobs: StrictBool | None = None
-    top_logprobs: _range(Integer, ge=0, le=MAX_TOP_LOGPROBS) | None = None
+    top_logprobs: Integer(ge=0, le=MAX_TOP_LOGPROBS) | None = None
 
 
 class OllamaGenerateRequest(OllamaRequest):
