@@ -75,6 +75,12 @@ def chat_body(rng, stream: bool, max_tokens: int) -> dict:
             "max_tokens": max_tokens, "temperature": 0.7, "seed": rng.randrange(1000), "stream": stream}
 
 
+def _content(line: bytes) -> str:
+    """The text of a chat chunk (the first one, the role's, has none)."""
+    choices = json.loads(line[len(b"data: "):]).get("choices") or [{}]
+    return (choices[0].get("delta") or {}).get("content") or ""
+
+
 def one(url: str, kind: str, rng: random.Random, stats: Stats, max_tokens: int) -> None:
     if kind in ("stream", "abandon-stream"):
         t0 = time.perf_counter()
@@ -84,7 +90,7 @@ def one(url: str, kind: str, rng: random.Random, stats: Stats, max_tokens: int) 
                 return stats.add(kind, r.status_code)
             ttft = None
             for line in r.iter_lines():
-                if line.startswith(b"data: {") and b'"content": "' in line and ttft is None:
+                if ttft is None and line.startswith(b"data: {") and _content(line):
                     ttft = time.perf_counter() - t0
                     if kind == "abandon-stream":
                         break          # leaving the with-block closes the connection mid-stream
