@@ -141,6 +141,7 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._stop_reason = "cancelled"
         self._description: dict | None = None
 
     # -- any thread
@@ -206,6 +207,7 @@ class Engine:
     def stop(self, timeout: float | None = 10, reason: str = "cancelled") -> None:
         """Stop the thread; requests still in the engine end with finish_reason `reason`
         ("length" ends them as cut short, their held-back text flushed)."""
+        self._stop_reason = reason
         self._stopping = True
         self.wake()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -228,6 +230,8 @@ class Engine:
                 busy = False
             if not busy:
                 self._wake.wait(0.1)
+        with self._lock:   # before the thread ends: a Stream never sees a dead engine with work left
+            self._end_all(self._stop_reason)
 
     # -- the engine thread
 

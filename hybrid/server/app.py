@@ -1,7 +1,9 @@
 """The Flask app: state, auth, request bodies, error rendering, health and metrics.
 
-Routes live in openai_api.py and ollama_api.py; validation in requests.py; formatting in
-responses.py; submission in backend.py. The engine thread owns the model.
+Routes live in openai_api.py and ollama_api.py; the body's JSON checks in body.py, field
+validation in schema.py (pydantic, also the OpenAPI document of openapi.py) and
+requests.py; formatting in responses.py; submission in backend.py, through the engine's
+API (submit, cancel, stats, describe). The engine thread owns the model.
 """
 
 from __future__ import annotations

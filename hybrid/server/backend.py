@@ -2,7 +2,8 @@
 
 Routes turn a request dataclass into prompt ids here, submit them, and iterate a
 `Generation` (the merged events of its n streams). The engine thread owns the model;
-nothing here touches it beyond the tokenizer.
+this module uses only the engine's API (submit, cancel, stats, describe) and the
+tokenizer that describe() hands out.
 """
 
 from __future__ import annotations
