@@ -8,6 +8,7 @@ kernels) or as a dequantized torch tensor (for modules that stay in torch).
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import re
 import struct
@@ -165,77 +166,111 @@ class GGUFFile:
 
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
+_GGUF_VERSIONS = (2, 3)        # 1 had 32-bit counts and is not read
+_MAX_DIMS = 4                  # GGML_MAX_DIMS
+_MAX_ARRAY_NESTING = 8
+
+
+class _Corrupt(Exception):
+    """A header field that cannot be right: `field` names it, the message says why."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
 
 
 class _Cursor:
-    """Reads little-endian GGUF header values from a bytes-like buffer."""
+    """Reads little-endian GGUF header values from a bytes-like buffer. Every read checks
+    that its bytes are in the file first, and every count is checked against the bytes left
+    before anything is allocated for it: a header is untrusted input."""
 
     def __init__(self, buf):
-        self.buf, self.pos = buf, 0
+        self.buf, self.pos, self.size = buf, 0, len(buf)
 
-    def scalar(self, code: int):
+    def left(self) -> int:
+        return self.size - self.pos
+
+    def need(self, n: int, field: str) -> None:
+        if n > self.left():
+            raise _Corrupt(field, f"needs {n} bytes at offset {self.pos}, the file has {self.left()} left "
+                                  f"(truncated?)")
+
+    def scalar(self, code: int, field: str):
         fmt = "<" + _SCALARS[code]
+        n = struct.calcsize(fmt)
+        self.need(n, field)
         (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += struct.calcsize(fmt)
+        self.pos += n
         return value
 
-    def string(self) -> str:
-        (n,) = struct.unpack_from("<Q", self.buf, self.pos)
-        start = self.pos + 8
+    def count(self, field: str, item_bytes: int) -> int:
+        """A uint64 count of items of at least `item_bytes` bytes each, checked against the file."""
+        n = self.scalar(10, field)
+        if n * item_bytes > self.left():
+            raise _Corrupt(field, f"{n} items of at least {item_bytes} bytes do not fit in the {self.left()} "
+                                  f"bytes left in the file")
+        return n
+
+    def string(self, field: str) -> str:
+        n = self.count(f"{field} (string length)", 1)
+        start = self.pos
         self.pos = start + n
         return self.buf[start : self.pos].decode("utf-8", errors="replace")
 
-    def value(self, code: int):
+    def type_code(self, field: str) -> int:
+        code = self.scalar(4, field)
+        if code not in _SCALARS and code not in (_STRING, _ARRAY):
+            raise _Corrupt(field, f"unknown value type {code}")
+        return code
+
+    def value(self, code: int, field: str, depth: int = 0):
         if code == _STRING:
-            return self.string()
+            return self.string(field)
         if code == _ARRAY:
-            item, count = self.scalar(4), self.scalar(10)
+            if depth >= _MAX_ARRAY_NESTING:
+                raise _Corrupt(field, f"arrays nested more than {_MAX_ARRAY_NESTING} deep")
+            item = self.type_code(f"{field} (array item type)")
+            size = 12 if item == _ARRAY else 8 if item == _STRING else struct.calcsize(_SCALARS[item])
+            count = self.count(f"{field} (array length)", size)
             if item == _STRING:
-                return [self.string() for _ in range(count)]
+                return [self.string(f"{field}[{i}]") for i in range(count)]
             if item == _ARRAY:
-                return [self.value(_ARRAY) for _ in range(count)]
+                return [self.value(_ARRAY, f"{field}[{i}]", depth + 1) for i in range(count)]
             dt = np.dtype("<" + _SCALARS[item])
             values = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
             self.pos += dt.itemsize * count
             return values.tolist()
-        return self.scalar(code)
+        return self.scalar(code, field)
 
 
 def open_gguf(path: Path) -> GGUFFile:
+    """Read a GGUF file's header and map its tensors. Anything the header says is checked
+    against the file before it is used: a wrong, truncated or hostile file gives a
+    CheckpointError naming the file and the field, never a huge allocation."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
+            if not f.seek(0, 2):
+                raise CheckpointError(f"{path}: the file is empty; is it a GGUF file?")
             header = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        if header[:4] != b"GGUF":
-            raise ValueError("no GGUF magic number at the start")
-        cur = _Cursor(header)
-        cur.pos = 4
-        version, n_tensors, n_kv = cur.scalar(4), cur.scalar(10), cur.scalar(10)
-        if version < 2:
-            raise ValueError(f"GGUF version {version} is too old (2 or newer is read)")
-        meta = {}
-        for _ in range(n_kv):
-            key = cur.string()
-            meta[key] = cur.value(cur.scalar(4))
-        infos = []
-        for _ in range(n_tensors):
-            name = cur.string()
-            dims = [cur.scalar(10) for _ in range(cur.scalar(4))]
-            infos.append((name, tuple(reversed(dims)), Q(cur.scalar(4)), cur.scalar(10)))
-    except (ValueError, IndexError, KeyError, struct.error, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({e}); is it truncated or corrupt?") from e
-    align = int(meta.get("general.alignment", 32))
-    start = -(-cur.pos // align) * align
-    header.close()
-    buf = np.memmap(path, mode="r")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the file ({e})") from e
+    try:
+        meta, infos, start = _read_header(header)
+        size = len(header)
+    except _Corrupt as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file: {e}; is it truncated or corrupt?") from None
+    finally:
+        header.close()
+    buf = np.memmap(path, mode="r") if infos else np.zeros(0, np.uint8)
     tensors = []
     for name, shape, qtype, offset in infos:
-        block, size = GGML_QUANT_SIZES[qtype]
-        row_bytes = shape[-1] // block * size
-        n_bytes = int(np.prod(shape[:-1], dtype=np.int64)) * row_bytes
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        row_bytes = shape[-1] // block * type_size
+        n_bytes = math.prod(shape[:-1]) * row_bytes
         begin = start + offset
-        if begin + n_bytes > len(buf):
-            raise CheckpointError(f"{path}: tensor {name} runs past the end of the file; the file is truncated")
+        if begin + n_bytes > size:
+            raise CheckpointError(f"{path}: tensor {name} (offset {offset}, {n_bytes} bytes) runs past the end "
+                                  f"of the file ({size} bytes); the file is truncated")
         raw = buf[begin : begin + n_bytes]
         if qtype in (Q.F32, Q.F16):
             data = raw.view(np.float32 if qtype == Q.F32 else np.float16).reshape(shape)
@@ -245,6 +280,61 @@ def open_gguf(path: Path) -> GGUFFile:
             data = raw.reshape(*shape[:-1], row_bytes)
         tensors.append(GGUFTensor(name, shape, qtype, data))
     return GGUFFile(path, meta, tensors)
+
+
+def _read_header(buf) -> tuple[dict, list, int]:
+    """(metadata, [(name, shape, type, offset)], where tensor data starts), or _Corrupt."""
+    cur = _Cursor(buf)
+    cur.need(4, "magic")
+    if buf[:4] != b"GGUF":
+        raise _Corrupt("magic", "no GGUF magic number at the start")
+    cur.pos = 4
+    version = cur.scalar(4, "version")
+    if version not in _GGUF_VERSIONS:
+        known = " or ".join(map(str, _GGUF_VERSIONS))
+        raise _Corrupt("version", f"GGUF version {version} is not supported (this reader knows {known})")
+    # a tensor info takes at least 8 (name length) + 4 (dims) + 8 (one dim) + 4 (type) + 8 (offset) bytes,
+    # a metadata pair at least 8 (key length) + 4 (type) + 1 (value)
+    n_tensors, n_kv = cur.count("tensor_count", 32), cur.count("metadata_kv_count", 13)
+    meta = {}
+    for i in range(n_kv):
+        key = cur.string(f"metadata key {i}")
+        if key in meta:
+            raise _Corrupt(f"metadata key {key!r}", "appears twice")
+        meta[key] = cur.value(cur.type_code(f"metadata {key!r} (value type)"), f"metadata {key!r}")
+    align = meta.get("general.alignment", 32)
+    if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align & (align - 1):
+        raise _Corrupt("metadata 'general.alignment'", f"must be a power of two, got {align!r}")
+    infos, names = [], set()
+    for i in range(n_tensors):
+        name = cur.string(f"tensor {i} name")
+        field = f"tensor {name!r}"
+        if name in names:
+            raise _Corrupt(field, "appears twice")
+        names.add(name)
+        n_dims = cur.scalar(4, f"{field} n_dims")
+        if not 1 <= n_dims <= _MAX_DIMS:
+            raise _Corrupt(f"{field} n_dims", f"must be 1 to {_MAX_DIMS}, got {n_dims}")
+        dims = [cur.scalar(10, f"{field} dimension {d}") for d in range(n_dims)]
+        if any(d < 1 for d in dims) or math.prod(dims) >= 2**63:
+            raise _Corrupt(f"{field} dimensions", f"{dims} are not a valid shape")
+        code = cur.scalar(4, f"{field} type")
+        try:
+            qtype = Q(code)
+        except ValueError:
+            raise _Corrupt(f"{field} type", f"unknown tensor type {code}") from None
+        if qtype not in GGML_QUANT_SIZES:
+            raise _Corrupt(f"{field} type", f"tensor type {qtype.name} has no known block size")
+        block = GGML_QUANT_SIZES[qtype][0]
+        if dims[0] % block:
+            raise _Corrupt(f"{field} dimensions", f"rows of {dims[0]} are not whole {qtype.name} blocks "
+                                                  f"of {block}")
+        offset = cur.scalar(10, f"{field} offset")
+        if offset % align:
+            raise _Corrupt(f"{field} offset", f"{offset} is not a multiple of the alignment {align}")
+        infos.append((name, tuple(reversed(dims)), qtype, offset))
+    start = -(-cur.pos // align) * align
+    return meta, infos, start
 
 
 # GGUF metadata key (after "{arch}.") -> Hugging Face config key.
@@ -367,13 +457,19 @@ def safetensors_tensors(files: list[Path], stacked: dict[str, str]) -> dict[str,
     from safetensors import safe_open
 
     refs: dict[str, TensorRef] = {}
-    handles = [safe_open(str(f), framework="pt") for f in files]
-    for h in handles:
+    handles = []
+    for f in files:
+        try:   # the library checks the header (its length, offsets, dtypes) against the file
+            handles.append((f, safe_open(str(f), framework="pt")))
+        except Exception as e:   # safetensors' own error type is not a ValueError
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e}); is it truncated or corrupt?") from None
+    for f, h in handles:
         for name in h.keys():
             sl = h.get_slice(name)
             dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(sl.get_dtype())
             if dtype is None:
-                raise CheckpointError(f"tensor {name}: dtype {sl.get_dtype()} is not supported (F32, F16, BF16)")
+                raise CheckpointError(f"{f}: tensor {name}: dtype {sl.get_dtype()} is not supported "
+                                      f"(F32, F16, BF16)")
             refs[name] = TensorRef(name, tuple(sl.get_shape()), _TORCH_TYPES[dtype], (lambda h=h, n=name: _np(h.get_tensor(n))))
     for ours, template in stacked.items():
         pattern = _templates_to_regex(template)

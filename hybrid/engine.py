@@ -8,6 +8,9 @@ slot and position), samples, sends events and retires finished sequences. A batc
 decode step reads the same dense weights as a batch-1 step, so throughput grows with the
 batch. Events go to a per-request queue read by that request's `Stream`.
 
+The API other code uses: `submit` (a `Stream`), `cancel(stream)`, `stats()`, `describe()`,
+`start()` and `stop()`; nothing outside reads the queues or the model's modules.
+
 Either `start()` a background thread (a server), or leave it stopped and let each
 `Stream` drive `step()` from the thread that iterates it (scripts, the CLI in a pinch).
 Model code (and so the numba kernels) only ever runs inside `step`, under one lock.
@@ -77,6 +80,21 @@ class Stream:
             self.seq.cancelled = True
             self.engine.wake()
 
+    def next(self, timeout: float | None = None) -> Event | None:
+        """The next event, or None when none came within `timeout` seconds (with an engine
+        thread; without one this thread steps the engine until there is an event)."""
+        if self._finished:
+            raise StopIteration
+        if self.engine.alive:
+            try:
+                ev = self.seq.out.get(timeout=timeout)
+            except queue.Empty:
+                return None
+        else:
+            ev = self._next_event()
+        self._finished = ev.finish_reason is not None
+        return ev
+
     @property
     def prompt_tokens(self) -> int:
         return len(self.seq.prompt)
@@ -123,6 +141,8 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._stop_reason = "cancelled"
+        self._description: dict | None = None
 
     # -- any thread
 
@@ -144,6 +164,28 @@ class Engine:
         self.wake()
         return Stream(self, seq)
 
+    def cancel(self, stream: Stream) -> None:
+        """Stop `stream`'s generation; its slot is free at the next step (milliseconds)."""
+        stream.cancel()
+
+    def stats(self) -> dict:
+        """Occupancy now: waiting (queued for a slot), running (holding a slot), free slots."""
+        with self._lock:
+            running = len(self.running) + len(self.prefilling)
+        return {"waiting": self.waiting.qsize(), "running": running, "free_slots": len(self.free),
+                "slots": self.slots, "ctx": self.ctx}
+
+    def describe(self) -> dict:
+        """What a server says about the model: name, tokenizer, context, source files, and
+        `info` (sizes, quantization, architecture; read from the files once)."""
+        if self._description is None:
+            from .server.model_info import describe
+
+            m = self.model
+            self._description = {"name": m.name, "tokenizer": self.tokenizer, "ctx": self.ctx,
+                                 "source": getattr(m, "source", None), "info": describe(m, self.ctx)}
+        return self._description
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -162,8 +204,10 @@ class Engine:
                 self.model._engine = self
         return self
 
-    def stop(self, timeout: float | None = 10) -> None:
-        """Stop the thread; requests still in the engine end with finish_reason "cancelled"."""
+    def stop(self, timeout: float | None = 10, reason: str = "cancelled") -> None:
+        """Stop the thread; requests still in the engine end with finish_reason `reason`
+        ("length" ends them as cut short, their held-back text flushed)."""
+        self._stop_reason = reason
         self._stopping = True
         self.wake()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -172,7 +216,7 @@ class Engine:
         if getattr(self.model, "_engine", None) is self:
             del self.model._engine
         with self._lock:
-            self._end_all("cancelled")
+            self._end_all(reason)
 
     def run_forever(self) -> None:
         while not self._stopping:
@@ -186,6 +230,8 @@ class Engine:
                 busy = False
             if not busy:
                 self._wake.wait(0.1)
+        with self._lock:   # before the thread ends: a Stream never sees a dead engine with work left
+            self._end_all(self._stop_reason)
 
     # -- the engine thread
 

@@ -141,8 +141,10 @@ def advance(seq: Sequence, sample: Sample, ctx: int) -> Event:
     if seq.json is not None:
         seq.json.feed(piece)
     ev.text, stopped = seq.stops.push(piece)
-    if stopped or (seq.json is not None and seq.json.done):
+    if stopped:
         return finish(seq, "stop", ev)
+    if seq.json is not None and seq.json.done:   # closed early to fit max_tokens: "length"
+        return finish(seq, "length" if seq.json.cut else "stop", ev)
     if len(seq.generated) >= (seq.params.max_tokens or ctx) or seq.length >= ctx:
         return finish(seq, "length", ev)
     return ev
@@ -302,6 +304,7 @@ class JsonConstraint:
         self.state = JSON_START
         self.banned = set(tokenizer.special_ids) | set(tokenizer.stop_ids)
         self._char_ids = None
+        self.cut = False    # the budget refused a token the document allowed: closed early
 
     @property
     def done(self) -> bool:
@@ -317,7 +320,13 @@ class JsonConstraint:
         """remaining: tokens left to generate, this one included."""
         x = sampler.transform(logits)
         values, ids = torch.topk(x, min(self.TOP, x.shape[-1]))
-        allowed = [i for v, i in zip(values.tolist(), ids.tolist()) if v > -math.inf and self._fits(i, remaining)]
+        allowed = []
+        for v, i in zip(values.tolist(), ids.tolist()):
+            fits = v > -math.inf and self._fits(i, remaining)
+            if fits is None and not allowed:
+                self.cut = True          # the best valid continuation did not fit the budget
+            elif fits:
+                allowed.append(i)
         allowed = allowed or [self._forced_token(json_closer(self.state))]
         masked = torch.full_like(logits, -math.inf)
         index = torch.tensor(allowed)
@@ -325,12 +334,16 @@ class JsonConstraint:
         token = sampler(masked).token
         return sampler.sample_of(logits, token)  # logprobs under the model, not the mask
 
-    def _fits(self, token: int, remaining: int) -> bool:
+    def _fits(self, token: int, remaining: int) -> bool | None:
+        """True: allowed; False: breaks the document; None: valid JSON, but the document
+        could no longer be closed within the budget."""
         text = self.tok.token_text(token)
         if not text or token in self.banned:
             return False
         state = json_run(self.state, text)
-        return state is not None and len(json_closer(state)) <= remaining - 1
+        if state is None:
+            return False
+        return True if len(json_closer(state)) <= remaining - 1 else None
 
     def _forced_token(self, closer: str) -> int:
         ids = self.tok.encode(closer)

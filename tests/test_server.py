@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import subprocess
 import sys
@@ -307,6 +306,69 @@ def test_disconnected_stream_frees_its_slot(srv):
     assert metric(srv, "hybrid_active_streams") == 0
 
 
+def _wait_metric(s, name, value, within: float) -> float:
+    """Seconds until metric `name` equals value (or raise after `within`)."""
+    t0 = time.perf_counter()
+    while metric(s, name) != value:
+        assert time.perf_counter() - t0 < within, f"{name} is {metric(s, name)}, not {value}, after {within}s"
+        time.sleep(0.05)
+    return time.perf_counter() - t0
+
+
+def test_disconnected_non_streamed_request_frees_its_slot(srv):
+    import socket
+    from urllib.parse import urlsplit
+
+    cancelled = metric(srv, "hybrid_cancelled_generations_total")
+    u = urlsplit(srv.url)
+    body = json.dumps({"messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 400,
+                       "temperature": 0}).encode()
+    sock = socket.create_connection((u.hostname, u.port))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                 + b"\r\n\r\n" + body)
+    _wait_metric(srv, "hybrid_running_requests", 1, within=30)
+    time.sleep(0.5)
+    sock.close()
+    assert _wait_metric(srv, "hybrid_running_requests", 0, within=5) <= 1.5
+    assert metric(srv, "hybrid_cancelled_generations_total") == cancelled + 1
+    assert metric(srv, "hybrid_inflight_requests") == 0
+
+
+def test_health_stays_fast_with_every_thread_streaming_and_the_rest_refused(srv):
+    """The fixture's 24 HTTP threads admit 16 generations (8 stay for light routes): 20
+    streams open, 4 refused at once with 429 and Retry-After; /health answers quickly."""
+    body = {"messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 400,
+            "temperature": 0, "stream": True}
+    held, refused = [], []
+    for _ in range(20):
+        r = post(srv, "/v1/chat/completions", body, stream=True)
+        (held if r.status_code == 200 else refused).append(r)
+    try:
+        assert len(held) == 16 and all(r.status_code == 429 and r.headers["Retry-After"] for r in refused)
+        assert metric(srv, "hybrid_inflight_requests") == 16
+        lat = []
+        for _ in range(50):
+            t0 = time.perf_counter()
+            assert requests.get(srv.url + "/health", timeout=10).status_code == 200
+            lat.append(time.perf_counter() - t0)
+            time.sleep(0.01)
+        lat.sort()
+        assert lat[len(lat) // 2] < 0.05 and lat[-1] < 0.1, f"median {lat[25]:.3f}s, max {lat[-1]:.3f}s"
+    finally:
+        for r in held:
+            r.close()
+    _wait_metric(srv, "hybrid_running_requests", 0, within=5)
+    _wait_metric(srv, "hybrid_inflight_requests", 0, within=5)
+
+
+def test_json_mode_cut_by_max_tokens_is_length(srv):
+    out = chat(srv, "Give a JSON object describing a cat, with many fields.", max_tokens=6,
+               response_format={"type": "json_object"})["choices"][0]
+    assert out["finish_reason"] == "length"
+    assert isinstance(json.loads(out["message"]["content"]), (dict, list))
+
+
 def test_n_choices_seed_stop_and_logprobs(srv):
     body = {"messages": [{"role": "user", "content": "Tell me a word."}], "n": 2, "seed": 7,
             "temperature": 1.0, "max_tokens": 6, "logprobs": True, "top_logprobs": 3}
@@ -391,10 +453,12 @@ def test_metrics_count_requests_tokens_and_ttft(srv):
 
 class _Stream:
     def __init__(self, events):
-        self.events, self.cancelled = events, False
+        self.events, self.cancelled = list(events), False
 
-    def __iter__(self):
-        return iter(self.events)
+    def next(self, timeout=None):
+        if not self.events:
+            raise StopIteration
+        return self.events.pop(0)
 
     def cancel(self):
         self.cancelled = True
@@ -405,12 +469,23 @@ class _Engine:
 
     def __init__(self, model, answer):
         self.model, self.answer, self.ctx = model, answer, CTX
-        self.waiting, self.running, self.prefilling, self.free = queue.Queue(), [], [], [0]
 
     def submit(self, ids, params, json_mode=False):
         if isinstance(self.answer, Exception):
             raise self.answer
-        return _Stream(list(self.answer))
+        return _Stream(self.answer)
+
+    def cancel(self, stream):
+        stream.cancel()
+
+    def stats(self):
+        return {"waiting": 0, "running": 0, "free_slots": 1, "slots": 1, "ctx": CTX}
+
+    def describe(self):
+        from hybrid.server.model_info import describe
+
+        return {"name": "scripted", "tokenizer": self.model.tokenizer, "ctx": CTX, "source": self.model.source,
+                "info": describe(self.model, CTX)}
 
 
 def _client(model, answer, **kw):

@@ -1,7 +1,9 @@
 """The Flask app: state, auth, request bodies, error rendering, health and metrics.
 
-Routes live in openai_api.py and ollama_api.py; validation in requests.py; formatting in
-responses.py; submission in backend.py. The engine thread owns the model.
+Routes live in openai_api.py and ollama_api.py; the body's JSON checks in body.py, field
+validation in schema.py (pydantic, also the OpenAPI document of openapi.py) and
+requests.py; formatting in responses.py; submission in backend.py, through the engine's
+API (submit, cancel, stats, describe). The engine thread owns the model.
 """
 
 from __future__ import annotations
@@ -11,17 +13,19 @@ import json
 import logging
 import threading
 import time
+import uuid
 
 from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
 from .backend import Backend
+from .body import parse as parse_body
 from .errors import APIError, internal, invalid, loading
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 
 log = logging.getLogger(__name__)
 
-PUBLIC = {"/", "/health", "/api/version"}     # answered without an API key
+PUBLIC = {"/", "/health", "/api/version", "/openapi.json"}     # answered without an API key
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 
 
@@ -36,10 +40,10 @@ class ServerState:
         self._backend_kwargs = backend_kwargs
         self._lock = threading.Lock()
 
-    def attach(self, engine, model=None) -> Backend:
-        """Serve `engine` (already started); `model` defaults to engine.model."""
+    def attach(self, engine) -> Backend:
+        """Serve `engine` (already started)."""
         with self._lock:
-            self.backend = Backend(engine, model or engine.model, self.metrics, **self._backend_kwargs)
+            self.backend = Backend(engine, self.metrics, **self._backend_kwargs)
         return self.backend
 
     def fail(self, message: str) -> None:
@@ -49,16 +53,19 @@ class ServerState:
 def create_app(model_or_engine=None, *, api_key: str | None = None, served_model_name: str | None = None,
                aliases=(), strict_model_names: bool = False, slots: int = 4, ctx: int | None = None,
                max_queue: int = 64, max_body: int = DEFAULT_MAX_BODY,
-               default_max_tokens: int | None = None) -> Flask:
+               default_max_tokens: int | None = None, max_inflight: int | None = None) -> Flask:
     """The server app. `model_or_engine`: a started `Engine`, a `Model` (an engine is made and
     started for it), or None: the app answers 503 until `app.extensions["hybrid"].attach(engine)`.
-    `default_max_tokens` caps requests that set no max_tokens (None: they may fill the context)."""
+    `default_max_tokens` caps requests that set no max_tokens (None: they may fill the context).
+    `max_inflight`: generation requests served at once; more get 429 with Retry-After (None: no
+    bound here, the engine's queue still bounds them)."""
     app = Flask("hybrid.server")
     app.config["MAX_CONTENT_LENGTH"] = max_body
     app.json.sort_keys = False
     state = ServerState(api_key or None, dict(served_name=served_model_name, aliases=aliases,
                                               strict_names=strict_model_names, ctx=ctx,
-                                              default_max_tokens=default_max_tokens))
+                                              default_max_tokens=default_max_tokens,
+                                              max_inflight=max_inflight))
     app.extensions["hybrid"] = state
     if model_or_engine is not None:
         engine = model_or_engine
@@ -85,11 +92,20 @@ def create_app(model_or_engine=None, *, api_key: str | None = None, served_model
 
     @app.get("/health")
     def health():
-        if state.backend is not None:
-            return {"status": "ok", "model": state.backend.name}
+        be = state.backend
+        if be is not None and be.draining:
+            return {"status": "draining", "model": be.name}, 503, {"Retry-After": "5"}
+        if be is not None:
+            return {"status": "ok", "model": be.name}
         if state.load_error:
             return {"status": "error", "error": state.load_error}, 503
         return {"status": "loading"}, 503, {"Retry-After": "2"}
+
+    @app.get("/openapi.json")
+    def openapi():
+        from .openapi import document
+
+        return document()
 
     @app.get("/metrics")
     def metrics():
@@ -117,14 +133,13 @@ def json_body(require_json_type: bool = True) -> dict:
     if require_json_type and not request.is_json:
         raise invalid(f"Content-Type must be application/json, got {request.mimetype or 'none'!r}",
                       code="invalid_content_type")
-    data = request.get_data(cache=False)   # over MAX_CONTENT_LENGTH: 413
-    try:
-        body = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise invalid(f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object", code="invalid_json")
-    return body
+    return parse_body(request.get_data(cache=False))   # over MAX_CONTENT_LENGTH: 413
+
+
+def client_gone():
+    """A callable telling whether this request's client has disconnected (waitress sets it;
+    None under servers that do not)."""
+    return request.environ.get("waitress.client_disconnected")
 
 
 def ollama_path() -> bool:
@@ -135,6 +150,7 @@ def ollama_path() -> bool:
 
 def _before():
     g.received = time.perf_counter()
+    g.request_id = uuid.uuid4().hex[:16]
     key = state().api_key
     if key is None or request.path in PUBLIC or request.method == "OPTIONS":
         return None
@@ -148,6 +164,8 @@ def _before():
 def _count(response):
     rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
     state().metrics.requests.labels(rule, str(response.status_code)).inc()
+    if "request_id" in g:
+        response.headers["X-Request-Id"] = g.request_id
     return response
 
 
@@ -175,5 +193,6 @@ def _from_http(e: HTTPException) -> APIError:
 
 
 def _unexpected(e: Exception):
-    log.exception("unhandled error in %s %s", request.method, request.path)
-    return _render_error(internal(f"Internal server error: {type(e).__name__}"))
+    rid = g.get("request_id", "-")
+    log.exception("unhandled error in %s %s (request id %s)", request.method, request.path, rid)
+    return _render_error(internal(f"Internal server error: {type(e).__name__} (request id {rid})"))

@@ -2,7 +2,8 @@
 
 Routes turn a request dataclass into prompt ids here, submit them, and iterate a
 `Generation` (the merged events of its n streams). The engine thread owns the model;
-nothing here touches it beyond the tokenizer.
+this module uses only the engine's API (submit, cancel, stats, describe) and the
+tokenizer that describe() hands out.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..chat_template import ChatTemplateError
-from .errors import APIError, context_length_exceeded, internal, invalid, model_not_found, queue_full
+from .errors import (APIError, context_length_exceeded, internal, invalid, model_not_found, queue_full,
+                     shutting_down)
 
 
 @dataclass
@@ -40,34 +42,56 @@ class Timing:
     engine: dict = field(default_factory=dict)     # the last event's timings: prompt_eval_ns, eval_ns, total_ns
 
 
+class ClientGone(APIError):
+    """The client closed its connection while its request was generating."""
+
+    def __init__(self):
+        super().__init__(499, "the client closed the connection", code="client_closed_request")
+
+
+POLL = 0.2     # seconds between checks that the client is still connected
+
+
 class Generation:
     """The streams of one request (n choices, or several prompts), merged into one iterator of
-    (choice index, event). Closing it (or the generator over it) cancels what is still running."""
+    (choice index, event). Closing it (or the generator over it) cancels what is still running;
+    so does the client going away (`client_gone()` true), checked every POLL seconds while
+    waiting for an event."""
 
-    def __init__(self, streams, indices, metrics, prompt_lens):
-        self.streams, self.indices, self.metrics = streams, indices, metrics
+    def __init__(self, engine, streams, indices, metrics, prompt_lens, client_gone=None, on_close=None):
+        self.engine, self.streams, self.indices, self.metrics = engine, streams, indices, metrics
+        self.client_gone, self._on_close = client_gone, on_close
         self.timing = [Timing(time.perf_counter()) for _ in streams]
         self._done = [False] * len(streams)
+        self._closed = False
+        self._checked = time.monotonic()
         for n in prompt_lens:
             metrics.prompt_tokens.inc(n)
         metrics.active.inc(len(streams))
 
     def __iter__(self):
-        events = ((0, ev) for ev in self.streams[0]) if len(self.streams) == 1 else _merge(self.streams)
+        events = self._one() if len(self.streams) == 1 else self._merged()
         try:
             for k, ev in events:
                 self._observe(k, ev)
                 yield self.indices[k], ev
         finally:
+            events.close()
             self.cancel()
 
     def cancel(self) -> None:
+        """Cancel every stream still running (counted in hybrid_cancelled_generations) and
+        give back the request's place; safe to call more than once."""
         for k, s in enumerate(self.streams):
             if not self._done[k]:
                 self._done[k] = True
                 self.metrics.active.dec()
                 self.metrics.cancelled.inc()
-                s.cancel()
+                self.engine.cancel(s)
+        if not self._closed:
+            self._closed = True
+            if self._on_close is not None:
+                self._on_close()
 
     def collect(self) -> list[Choice]:
         choices = {i: Choice(i) for i in self.indices}
@@ -92,6 +116,65 @@ class Generation:
         return {"submitted": t.submitted, "first_token": t.first_token or t.finished, "finished": t.finished,
                 **t.engine}
 
+    def _check_client(self, now: float | None = None) -> None:
+        """Raise ClientGone if the client has gone; with `now`, only once per POLL seconds
+        (events may come faster than timeouts do)."""
+        if now is not None:
+            if now - self._checked < POLL:
+                return
+            self._checked = now
+        if self.client_gone is not None and self.client_gone():
+            raise ClientGone()
+
+    def _one(self):
+        s = self.streams[0]
+        while True:
+            ev = s.next(POLL)
+            self._check_client(None if ev is None else time.monotonic())
+            if ev is None:
+                continue
+            yield 0, ev
+            if ev.finish_reason is not None:
+                return
+
+    def _merged(self):
+        """Events of several streams as they come: one feeder thread per stream, one queue."""
+        q: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def feed(k, s):
+            try:
+                while not stop.is_set():
+                    ev = s.next(POLL)
+                    if ev is None:
+                        continue
+                    q.put((k, ev, None))
+                    if ev.finish_reason is not None:
+                        break
+            except Exception as e:  # handed to the consumer, which reports it
+                q.put((k, None, e))
+            q.put((k, None, StopIteration()))
+
+        for k, s in enumerate(self.streams):
+            threading.Thread(target=feed, args=(k, s), daemon=True, name=f"merge-{k}").start()
+        live = len(self.streams)
+        try:
+            while live:
+                try:
+                    k, ev, exc = q.get(timeout=POLL)
+                except queue.Empty:
+                    self._check_client()
+                    continue
+                self._check_client(time.monotonic())
+                if isinstance(exc, StopIteration):
+                    live -= 1
+                elif exc is not None:
+                    raise exc
+                else:
+                    yield k, ev
+        finally:
+            stop.set()
+
     def _observe(self, k: int, ev) -> None:
         t = self.timing[k]
         now = time.perf_counter()
@@ -109,37 +192,6 @@ class Generation:
                 self.metrics.tokens_per_second.observe((n - 1) / (now - t.first_token))
 
 
-def _merge(streams):
-    """Events of several streams as they come: one feeder thread per stream, one queue."""
-    q: queue.Queue = queue.Queue()
-    stop = threading.Event()
-
-    def feed(k, s):
-        try:
-            for ev in s:
-                q.put((k, ev, None))
-                if stop.is_set():
-                    break
-        except Exception as e:  # handed to the consumer, which reports it
-            q.put((k, None, e))
-        q.put((k, None, StopIteration()))
-
-    for k, s in enumerate(streams):
-        threading.Thread(target=feed, args=(k, s), daemon=True, name=f"merge-{k}").start()
-    live = len(streams)
-    try:
-        while live:
-            k, ev, exc = q.get()
-            if isinstance(exc, StopIteration):
-                live -= 1
-            elif exc is not None:
-                raise exc
-            else:
-                yield k, ev
-    finally:
-        stop.set()
-
-
 def failure(ev) -> APIError | None:
     """The error an event ends its stream with, if any (an engine error, or a cancellation
     that did not come from this request, i.e. the engine shutting down)."""
@@ -152,23 +204,33 @@ def failure(ev) -> APIError | None:
 
 
 class Backend:
-    """Model names, tokenizer, limits, and submission to one engine."""
+    """Model names, tokenizer, limits, and submission to one engine (through its API:
+    submit, cancel, stats, describe).
 
-    def __init__(self, engine, model, metrics, *, served_name: str | None = None, aliases=(),
-                 strict_names: bool = False, ctx: int | None = None, default_max_tokens: int | None = None):
-        self.engine, self.model, self.metrics = engine, model, metrics
-        self.tokenizer = model.tokenizer
-        path = getattr(getattr(model, "source", None), "path", None)
+    `max_inflight` bounds the generations this server holds at once (each streams on an
+    HTTP thread); beyond it, and while draining for shutdown, new ones are refused at once
+    with Retry-After rather than queued behind busy threads."""
+
+    def __init__(self, engine, metrics, *, served_name: str | None = None, aliases=(),
+                 strict_names: bool = False, ctx: int | None = None, default_max_tokens: int | None = None,
+                 max_inflight: int | None = None):
+        self.engine, self.metrics = engine, metrics
+        desc = engine.describe()
+        self.tokenizer, self.source = desc["tokenizer"], desc.get("source")
+        path = getattr(self.source, "path", None)
         stem = Path(str(path)).name.removesuffix(".gguf") if path else None
-        self.name = served_name or stem or model.name
-        self.aliases = {a for a in (self.name, model.name, stem, "default", *aliases) if a}
+        self.name = served_name or stem or desc["name"]
+        self.aliases = {a for a in (self.name, desc["name"], stem, "default", *aliases) if a}
         self.strict_names = strict_names
-        self.ctx = getattr(engine, "ctx", None) or ctx or model.context_length
+        self.ctx = desc.get("ctx") or ctx
         self.created = int(time.time())
         self.fingerprint = "fp_" + hashlib.sha1(f"{self.name}:{path}".encode()).hexdigest()[:10]
         self.default_max_tokens = default_max_tokens   # for requests that set no limit (None: fill the context)
-        self._info = None
-        metrics.watch(engine)
+        self.max_inflight = max_inflight
+        self.inflight = 0                # generations submitted and not yet closed
+        self.draining = False
+        self._lock = threading.Lock()
+        metrics.watch(engine, self)
 
     # -- names
 
@@ -183,18 +245,14 @@ class Backend:
     # -- what Ollama's /api/tags, /api/show and /api/ps report
 
     def model_info(self) -> dict:
-        if self._info is None:
-            from .model_info import describe
-
-            self._info = describe(self.model, self.ctx)
-        return self._info
+        return self.engine.describe()["info"]
 
     def ollama_parameters(self) -> str:
         stops = sorted(self.tokenizer.token_text(i) for i in self.tokenizer.stop_ids)
         return "\n".join(f"stop {json.dumps(s)}" for s in stops)
 
     def modelfile(self) -> str:
-        path = getattr(getattr(self.model, "source", None), "path", "")
+        path = getattr(self.source, "path", "")
         template = (self.tokenizer.chat_template or "").replace('"""', '\\"\\"\\"')
         params = "".join(f"PARAMETER {line}\n" for line in self.ollama_parameters().splitlines())
         return f'# Modelfile served by hybrid\nFROM {path}\nTEMPLATE """{template}"""\n{params}'
@@ -210,6 +268,9 @@ class Backend:
             raise invalid(f"the chat template rejected the messages: {e}", "messages") from None
         except ValueError as e:   # no chat template
             raise invalid(str(e), "messages") from None
+        except (TypeError, KeyError, AttributeError, IndexError) as e:   # e.g. tool fields of unexpected shape
+            raise invalid(f"the chat template could not render the messages or tools: "
+                          f"{type(e).__name__}: {e}", "messages") from None
 
     def text_prompt(self, text: str, add_bos: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_bos)
@@ -224,10 +285,33 @@ class Backend:
     # -- generation
 
     def submit(self, prompts: list[list[int]], params, *, n: int = 1, json_mode: bool = False,
-               ctx: int | None = None, param: str = "messages") -> Generation:
+               ctx: int | None = None, param: str = "messages", client_gone=None) -> Generation:
         """n streams per prompt; choice index = prompt * n + i. With a seed, choice i samples
         with seed + i, so choices differ and each one is reproducible. `ctx` (Ollama's
-        num_ctx) narrows the context of this request; the engine checks its own."""
+        num_ctx) narrows the context of this request; the engine checks its own.
+        `client_gone()` true cancels the generation (see Generation)."""
+        self._enter()
+        try:
+            gen = self._submit(prompts, params, n, json_mode, ctx, param)
+        except BaseException:
+            self._leave()
+            raise
+        gen.client_gone, gen._on_close = client_gone, self._leave
+        return gen
+
+    def _enter(self) -> None:
+        if self.draining:
+            raise shutting_down()
+        with self._lock:
+            if self.max_inflight is not None and self.inflight >= self.max_inflight:
+                raise queue_full()
+            self.inflight += 1
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.inflight -= 1
+
+    def _submit(self, prompts, params, n, json_mode, ctx, param) -> Generation:
         if params.logit_bias:
             self.check_ids(params.logit_bias, "logit_bias")
         jobs = []
@@ -250,9 +334,9 @@ class Backend:
                 streams.append(self._submit_one(ids, sp, json_mode, param))
         except BaseException:
             for s in streams:
-                s.cancel()
+                self.engine.cancel(s)
             raise
-        return Generation(streams, [j[0] for j in jobs], self.metrics, [len(ids) for _, ids, _ in jobs])
+        return Generation(self.engine, streams, [j[0] for j in jobs], self.metrics, [len(ids) for _, ids, _ in jobs])
 
     def _submit_one(self, ids, params, json_mode, param):
         from ..engine import ContextLengthExceeded, QueueFull

@@ -40,6 +40,11 @@ def queue_full(retry_after: int = 1) -> APIError:
                     type="rate_limit_error", code="queue_full", headers={"Retry-After": str(retry_after)})
 
 
+def shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down; retry on another instance or later", type="server_error",
+                    code="shutting_down", headers={"Retry-After": "5"})
+
+
 def loading() -> APIError:
     return APIError(503, "The model is still loading; retry later", type="server_error",
                     code="model_loading", headers={"Retry-After": "2"})

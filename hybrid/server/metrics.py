@@ -22,17 +22,20 @@ class Metrics:
         self.tokens_per_second = Histogram("hybrid_generation_tokens_per_second",
                                            "Decode speed of each finished generation (tokens after the first)",
                                            buckets=_TPS_BUCKETS, registry=r)
-        self.cancelled = Counter("hybrid_cancelled_generations", "Generations cancelled (client gone)", registry=r)
+        self.cancelled = Counter("hybrid_cancelled_generations", "Generations cancelled before they finished (client gone)", registry=r)
         self.queue_depth = Gauge("hybrid_queue_depth", "Generations waiting for an engine slot", registry=r)
         self.running = Gauge("hybrid_running_requests", "Generations holding an engine slot", registry=r)
         self.active = Gauge("hybrid_active_streams", "Generations submitted and not yet finished", registry=r)
+        self.inflight = Gauge("hybrid_inflight_requests", "Generation requests being served (HTTP side)",
+                              registry=r)
         self.free_slots = Gauge("hybrid_free_slots", "Engine KV-cache slots free", registry=r)
 
-    def watch(self, engine) -> None:
-        """Read the engine's queue and slots at scrape time."""
-        self.queue_depth.set_function(lambda: engine.waiting.qsize())
-        self.running.set_function(lambda: len(engine.running) + len(engine.prefilling))
-        self.free_slots.set_function(lambda: len(engine.free))
+    def watch(self, engine, backend) -> None:
+        """Read the engine's queue and slots (engine.stats()) and the server's requests at scrape time."""
+        self.queue_depth.set_function(lambda: engine.stats()["waiting"])
+        self.running.set_function(lambda: engine.stats()["running"])
+        self.free_slots.set_function(lambda: engine.stats()["free_slots"])
+        self.inflight.set_function(lambda: backend.inflight)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

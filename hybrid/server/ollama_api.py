@@ -8,10 +8,10 @@ from flask import Blueprint, Response, g
 
 from .. import __version__
 from . import responses as R
-from .app import backend, json_body
-from .backend import failure
+from .app import backend, client_gone, json_body
+from .backend import ClientGone, failure
 from .errors import APIError, model_not_found
-from .requests import Fields, parse_ollama_chat, parse_ollama_generate
+from .requests import parse_ollama_chat, parse_ollama_generate, parse_ollama_show
 
 log = logging.getLogger(__name__)
 bp = Blueprint("ollama", __name__, url_prefix="/api")
@@ -38,8 +38,7 @@ def ps():
 
 @bp.post("/show")
 def show():
-    f = Fields(json_body(require_json_type=False))
-    name = f.string("model") or f.string("name")
+    name = parse_ollama_show(json_body(require_json_type=False))
     be = backend()
     if not name or not be.knows(name):
         raise model_not_found(name or "")
@@ -64,7 +63,8 @@ def generate():
                [{"role": "user", "content": req.prompt}]
         ids = be.chat_prompt(msgs)
     prompt = be.check_ids(req.context or [], "context") + ids
-    gen = be.submit([prompt], req.params, json_mode=req.json_mode, ctx=req.num_ctx, param="prompt")
+    gen = be.submit([prompt], req.params, json_mode=req.json_mode, ctx=req.num_ctx, param="prompt",
+                    client_gone=client_gone())
     received = g.received
 
     def piece(text, samples):
@@ -91,7 +91,7 @@ def chat():
         return {"model": model, "created_at": R.created_at(), "message": {"role": "assistant", "content": ""},
                 "done": True, "done_reason": "load"}
     prompt = be.chat_prompt(req.messages, req.tools)
-    gen = be.submit([prompt], req.params, json_mode=req.json_mode, ctx=req.num_ctx)
+    gen = be.submit([prompt], req.params, json_mode=req.json_mode, ctx=req.num_ctx, client_gone=client_gone())
     received = g.received
 
     def piece(text, samples):
@@ -142,6 +142,8 @@ def _respond(stream: bool, gen, piece, final, field: str):
                 if ev.finish_reason:
                     c = _Finished(tokens, ev, gen)
                     yield R.ndjson(final(c))
+        except ClientGone:
+            return
         except APIError as e:
             yield R.ndjson(e.ollama_body())
         except Exception as e:
@@ -150,7 +152,9 @@ def _respond(stream: bool, gen, piece, final, field: str):
         finally:
             gen.cancel()
 
-    return Response(lines(), mimetype="application/x-ndjson", headers={"Cache-Control": "no-cache"})
+    response = Response(lines(), mimetype="application/x-ndjson", headers={"Cache-Control": "no-cache"})
+    response.call_on_close(gen.cancel)
+    return response
 
 
 class _Finished:

@@ -7,8 +7,8 @@ import logging
 from flask import Blueprint, Response
 
 from . import responses as R
-from .app import backend, json_body
-from .backend import failure
+from .app import backend, client_gone, json_body
+from .backend import ClientGone, failure
 from .errors import APIError, internal, model_not_found, sse_error
 from .requests import parse_chat, parse_completion
 
@@ -36,7 +36,7 @@ def chat_completions():
     be = backend()
     be.check_model(req.model)
     prompt = be.chat_prompt(req.messages, req.tools)
-    gen = be.submit([prompt], req.params, n=req.n, json_mode=req.json_mode)
+    gen = be.submit([prompt], req.params, n=req.n, json_mode=req.json_mode, client_gone=client_gone())
     shape = R.OpenAIShape("chatcmpl", be.name, be.fingerprint)
     if req.stream:
         return event_stream(_chat_stream(gen, shape, req, be.tokenizer, len(prompt)), gen)
@@ -76,7 +76,8 @@ def completions():
     be = backend()
     be.check_model(req.model)
     prompts = [be.check_ids(p, "prompt") if isinstance(p, list) else be.text_prompt(p) for p in req.prompts]
-    gen = be.submit(prompts, req.params, n=req.n, json_mode=req.json_mode, param="prompt")
+    gen = be.submit(prompts, req.params, n=req.n, json_mode=req.json_mode, param="prompt",
+                    client_gone=client_gone())
     shape = R.OpenAIShape("cmpl", be.name, be.fingerprint)
     echoes = [_echo_text(be, p, ids) if req.echo else "" for p, ids in zip(req.prompts, prompts)]
     if req.stream:
@@ -132,10 +133,13 @@ def _raise_if_error(ev) -> None:
 
 def event_stream(chunks, gen) -> Response:
     """SSE response. An error after the headers went out ends the stream with an error
-    event; a client that goes away closes the generator, which cancels the generation."""
+    event; a client that goes away cancels the generation (noticed within Generation's POLL,
+    or at the next write), and so does the response being closed unread."""
     def body():
         try:
             yield from chunks
+        except ClientGone:
+            return
         except APIError as e:
             yield sse_error(e)
         except Exception as e:  # a bug: logged, and reported in the stream's envelope
@@ -146,5 +150,7 @@ def event_stream(chunks, gen) -> Response:
             gen.cancel()
         yield R.SSE_DONE
 
-    return Response(body(), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response = Response(body(), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.call_on_close(gen.cancel)
+    return response

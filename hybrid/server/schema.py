@@ -1,0 +1,210 @@
+"""The API's request bodies as pydantic models: the one place that says what each field
+may be, used both to validate requests and to write the OpenAPI document (/openapi.json).
+
+Unknown fields are ignored, as OpenAI and Ollama do. Types are strict where JSON clients
+could be confused (a bool is not a number, "2" is not an integer); 2.0 is the integer 2.
+What depends on several fields (top_logprobs needs logprobs, prompts times n) is checked
+in requests.py, which turns these models into what the routes use.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+
+from .errors import invalid
+
+MAX_CHOICES = 16     # n, times the number of prompts for /v1/completions
+MAX_STOP = 4
+MAX_TOP_LOGPROBS = 20
+MIN_PENALTY = 0.01   # a repetition penalty divides logits: smaller ones overflow them
+
+
+def _no_bool_or_str(kind: str):
+    def check(v):
+        if isinstance(v, (bool, str)):
+            raise ValueError(f"must be {kind}, got {type(v).__name__}")
+        return v
+    return BeforeValidator(check)
+
+
+def Number(**bounds):
+    return Annotated[float, Field(allow_inf_nan=False, **bounds), _no_bool_or_str("a number")]
+
+
+def Integer(**bounds):
+    return Annotated[int, Field(**bounds), _no_bool_or_str("an integer")]
+
+
+TokenId = Integer(ge=0)
+Text = Annotated[StrictStr, Field(min_length=1)]
+Stop = Union[Text, Annotated[list[Text], Field(max_length=MAX_STOP)]]
+Seed = Integer(ge=-(2**63), le=2**64 - 1)
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# ---------------------------------------------------------------- OpenAI
+
+class ContentPart(Body):
+    type: Literal["text"] = Field(description="only text parts are accepted")
+    text: StrictStr | None = None
+
+
+class ChatMessage(Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[ContentPart] | None = Field(
+        None, description="a string or text parts; may be left out only by an assistant message with tool_calls")
+    name: StrictStr | None = None
+    tool_call_id: StrictStr | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class StreamOptions(Body):
+    include_usage: StrictBool | None = None
+
+
+class ResponseFormat(Body):
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        "text", description="json_schema is served as json_object: valid JSON, the schema not enforced")
+
+
+class OpenAISampling(Body):
+    """What chat and completion requests share."""
+    model: StrictStr | None = None
+    temperature: Number(ge=0, le=2) | None = Field(None, description="below 1e-4: greedy")
+    top_p: Number(gt=0, le=1) | None = None
+    top_k: Integer(ge=-1) | None = Field(None, description="-1 or 0: off")
+    min_p: Number(ge=0, le=1) | None = None
+    repetition_penalty: Number(ge=MIN_PENALTY) | None = None
+    presence_penalty: Number(ge=-2, le=2) | None = None
+    frequency_penalty: Number(ge=-2, le=2) | None = None
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")], Number(ge=-100, le=100)] | None = \
+        Field(None, description="token id (as a string) -> bias")
+    seed: Seed | None = None
+    stop: Stop | None = None
+    n: Integer(ge=1, le=MAX_CHOICES) | None = None
+    stream: StrictBool | None = None
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+
+
+class ChatCompletionRequest(OpenAISampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Integer(ge=1) | None = None
+    max_completion_tokens: Integer(ge=1) | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Integer(ge=0, le=MAX_TOP_LOGPROBS) | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+Prompt = Union[StrictStr, TokenIds, Annotated[list[Union[StrictStr, TokenIds]], Field(min_length=1)]]
+
+
+class CompletionRequest(OpenAISampling):
+    prompt: Prompt = Field(description="a string, strings, token ids, or lists of token ids")
+    max_tokens: Integer(ge=0) | None = None
+    logprobs: Integer(ge=0, le=MAX_TOP_LOGPROBS) | None = Field(None, description="alternatives per token")
+    echo: StrictBool | None = None
+    suffix: StrictStr | None = Field(None, description="not supported: must be empty")
+    best_of: Integer(ge=1) | None = Field(None, description="only equal to n")
+
+
+# ---------------------------------------------------------------- Ollama
+
+class OllamaOptions(Body):
+    temperature: Number(ge=0, le=2) | None = Field(None, description="below 1e-4: greedy")
+    top_p: Number(gt=0, le=1) | None = None
+    top_k: Integer(ge=0) | None = None
+    min_p: Number(ge=0, le=1) | None = None
+    repeat_penalty: Number(ge=MIN_PENALTY) | None = None
+    presence_penalty: Number(ge=-2, le=2) | None = None
+    frequency_penalty: Number(ge=-2, le=2) | None = None
+    seed: Seed | None = None
+    num_predict: Integer(ge=-2) | None = Field(None, description="-1: no limit, -2: fill the context, "
+                                                                      "else >= 1")
+    num_ctx: Integer(ge=1) | None = None
+    stop: Stop | None = None
+
+
+class OllamaMessage(Body):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: StrictStr | None = None
+    images: list[Any] | None = Field(None, description="not supported: must be empty")
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class OllamaRequest(Body):
+    model: StrictStr | None = None
+    stream: StrictBool | None = Field(None, description="default true: NDJSON")
+    format: Literal["", "json"] | dict[str, Any] | None = None
+    options: OllamaOptions | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Integer(ge=0, le=MAX_TOP_LOGPROBS) | None = None
+
+
+class OllamaGenerateRequest(OllamaRequest):
+    prompt: StrictStr | None = None
+    system: StrictStr | None = None
+    raw: StrictBool | None = None
+    context: list[TokenId] | None = None
+    images: list[Any] | None = Field(None, description="not supported: must be empty")
+
+
+class OllamaChatRequest(OllamaRequest):
+    messages: list[OllamaMessage] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class OllamaShowRequest(Body):
+    model: StrictStr | None = None
+    name: StrictStr | None = None
+
+
+# ---------------------------------------------------------------- validation
+
+def validate(model: type[Body], body: dict) -> Body:
+    """`body` as `model`, or APIError 400 naming the first bad field."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise _error(e) from None
+
+
+_BRANCHES = ("str", "int", "float", "bool", "list", "dict", "none", "literal", "function", "constrained", "json")
+
+
+def _path(loc) -> str:
+    """A pydantic location as the API names fields: messages[0].content (union branch tags
+    such as 'str' or 'list[ContentPart]' and dict-key markers dropped)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif any(c in part for c in "[(-") or part in _BRANCHES:
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _error(e: ValidationError):
+    errors = e.errors(include_url=False)
+    path = _path(errors[0]["loc"])
+    same = [err for err in errors if _path(err["loc"]) == path]
+    reasons = []
+    for err in same:
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            msg = "is required"
+        if msg not in reasons:
+            reasons.append(msg)
+    where = path or "the request body"
+    got = same[0].get("input")
+    quiet = same[0]["type"] == "missing" or isinstance(got, (dict, list)) or "got" in reasons[0]
+    shown = "" if quiet else f" (got {got!r:.60})"
+    return invalid(f"'{where}': {'; or '.join(reasons)}{shown}", path or None)
