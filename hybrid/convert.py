@@ -13,10 +13,11 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
 from .checkpoint import _GGUF_ARCH, _GGUF_CONFIG, find_source, open_gguf, safetensors_tensors
-from .models import family
+from .models import family, gguf_architectures
 
 Q = GGMLQuantizationType
-_ARCH_OF = {v: k for k, v in _GGUF_ARCH.items() if k != "mistral"} | {"mistral": "llama", "mixtral": "llama", "deepseek_v3": "deepseek2"}
+_ARCH_OF = {v: k for k, v in {**_GGUF_ARCH, **gguf_architectures()}.items() if k != "mistral"} | {
+    "mistral": "llama", "mixtral": "llama", "deepseek_v3": "deepseek2"}
 _METADATA_TYPES = {"rms_norm_eps": float, "rope_theta": float, "routed_scaling_factor": float}
 
 
@@ -45,6 +46,8 @@ def write_gguf(model_dir, out_path, qtype: str = "F32", tokenizer_from=None, ext
     fam = family(cfg["model_type"])
     arch = _ARCH_OF[cfg["model_type"]]
     refs = safetensors_tensors(src.safetensors_files, fam.STACKED)
+    if hasattr(fam, "sanitize"):  # e.g. Gemma's norms: llama.cpp's converter stores 1 + w
+        fam.sanitize(refs)
     writer = GGUFWriter(str(out_path), arch)
     writer.add_name(cfg.get("_name_or_path") or src.path.name)
     _add_config(writer, arch, fam.Config.from_dict(cfg), cfg)
@@ -95,7 +98,7 @@ def _add_config(writer: GGUFWriter, arch: str, config, cfg: dict) -> None:
         writer.add_uint32(f"{arch}.expert_gating_func", 2 if config.scoring_func == "sigmoid" else 1)
     if "rope" in config.__dict__:
         values["rope_theta"] = config.rope["rope_theta"]
-    for gkey, hf in _GGUF_CONFIG.items():
+    for gkey, hf in {**_GGUF_CONFIG, **getattr(family(cfg["model_type"]), "GGUF_CONFIG", {})}.items():
         if hf in values and values[hf] is not None and not isinstance(values[hf], (dict, list)):
             v = values[hf]
             v = _METADATA_TYPES.get(hf, type(v))(v)

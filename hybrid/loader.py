@@ -58,7 +58,10 @@ def describe(source) -> tuple[Source, dict, dict, dict]:
     if "model_type" not in cfg:
         raise CheckpointError(f"{src.path / 'config.json'}: no model_type")
     fam = family(cfg["model_type"])
-    return src, cfg, safetensors_tensors(src.safetensors_files, fam.STACKED), {}
+    refs = safetensors_tensors(src.safetensors_files, fam.STACKED)
+    if hasattr(fam, "sanitize"):
+        fam.sanitize(refs)
+    return src, cfg, refs, {}
 
 
 def _heads(cfg: dict, key: str) -> int:

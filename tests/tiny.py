@@ -42,6 +42,13 @@ TINY = {
         "topk_group": 2, "norm_topk_prob": True, "routed_scaling_factor": 2.5, "rope_parameters": {
             "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128,
             "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}}),
+    # 6 layers: 5 sliding (window 8, shorter than the test prompts) and 1 full, llama.cpp's
+    # fixed pattern; linear RoPE scaling on the full layer as Gemma 3 4B+ has
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "num_hidden_layers": 6, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
+        "final_logit_softcapping": 30.0, "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}}),
 }
 
 
