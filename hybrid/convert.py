@@ -96,6 +96,8 @@ def _add_config(writer: GGUFWriter, arch: str, config, cfg: dict) -> None:
     if arch == "deepseek2":  # llama.cpp's key_length is the whole q/k head; gating 1 softmax, 2 sigmoid
         values.update(head_dim=config.qk_head_dim, rope_dimension_count=config.qk_rope_head_dim)
         writer.add_uint32(f"{arch}.expert_gating_func", 2 if config.scoring_func == "sigmoid" else 1)
+    if hasattr(config, "rotary_dim"):  # partial rotary (GLM): llama.cpp stores the rotary width
+        values["rope_dimension_count"] = config.rotary_dim
     if "rope" in config.__dict__:
         values["rope_theta"] = config.rope["rope_theta"]
     for gkey, hf in {**_GGUF_CONFIG, **getattr(family(cfg["model_type"]), "GGUF_CONFIG", {})}.items():

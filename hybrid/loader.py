@@ -45,7 +45,7 @@ def describe(source) -> tuple[Source, dict, dict, dict]:
             permuted = {name: _heads(cfg, key) for name, key in fam.GGUF_PERMUTED.items()}
         refs = gguf_tensors(readers, fam.GGUF_NAMES, permuted)
         if hasattr(fam, "merge_gguf"):
-            fam.merge_gguf(refs)
+            fam.merge_gguf(refs, cfg)
         if "rope_freqs.weight" in refs:
             cfg["rope_scaling"] = {"rope_type": "default", "freq_factors": refs.pop("rope_freqs.weight").numpy().tolist()}
         if "lm_head.weight" not in refs:

@@ -1,7 +1,7 @@
-"""Gemma 3: a tiny random model against transformers through decode steps and batched
-decode of sequences of mixed lengths, all longer than its sliding window; the sliding
-layers' ring cache; and the real Gemma 3 270M (Q4_K_M GGUF) against transformers reading
-the same file, a golden greedy continuation and `hybrid run`."""
+"""Gemma 3: the sliding layers' ring cache on a tiny random model (its decode steps and
+batched decode against transformers are in test_family_decode.py), and the real Gemma 3
+270M (Q4_K_M GGUF) against transformers reading the same file, a golden greedy
+continuation, `hybrid run` and `hybrid rules`."""
 
 import os
 import subprocess
@@ -13,11 +13,10 @@ import torch
 import hybrid
 from hybrid.models.common import KVCache, SlidingKVCache
 
-from .tiny import make_tiny, reference_logits, rel_err
+from .tiny import make_tiny, rel_err
 
 pytestmark = pytest.mark.usefixtures("cpu_machine")
 
-IDS = [int(i) for i in torch.randint(0, 256, (41,), generator=torch.Generator().manual_seed(3))]
 WINDOW = 8  # the tiny model's sliding_window (tests/tiny.py)
 
 
@@ -25,49 +24,6 @@ WINDOW = 8  # the tiny model's sliding_window (tests/tiny.py)
 def tiny(tmp_path_factory):
     directory = tmp_path_factory.mktemp("gemma3")
     return directory, make_tiny("gemma3_text", directory)
-
-
-@pytest.mark.parametrize("rules", ["torch-cpu", "gemma3-cpu"])
-def test_decode_steps_match_transformers(tiny, rules):
-    """A 5-token prefill, then one token a step to 41 tokens (window 8): each step's logits."""
-    directory, ref_model = tiny
-    ref = reference_logits(ref_model, IDS)
-    model = hybrid.load(directory, rules=rules)
-    ids = torch.tensor([IDS])
-    cache = model.new_cache(1, 64)
-    out = [model.forward(ids[:, :5], [0], [0], cache)[0]]
-    for t in range(5, len(IDS)):
-        out.append(model.forward(ids[:, t : t + 1], [t], [0], cache)[0])
-    assert rel_err(torch.cat(out), ref) < 1e-4
-
-
-@pytest.mark.parametrize("rules", ["torch-cpu", "gemma3-cpu"])
-def test_batched_decode_with_mixed_lengths(tiny, rules):
-    """Three sequences (prompts of 30, 11 and 3 tokens, in slots 2, 0, 1) prefilled one by
-    one, then decoded together for 6 steps, then two more prefilled in one batched call:
-    every sequence's logits are its own reference's."""
-    directory, ref_model = tiny
-    model = hybrid.load(directory, rules=rules)
-    seqs = [IDS[:39], IDS[1:21], IDS[5:15]]
-    prompt_lens, slots = [30, 11, 3], [2, 0, 1]
-    cache = model.new_cache(3, 64)
-    got = [[] for _ in seqs]
-    for b, (seq, n, slot) in enumerate(zip(seqs, prompt_lens, slots)):
-        got[b].append(model.forward(torch.tensor([seq[:n]]), [0], [slot], cache)[0])
-    for step in range(6):
-        tokens = torch.tensor([[seq[n + step]] for seq, n in zip(seqs, prompt_lens)])
-        logits = model.forward(tokens, [n + step for n in prompt_lens], slots, cache)
-        for b in range(3):
-            got[b].append(logits[b])
-    # two rows of 3 new tokens at different starts in one call (a padded batched prefill)
-    rows = [0, 1]
-    tokens = torch.tensor([seqs[b][prompt_lens[b] + 6 : prompt_lens[b] + 9] for b in rows])
-    logits = model.forward(tokens, [prompt_lens[b] + 6 for b in rows], [slots[b] for b in rows], cache)
-    for b in rows:
-        got[b].append(logits[b])
-    for b, seq in enumerate(seqs):
-        mine = torch.cat(got[b])
-        assert rel_err(mine, reference_logits(ref_model, seq[: len(mine)])) < 1e-4, b
 
 
 def test_sliding_layers_keep_only_their_window(tiny):
@@ -128,3 +84,23 @@ def test_hybrid_run_answers(gemma3_path):
                         "--temperature", "0", "--max-tokens", "8"], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(" Berlin.")
+
+
+def test_decode_kernel_attention_refuses_sliding_layers(tiny):
+    directory, _ = tiny
+    rules = "rules:\n  - match: {class: Attention}\n    replace: {class: CPUAttention}\n"
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn: sliding-window attention .* leave this layer's attention in torch"):
+        hybrid.load(directory, rules=rules)
+
+
+def test_rules_command_states_the_kv_cache_per_slot(gemma3_path, capsys):
+    """Gemma 3 270M: 18 layers of 1 KV head of 256, float32; 15 sliding layers hold 512
+    positions, 3 full ones the whole 32768."""
+    import json
+
+    from hybrid import cli
+
+    assert cli.main(["rules", "--model", gemma3_path, "--json"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv_cache"]
+    per_position = 1 * 2 * 256 * 4
+    assert kv == {"context": 32768, "bytes_per_slot": per_position * (15 * 512 + 3 * 32768), "sliding_layers": 15, "layers": 18}

@@ -42,6 +42,12 @@ TINY = {
         "topk_group": 2, "norm_topk_prob": True, "routed_scaling_factor": 2.5, "rope_parameters": {
             "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128,
             "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}}),
+    # layer 0 dense, 1-2 MoE: 8 experts in 2 groups, sigmoid router with correction bias,
+    # a shared expert; RoPE on half of each 32-wide head; q/k/v bias and q/k norm
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", {
+        "num_hidden_layers": 3, "head_dim": 32, "moe_intermediate_size": 32, "n_routed_experts": 8,
+        "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1,
+        "use_qk_norm": True, "attention_bias": True, "routed_scaling_factor": 2.5, "norm_topk_prob": True}),
     # 6 layers: 5 sliding (window 8, shorter than the test prompts) and 1 full, llama.cpp's
     # fixed pattern; linear RoPE scaling on the full layer as Gemma 3 4B+ has
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {

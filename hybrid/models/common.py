@@ -120,7 +120,11 @@ class RopeTables(tuple):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
-    """x [B, H, T, D]; cos/sin [B, T, D]."""
+    """x [B, H, T, D]; cos/sin [B, T, R]: with R < D (GLM's partial rotary) only the first
+    R dimensions of each head turn."""
+    R = cos.shape[-1]
+    if R < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :R], cos, sin, interleaved), x[..., R:]), dim=-1)
     if interleaved:  # reorder (x0, x1, x2, x3...) to (x0, x2, ..., x1, x3, ...) first
         B, H, T, D = x.shape
         x = x.view(B, H, T, D // 2, 2).transpose(3, 4).reshape(B, H, T, D)

@@ -232,7 +232,7 @@ STACKED = {
 }
 
 
-def merge_gguf(refs: dict) -> None:
+def merge_gguf(refs: dict, cfg: dict) -> None:
     """Newer llama.cpp files store kv_b_proj per head as k_b [H, kv_lora, nope] (transposed)
     and v_b [H, v, kv_lora]; rebuild kv_b_proj [H * (nope + v), kv_lora] from them."""
     from hybrid.checkpoint import Q, TensorRef
