@@ -36,11 +36,12 @@ def permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_gguf(model_dir, out_path, qtype: str = "F32", tokenizer_from=None, extra_metadata: dict | None = None,
-               split_kv_b: bool = False) -> Path:
+               split_kv_b: bool = False, experts_qtype: str | None = None) -> Path:
     """model_dir: a Hugging Face checkpoint directory. qtype: F32, F16 or a type that
     gguf's quantizer supports (Q8_0, Q4_0, ...) for 2-D weights whose rows fit its
-    blocks; norms and biases stay F32. tokenizer_from: a GGUF file whose tokenizer.*
-    fields are copied."""
+    blocks; norms and biases stay F32. experts_qtype: another type for the stacked
+    [E, out, in] expert weights (e.g. MXFP4, as gpt-oss files hold them).
+    tokenizer_from: a GGUF file whose tokenizer.* fields are copied."""
     src = find_source(model_dir)
     cfg = json.loads((src.path / "config.json").read_text())
     fam = family(cfg["model_type"])
@@ -75,7 +76,10 @@ def write_gguf(model_dir, out_path, qtype: str = "F32", tokenizer_from=None, ext
                               np.ascontiguousarray(kv_b[:, nope:], dtype=np.float32))
             continue
         gname = _gguf_name(name, fam.GGUF_NAMES)
-        if w.ndim == 1 or target == Q.F32 or w.shape[-1] % 32 or gname.endswith("ffn_gate_inp.weight"):  # routers stay F32, as in llama.cpp
+        if experts_qtype and w.ndim == 3:
+            blocks = quantize(np.ascontiguousarray(w, dtype=np.float32), Q[experts_qtype.upper()])
+            writer.add_tensor(gname, blocks, raw_shape=blocks.shape, raw_dtype=Q[experts_qtype.upper()])
+        elif w.ndim == 1 or target == Q.F32 or w.shape[-1] % 32 or gname.endswith(("ffn_gate_inp.weight", ".bias")):  # routers and biases stay F32, as in llama.cpp
             writer.add_tensor(gname, np.ascontiguousarray(w, dtype=np.float32))
         elif target == Q.F16:
             writer.add_tensor(gname, w.astype(np.float16))

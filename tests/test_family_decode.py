@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("cpu_machine")
 IDS = [int(i) for i in torch.randint(0, 256, (41,), generator=torch.Generator().manual_seed(3))]
 
 
-@pytest.fixture(scope="module", params=["gemma3_text", "glm4_moe"])
+@pytest.fixture(scope="module", params=["gemma3_text", "glm4_moe", "gpt_oss"])
 def tiny(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
     return directory, make_tiny(request.param, directory)

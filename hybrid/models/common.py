@@ -307,7 +307,11 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
         k, v = cache.update(step, k, v.transpose(1, 2))
-        return self.o_proj(attend(q, k, v, cache.mask(step), self.scale))
+        return self.o_proj(self.attend(q, k, v, cache.mask(step)))
+
+    def attend(self, q, k, v, mask):
+        """The attention itself (a family with sinks overrides it): see `attend`."""
+        return attend(q, k, v, mask, self.scale)
 
 
 class MLP(nn.Module):

@@ -27,6 +27,7 @@ class CPUAttention(Operator):
     """
 
     replaces = (Attention,)
+    attend = Attention.attend  # prefill runs Attention.forward over this operator
 
     def __init__(self, original: Attention, config, *, device: str = "cpu", quant: str | None = None, kv_dtype: str = "float32"):
         super().__init__(original, config)
@@ -36,6 +37,9 @@ class CPUAttention(Operator):
                 f"partial rotary ({original.rotary_dim} of {original.head_dim} dimensions) is not in the decode "
                 "kernel: leave this layer's attention in torch (replace: {class: default})"
             )
+        if type(original).attend is not Attention.attend:
+            raise ValueError(f"{type(original).__name__} attends its own way (e.g. sinks), which the decode kernel does "
+                             "not: leave this layer's attention in torch (replace: {class: default})")
         if original.sliding_window:
             raise ValueError(
                 f"sliding-window attention (window {original.sliding_window}) is not in the decode kernel, which "
