@@ -64,3 +64,24 @@ def test_batched_decode_with_mixed_lengths(tiny, rules):
         assert rel_err(mine, reference_logits(ref_model, seq[: len(mine)])) < 1e-4, b
 
 
+
+
+def test_padded_batched_prefill_then_decode(tiny):
+    """As the engine's batched prefill does: a row shorter than the call is padded at its
+    end (its logits taken at its last real token); the padding must not clobber keys the
+    row still needs (sliding windows: 8, padding 5, at position 20)."""
+    directory, ref_model = tiny
+    model = hybrid.load(directory, rules="torch-cpu")
+    cache = model.new_cache(2, 64)
+    a, b = IDS[:30], IDS[3:40]
+    model.forward(torch.tensor([a[:20]]), [0], [0], cache)
+    model.forward(torch.tensor([b[:20]]), [0], [1], cache)
+    tokens = torch.tensor([a[20:23] + a[22:23] * 5, b[20:28]])  # row 0: 3 real tokens + 5 padding
+    first = model.forward(tokens, [20, 20], [0, 1], cache, keep=[2, 7])
+    got_a, got_b = [first[0]], [first[1]]
+    for t in range(6):
+        logits = model.forward(torch.tensor([[a[23 + t]], [b[28 + t]]]), [23 + t, 28 + t], [0, 1], cache)
+        got_a.append(logits[0])
+        got_b.append(logits[1])
+    assert rel_err(torch.cat(got_a), reference_logits(ref_model, a[:29])[22:29]) < 1e-4
+    assert rel_err(torch.cat(got_b), reference_logits(ref_model, b[:34])[27:34]) < 1e-4

@@ -29,16 +29,18 @@ def tiny(tmp_path_factory):
 def test_sliding_layers_keep_only_their_window(tiny):
     directory, _ = tiny
     model = hybrid.load(directory, rules="torch-cpu")
-    cache = model.new_cache(4, 512)
+    cache = model.new_cache(4, 4096)
     cfg = model.config
     kinds = [type(c) for c in cache]
     assert kinds == [SlidingKVCache] * 5 + [KVCache]
-    assert all(c.k.shape == (4, cfg.num_key_value_heads, WINDOW, cfg.head_dim) for c in cache[:5])
-    assert cache[5].k.shape == (4, cfg.num_key_value_heads, 512, cfg.head_dim)
+    rows = WINDOW + SlidingKVCache.PAD_ROOM  # room for a batched prefill's end padding
+    assert all(c.k.shape == (4, cfg.num_key_value_heads, rows, cfg.head_dim) for c in cache[:5])
+    assert cache[5].k.shape == (4, cfg.num_key_value_heads, 4096, cfg.head_dim)
     per_position = cfg.num_key_value_heads * 2 * cfg.head_dim * 4  # k and v, float32
-    assert model.module.cache_bytes(512, model.placement) == per_position * (5 * WINDOW + 512)
+    assert model.module.cache_bytes(4096, model.placement) == per_position * (5 * rows + 4096)
+    assert [c.k.shape[2] for c in model.new_cache(1, 100)] == [100] * 6  # never more than the context
     with pytest.raises(ValueError, match="does not fit"):
-        model.forward(torch.zeros(1, 3, dtype=torch.long), [511], [0], cache)
+        model.forward(torch.zeros(1, 3, dtype=torch.long), [4095], [0], cache)
 
 
 # ------------------------------------------------------------------ Gemma 3 270M
@@ -94,8 +96,8 @@ def test_decode_kernel_attention_refuses_sliding_layers(tiny):
 
 
 def test_rules_command_states_the_kv_cache_per_slot(gemma3_path, capsys):
-    """Gemma 3 270M: 18 layers of 1 KV head of 256, float32; 15 sliding layers hold 512
-    positions, 3 full ones the whole 32768."""
+    """Gemma 3 270M: 18 layers of 1 KV head of 256, float32; 15 sliding layers hold their
+    512 positions (+ PAD_ROOM), 3 full ones the whole 32768."""
     import json
 
     from hybrid import cli
@@ -103,4 +105,5 @@ def test_rules_command_states_the_kv_cache_per_slot(gemma3_path, capsys):
     assert cli.main(["rules", "--model", gemma3_path, "--json"]) == 0
     kv = json.loads(capsys.readouterr().out)["kv_cache"]
     per_position = 1 * 2 * 256 * 4
-    assert kv == {"context": 32768, "bytes_per_slot": per_position * (15 * 512 + 3 * 32768), "sliding_layers": 15, "layers": 18}
+    rows = 512 + SlidingKVCache.PAD_ROOM
+    assert kv == {"context": 32768, "bytes_per_slot": per_position * (15 * rows + 3 * 32768), "sliding_layers": 15, "layers": 18}

@@ -222,12 +222,22 @@ class KVCache(nn.Module):
 
 class SlidingKVCache(KVCache):
     """Keys and values of a sliding-window layer, which attends to the last `window`
-    positions only: each slot keeps a ring of min(window, max_len) rows, position p at row
-    p % rows, so its memory does not grow with the context."""
+    positions only: each slot keeps a ring of `rows(window, max_len)` rows, position p at
+    row p % rows, so its memory does not grow with the context.
+
+    The ring is PAD_ROOM rows longer than the window because a batched prefill pads short
+    rows at their end (hybrid.engine.prefill, by less than half its chunk): the padding's
+    writes then land on positions older than any key the row still needs."""
+
+    PAD_ROOM = 512
 
     def __init__(self, slots: int, max_len: int, window: int, kv_heads: int, k_dim: int, v_dim: int, dtype, device):
-        super().__init__(slots, min(window, max_len), kv_heads, k_dim, v_dim, dtype, device)
+        super().__init__(slots, self.rows(window, max_len), kv_heads, k_dim, v_dim, dtype, device)
         self.window, self.max_len = window, max_len
+
+    @classmethod
+    def rows(cls, window: int, max_len: int) -> int:
+        return min(window + cls.PAD_ROOM, max_len)
 
     def check_fits(self, step: Step) -> None:
         if step.length > self.max_len:
@@ -399,7 +409,8 @@ class CausalLM(nn.Module):
             _, dtype = placement(f"model.layers.{i}.self_attn")
             dtype = getattr(layer.self_attn, "kv_dtype", dtype)
             kv_heads, k_dim, v_dim = layer.self_attn.cache_shape()
-            rows = min(max_len, getattr(layer.self_attn, "sliding_window", None) or max_len)
+            window = getattr(layer.self_attn, "sliding_window", None)
+            rows = SlidingKVCache.rows(window, max_len) if window else max_len
             total += kv_heads * rows * (k_dim + v_dim) * torch.finfo(dtype).bits // 8
         return total
 
