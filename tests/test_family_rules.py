@@ -57,3 +57,19 @@ def test_gpu_rule_file_runs(tiny):
     model_type, directory, ref_model = tiny
     logits = hybrid.load(directory, rules=f"{family_name(model_type)}-gpu").logits(IDS)
     assert rel_err(logits, reference_logits(ref_model, IDS)) < 5e-2
+
+
+def test_registry_finds_every_family_file_and_its_rule_files():
+    from hybrid.models import family, family_names, gguf_architectures, supported_families
+    from hybrid.placement import builtin_rules_dir
+
+    assert {"gemma3_text", "glm4_moe", "gpt_oss", "llama", "deepseek_v3"} <= set(supported_families())
+    assert {"gemma3": "gemma3_text", "glm4moe": "glm4_moe", "gpt-oss": "gpt_oss"}.items() <= gguf_architectures().items()
+    rule_files = {f.stem for f in builtin_rules_dir().glob("*.yaml")}
+    for name in family_names():
+        assert {f"{name}-cpu", f"{name}-gpu", f"{name}-multi-gpu"} <= rule_files, name
+    for model_type in supported_families():
+        fam = family(model_type)
+        assert all(hasattr(fam, a) for a in ("Config", "Model", "GGUF_NAMES", "GGUF_PERMUTED", "STACKED")), model_type
+    with pytest.raises(ValueError, match="model_type 'bert' is not supported; supported: .*gemma3_text, glm4_moe, gpt_oss"):
+        family("bert")

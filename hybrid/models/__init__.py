@@ -18,9 +18,10 @@ _NOT_FAMILIES = {"common"}
 
 @cache
 def _modules() -> dict[str, ModuleType]:
-    """Family file name -> module."""
+    """Family file name -> module (the modules that declare MODEL_TYPES)."""
     names = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_FAMILIES)
-    return {name: importlib.import_module(f"{__name__}.{name}") for name in names}
+    modules = {name: importlib.import_module(f"{__name__}.{name}") for name in names}
+    return {name: mod for name, mod in modules.items() if hasattr(mod, "MODEL_TYPES")}
 
 
 @cache
