@@ -378,17 +378,20 @@ _GGUF_ARCH = {
 
 
 def gguf_config(meta: dict) -> dict:
-    """A Hugging Face-style config dict from GGUF metadata."""
-    arch = meta.get("general.architecture")
-    if arch not in _GGUF_ARCH:
-        from .models import supported_families
+    """A Hugging Face-style config dict from GGUF metadata: the keys every family shares
+    (`_GGUF_CONFIG`), then the family's own (its `GGUF_CONFIG` and `gguf_config`)."""
+    from .models import family, gguf_architectures, supported_families
 
+    arch = meta.get("general.architecture")
+    arches = {**_GGUF_ARCH, **gguf_architectures()}
+    if arch not in arches:
         raise CheckpointError(
             f"GGUF architecture {arch!r} is not supported; supported GGUF architectures: "
-            f"{', '.join(sorted(_GGUF_ARCH))} (model types: {', '.join(supported_families())})"
+            f"{', '.join(sorted(arches))} (model types: {', '.join(supported_families())})"
         )
-    cfg = {"model_type": _GGUF_ARCH[arch], "gguf_architecture": arch}
-    for key, hf in _GGUF_CONFIG.items():
+    cfg = {"model_type": arches[arch], "gguf_architecture": arch}
+    fam = family(cfg["model_type"])
+    for key, hf in {**_GGUF_CONFIG, **getattr(fam, "GGUF_CONFIG", {})}.items():
         if f"{arch}.{key}" in meta:
             cfg[hf] = meta[f"{arch}.{key}"]
     if "vocab_size" not in cfg and "tokenizer.ggml.tokens" in meta:
@@ -416,6 +419,8 @@ def gguf_config(meta: dict) -> dict:
         if f"{arch}.rope.scaling.yarn_log_multiplier" in meta:
             mult = meta[f"{arch}.rope.scaling.yarn_log_multiplier"]
             cfg["rope_scaling"].update(mscale=mult / 0.1, mscale_all_dim=mult / 0.1)
+    if hasattr(fam, "gguf_config"):
+        fam.gguf_config(meta, cfg)
     return cfg
 
 

@@ -24,11 +24,12 @@ def add_parser(subparsers):
 def main(args) -> int:
     from .defaults import default_model_path
     from .loader import build
-    from .plan import format_plan, summarize
+    from .plan import format_plan, kv_cache_per_slot, summarize
 
     config, module, placements, counts, refs, ruleset, src, meta = build(args.model or default_model_path(), args.rules)
     plan = summarize(placements, counts, refs, ruleset)
     plan["model"] = str(src.path)
+    plan["kv_cache"] = kv_cache_per_slot(module, placements, config.max_position_embeddings)
     print(json.dumps(plan, indent=2) if args.json else f"model: {src.path}\n" + format_plan(plan))
     if not plan["fits"]:
         print("the plan does not fit the memory available", file=sys.stderr)

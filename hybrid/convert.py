@@ -13,10 +13,11 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
 from .checkpoint import _GGUF_ARCH, _GGUF_CONFIG, find_source, open_gguf, safetensors_tensors
-from .models import family
+from .models import family, gguf_architectures
 
 Q = GGMLQuantizationType
-_ARCH_OF = {v: k for k, v in _GGUF_ARCH.items() if k != "mistral"} | {"mistral": "llama", "mixtral": "llama", "deepseek_v3": "deepseek2"}
+_ARCH_OF = {v: k for k, v in {**_GGUF_ARCH, **gguf_architectures()}.items() if k != "mistral"} | {
+    "mistral": "llama", "mixtral": "llama", "deepseek_v3": "deepseek2"}
 _METADATA_TYPES = {"rms_norm_eps": float, "rope_theta": float, "routed_scaling_factor": float}
 
 
@@ -35,16 +36,19 @@ def permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_gguf(model_dir, out_path, qtype: str = "F32", tokenizer_from=None, extra_metadata: dict | None = None,
-               split_kv_b: bool = False) -> Path:
+               split_kv_b: bool = False, experts_qtype: str | None = None) -> Path:
     """model_dir: a Hugging Face checkpoint directory. qtype: F32, F16 or a type that
     gguf's quantizer supports (Q8_0, Q4_0, ...) for 2-D weights whose rows fit its
-    blocks; norms and biases stay F32. tokenizer_from: a GGUF file whose tokenizer.*
-    fields are copied."""
+    blocks; norms and biases stay F32. experts_qtype: another type for the stacked
+    [E, out, in] expert weights (e.g. MXFP4, as gpt-oss files hold them).
+    tokenizer_from: a GGUF file whose tokenizer.* fields are copied."""
     src = find_source(model_dir)
     cfg = json.loads((src.path / "config.json").read_text())
     fam = family(cfg["model_type"])
     arch = _ARCH_OF[cfg["model_type"]]
     refs = safetensors_tensors(src.safetensors_files, fam.STACKED)
+    if hasattr(fam, "sanitize"):  # e.g. Gemma's norms: llama.cpp's converter stores 1 + w
+        fam.sanitize(refs)
     writer = GGUFWriter(str(out_path), arch)
     writer.add_name(cfg.get("_name_or_path") or src.path.name)
     _add_config(writer, arch, fam.Config.from_dict(cfg), cfg)
@@ -72,7 +76,10 @@ def write_gguf(model_dir, out_path, qtype: str = "F32", tokenizer_from=None, ext
                               np.ascontiguousarray(kv_b[:, nope:], dtype=np.float32))
             continue
         gname = _gguf_name(name, fam.GGUF_NAMES)
-        if w.ndim == 1 or target == Q.F32 or w.shape[-1] % 32 or gname.endswith("ffn_gate_inp.weight"):  # routers stay F32, as in llama.cpp
+        if experts_qtype and w.ndim == 3:
+            blocks = quantize(np.ascontiguousarray(w, dtype=np.float32), Q[experts_qtype.upper()])
+            writer.add_tensor(gname, blocks, raw_shape=blocks.shape, raw_dtype=Q[experts_qtype.upper()])
+        elif w.ndim == 1 or target == Q.F32 or w.shape[-1] % 32 or gname.endswith(("ffn_gate_inp.weight", ".bias")):  # routers and biases stay F32, as in llama.cpp
             writer.add_tensor(gname, np.ascontiguousarray(w, dtype=np.float32))
         elif target == Q.F16:
             writer.add_tensor(gname, w.astype(np.float16))
@@ -93,9 +100,11 @@ def _add_config(writer: GGUFWriter, arch: str, config, cfg: dict) -> None:
     if arch == "deepseek2":  # llama.cpp's key_length is the whole q/k head; gating 1 softmax, 2 sigmoid
         values.update(head_dim=config.qk_head_dim, rope_dimension_count=config.qk_rope_head_dim)
         writer.add_uint32(f"{arch}.expert_gating_func", 2 if config.scoring_func == "sigmoid" else 1)
+    if hasattr(config, "rotary_dim"):  # partial rotary (GLM): llama.cpp stores the rotary width
+        values["rope_dimension_count"] = config.rotary_dim
     if "rope" in config.__dict__:
         values["rope_theta"] = config.rope["rope_theta"]
-    for gkey, hf in _GGUF_CONFIG.items():
+    for gkey, hf in {**_GGUF_CONFIG, **getattr(family(cfg["model_type"]), "GGUF_CONFIG", {})}.items():
         if hf in values and values[hf] is not None and not isinstance(values[hf], (dict, list)):
             v = values[hf]
             v = _METADATA_TYPES.get(hf, type(v))(v)

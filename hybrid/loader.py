@@ -45,7 +45,7 @@ def describe(source) -> tuple[Source, dict, dict, dict]:
             permuted = {name: _heads(cfg, key) for name, key in fam.GGUF_PERMUTED.items()}
         refs = gguf_tensors(readers, fam.GGUF_NAMES, permuted)
         if hasattr(fam, "merge_gguf"):
-            fam.merge_gguf(refs)
+            fam.merge_gguf(refs, cfg)
         if "rope_freqs.weight" in refs:
             cfg["rope_scaling"] = {"rope_type": "default", "freq_factors": refs.pop("rope_freqs.weight").numpy().tolist()}
         if "lm_head.weight" not in refs:
@@ -58,7 +58,10 @@ def describe(source) -> tuple[Source, dict, dict, dict]:
     if "model_type" not in cfg:
         raise CheckpointError(f"{src.path / 'config.json'}: no model_type")
     fam = family(cfg["model_type"])
-    return src, cfg, safetensors_tensors(src.safetensors_files, fam.STACKED), {}
+    refs = safetensors_tensors(src.safetensors_files, fam.STACKED)
+    if hasattr(fam, "sanitize"):
+        fam.sanitize(refs)
+    return src, cfg, refs, {}
 
 
 def _heads(cfg: dict, key: str) -> int:

@@ -150,7 +150,9 @@ def parse_rules(spec, family: str | None = None) -> RuleSet:
     if dtype_name not in DTYPES:
         raise RuleError(f"{source}: dtype {dtype_name!r} is not one of {sorted(DTYPES)}")
     if family is None:
-        family = next((f for f in ("llama", "mixtral", "qwen_moe", "deepseek") if Path(source).name.startswith(f + "-")), None)
+        from .models import family_names
+
+        family = next((f for f in family_names() if Path(source).name.startswith(f + "-")), None)
     default_device = str(data.get("default_device", "cpu"))
     _check_device(default_device, f"{source}: default_device", family)
     rules = [_parse_rule(r, i + 1, source, family) for i, r in enumerate(data["rules"])]

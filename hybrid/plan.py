@@ -94,6 +94,21 @@ def summarize(placements: list[Placement], counts: dict[int, int], refs: dict, r
     }
 
 
+def kv_cache_per_slot(module, placements: list[Placement], context: int) -> dict:
+    """Bytes of KV cache one sequence slot of `context` tokens takes (sliding-window layers
+    hold only their window), from the model's own `cache_bytes`."""
+    placed = {p.path: (torch.device(p.device), p.dtype) for p in placements}
+
+    def placement(path: str):
+        while path not in placed and path:
+            path = path.rpartition(".")[0]
+        return placed.get(path, (torch.device("cpu"), torch.float32))
+
+    sliding = sum(1 for layer in module.model.layers if getattr(layer.self_attn, "sliding_window", None))
+    return {"context": context, "bytes_per_slot": module.cache_bytes(context, placement), "sliding_layers": sliding,
+            "layers": len(module.model.layers)}
+
+
 def human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -115,6 +130,10 @@ def format_plan(plan: dict) -> str:
         lines.append(
             f"{rule:<8}  {g['operator']:<14}  {g['device']:<7}  {g['modules']:>7}  {human(g['bytes']):>11}  {', '.join(g['examples'])}"
         )
+    if "kv_cache" in plan:
+        kv = plan["kv_cache"]
+        window = f", {kv['sliding_layers']} of {kv['layers']} layers sliding-window" if kv["sliding_layers"] else ""
+        lines += ["", f"KV cache: {human(kv['bytes_per_slot'])} per slot of {kv['context']} tokens{window}"]
     lines += ["", "device   needs        available    fits"]
     for d in plan["devices"]:
         lines.append(f"{d['device']:<7}  {human(d['bytes']):>11}  {human(d['available']):>11}  {'yes' if d['fits'] else 'NO'}")

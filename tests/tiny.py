@@ -42,6 +42,24 @@ TINY = {
         "topk_group": 2, "norm_topk_prob": True, "routed_scaling_factor": 2.5, "rope_parameters": {
             "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128,
             "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}}),
+    # layer 0 dense, 1-2 MoE: 8 experts in 2 groups, sigmoid router with correction bias,
+    # a shared expert; RoPE on half of each 32-wide head; q/k/v bias and q/k norm
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", {
+        "num_hidden_layers": 3, "head_dim": 32, "moe_intermediate_size": 32, "n_routed_experts": 8,
+        "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1,
+        "use_qk_norm": True, "attention_bias": True, "routed_scaling_factor": 2.5, "norm_topk_prob": True}),
+    # layer 0 sliding (window 8), layer 1 full; YaRN; 4 experts with biases, top 2; sinks
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", {
+        "head_dim": 16, "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 8,
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 16.0, "beta_fast": 32.0,
+                            "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 32}}),
+    # 6 layers: 5 sliding (window 8, shorter than the test prompts) and 1 full, llama.cpp's
+    # fixed pattern; linear RoPE scaling on the full layer as Gemma 3 4B+ has
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "num_hidden_layers": 6, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
+        "final_logit_softcapping": 30.0, "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}}),
 }
 
 
@@ -55,7 +73,7 @@ def make_tiny(name: str, directory, seed: int = 0):
     model = getattr(transformers, model_cls)(cfg).eval()
     with torch.no_grad():  # transformers initialises norms to 1 and biases to 0: randomise them too
         for n, p in model.named_parameters():
-            if n.endswith("bias") or "norm" in n or "bias" in n:
+            if n.endswith("bias") or "norm" in n or "bias" in n or n.endswith("sinks"):
                 p.add_(torch.randn_like(p) * 0.1)
         for n, b in model.named_buffers():  # DeepSeek V3's e_score_correction_bias steers routing
             if n.endswith("bias"):

@@ -120,7 +120,11 @@ class RopeTables(tuple):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
-    """x [B, H, T, D]; cos/sin [B, T, D]."""
+    """x [B, H, T, D]; cos/sin [B, T, R]: with R < D (GLM's partial rotary) only the first
+    R dimensions of each head turn."""
+    R = cos.shape[-1]
+    if R < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :R], cos, sin, interleaved), x[..., R:]), dim=-1)
     if interleaved:  # reorder (x0, x1, x2, x3...) to (x0, x2, ..., x1, x3, ...) first
         B, H, T, D = x.shape
         x = x.view(B, H, T, D // 2, 2).transpose(3, 4).reshape(B, H, T, D)
@@ -211,19 +215,79 @@ class KVCache(nn.Module):
         index = torch.tensor(step.slots, device=self.k.device)
         return self.k[index, :, :L], self.v[index, :, :L]
 
+    def mask(self, step: Step) -> torch.Tensor | None:
+        """Which of the keys `update` returned each query sees: [B, 1, T, L] bool or None."""
+        return step.mask
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, scale: float) -> torch.Tensor:
-    """q [B, H, T, D], k/v [B, Hkv, L, D] -> [B, T, H*Dv]."""
+
+class SlidingKVCache(KVCache):
+    """Keys and values of a sliding-window layer, which attends to the last `window`
+    positions only: each slot keeps a ring of `rows(window, max_len)` rows, position p at
+    row p % rows, so its memory does not grow with the context.
+
+    The ring is PAD_ROOM rows longer than the window because a batched prefill pads short
+    rows at their end (hybrid.engine.prefill, by less than half its chunk): the padding's
+    writes then land on positions older than any key the row still needs."""
+
+    PAD_ROOM = 512
+
+    def __init__(self, slots: int, max_len: int, window: int, kv_heads: int, k_dim: int, v_dim: int, dtype, device):
+        super().__init__(slots, self.rows(window, max_len), kv_heads, k_dim, v_dim, dtype, device)
+        self.window, self.max_len = window, max_len
+
+    @classmethod
+    def rows(cls, window: int, max_len: int) -> int:
+        return min(window + cls.PAD_ROOM, max_len)
+
+    def check_fits(self, step: Step) -> None:
+        if step.length > self.max_len:
+            raise ValueError(f"sequence of {step.length} tokens does not fit the KV cache of {self.max_len}")
+
+    def update(self, step: Step, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, Hkv, T, D]; return, per sequence, the up to window-1 cached keys
+        before its new tokens followed by the T new ones, right-aligned [B, Hkv, n + T, D]
+        (n: the most cached keys any sequence has); `mask(step)` says which each query sees."""
+        self.check_fits(step)
+        B, T, W, rows = k.shape[0], k.shape[2], self.window, self.k.shape[2]
+        n = max(min(s, W - 1) for s in step.starts)
+        keys = self.k.new_zeros(B, self.k.shape[1], n + T, self.k.shape[3])
+        vals = self.v.new_zeros(B, self.v.shape[1], n + T, self.v.shape[3])
+        for b, (slot, start) in enumerate(zip(step.slots, step.starts)):
+            old = torch.arange(start - min(start, W - 1), start, device=self.k.device)
+            # read the cached keys before writing: a new position may take an old one's row
+            keys[b, :, n - len(old) : n], vals[b, :, n - len(old) : n] = self.k[slot][:, old % rows], self.v[slot][:, old % rows]
+            keys[b, :, n:], vals[b, :, n:] = k[b], v[b]
+            new = torch.arange(start + max(0, T - rows), start + T, device=self.k.device)
+            self.k[slot][:, new % rows], self.v[slot][:, new % rows] = k[b, :, T - len(new) :], v[b, :, T - len(new) :]
+        return keys, vals
+
+    def mask(self, step: Step) -> torch.Tensor | None:
+        """[B, 1, T, n + T] bool for the keys `update` returned: key j of sequence b is at
+        position starts[b] - n + j; a query at q sees positions q - window < p <= q, p >= 0."""
+        n = max(min(s, self.window - 1) for s in step.starts)
+        T = step.positions.shape[1]
+        keys = step.positions[:, :1, None] - n + torch.arange(n + T, device=step.positions.device)  # [B, 1, n+T]
+        q = step.positions[:, :, None]  # [B, T, 1]
+        visible = (keys >= 0) & (keys <= q) & (keys > q - self.window)
+        return None if bool(visible.all()) else visible[:, None]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q [B, H, T, D], k/v [B, Hkv, L, D], mask [B, 1, T, L] bool or None -> [B, T, H*Dv]."""
     B, H, T, _ = q.shape
     k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may keep a narrower type
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=step.mask, scale=scale, enable_gqa=k.shape[1] != H
+        q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != H
     )
     return out.transpose(1, 2).reshape(B, T, -1)
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3)."""
+    """Grouped-query attention with optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3).
+    A family with sliding-window layers sets `sliding_window` on them (their cache is then
+    a SlidingKVCache)."""
+
+    sliding_window: int | None = None
 
     def __init__(self, cfg):
         super().__init__()
@@ -253,7 +317,11 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
         k, v = cache.update(step, k, v.transpose(1, 2))
-        return self.o_proj(attend(q, k, v, step, self.scale))
+        return self.o_proj(self.attend(q, k, v, cache.mask(step)))
+
+    def attend(self, q, k, v, mask):
+        """The attention itself (a family with sinks overrides it): see `attend`."""
+        return attend(q, k, v, mask, self.scale)
 
 
 class MLP(nn.Module):
@@ -322,21 +390,42 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def make_cache(self, slots: int, max_len: int, placement) -> list[KVCache]:
-        """One KVCache per layer; placement(path) -> (device, dtype) of that layer's attention;
-        an attention operator with a `kv_dtype` of its own keeps its cache in that type."""
+        """One KVCache per layer (a SlidingKVCache of its window for a sliding-window
+        layer); placement(path) -> (device, dtype) of that layer's attention; an attention
+        operator with a `kv_dtype` of its own keeps its cache in that type."""
         caches = []
         for i, layer in enumerate(self.model.layers):
             device, dtype = placement(f"model.layers.{i}.self_attn")
             dtype = getattr(layer.self_attn, "kv_dtype", dtype)
-            kv_heads, k_dim, v_dim = layer.self_attn.cache_shape()
-            caches.append(KVCache(slots, max_len, kv_heads, k_dim, v_dim, dtype, device))
+            shape = (*layer.self_attn.cache_shape(), dtype, device)
+            window = getattr(layer.self_attn, "sliding_window", None)
+            caches.append(SlidingKVCache(slots, max_len, window, *shape) if window else KVCache(slots, max_len, *shape))
         return caches
+
+    def cache_bytes(self, max_len: int, placement) -> int:
+        """Bytes of the KV cache of one slot of `max_len` tokens, without allocating it."""
+        total = 0
+        for i, layer in enumerate(self.model.layers):
+            _, dtype = placement(f"model.layers.{i}.self_attn")
+            dtype = getattr(layer.self_attn, "kv_dtype", dtype)
+            kv_heads, k_dim, v_dim = layer.self_attn.cache_shape()
+            window = getattr(layer.self_attn, "sliding_window", None)
+            rows = SlidingKVCache.rows(window, max_len) if window else max_len
+            total += kv_heads * rows * (k_dim + v_dim) * torch.finfo(dtype).bits // 8
+        return total
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(tokens)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and vocabulary projection: logits float32."""
+        return self.lm_head(self.model.norm(x)).float()
 
     def forward(self, tokens: torch.Tensor, step: Step, caches: list[KVCache], keep: list[int] | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] (float32); with `keep`, only position keep[b]
         of each row: [B, 1, V] (a prefill needs one position, and the vocabulary
         projection of all of them can cost as much as the layers)."""
-        x = self.model.embed_tokens(tokens)
+        x = self.embed(tokens)
         rope = self.rotary(step.positions.to(x.device))
         if self.decode_stack is not None and tokens.shape[1] == 1:
             x = self.decode_stack(x, rope, step, caches)
@@ -345,7 +434,7 @@ class CausalLM(nn.Module):
                 x = layer(x, rope, step, cache)
         if keep is not None:
             x = x[torch.arange(x.shape[0], device=x.device), torch.as_tensor(keep, device=x.device)][:, None]
-        return self.lm_head(self.model.norm(x)).float()
+        return self.head(x)
 
 
 class Block(nn.Module):

@@ -20,6 +20,8 @@ from .common import (
     routed_gguf_names,
 )
 
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+
 
 @dataclass
 class Config(BaseConfig):
@@ -127,7 +129,7 @@ class MLA(nn.Module):
         q = torch.cat((q_nope, q_rot), dim=-1)
         k = torch.cat((k_nope, k_rot.expand(B, H, T, R)), dim=-1)
         k, v = cache.update(step, k, v)
-        return self.o_proj(attend(q, k, v, step, self.scale))
+        return self.o_proj(attend(q, k, v, cache.mask(step), self.scale))
 
 
 class Router(nn.Module):
@@ -230,7 +232,7 @@ STACKED = {
 }
 
 
-def merge_gguf(refs: dict) -> None:
+def merge_gguf(refs: dict, cfg: dict) -> None:
     """Newer llama.cpp files store kv_b_proj per head as k_b [H, kv_lora, nope] (transposed)
     and v_b [H, v, kv_lora]; rebuild kv_b_proj [H * (nope + v), kv_lora] from them."""
     from hybrid.checkpoint import Q, TensorRef

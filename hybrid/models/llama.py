@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from .common import MLP, BaseConfig, Block, CausalLM, rope_parameters
 
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
 
 @dataclass
 class Config(BaseConfig):

@@ -11,6 +11,8 @@ from torch import nn
 from . import llama
 from .common import Block, CausalLM, Experts, routed_gguf_names
 
+MODEL_TYPES = ("mixtral",)
+
 
 @dataclass
 class Config(llama.Config):

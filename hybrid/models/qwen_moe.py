@@ -12,6 +12,8 @@ from torch import nn
 from . import llama, mixtral
 from .common import MLP, Block, CausalLM, routed_gguf_names
 
+MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
+
 
 @dataclass
 class Config(mixtral.Config):

@@ -28,12 +28,26 @@ class CPUAttention(Operator):
     """
 
     replaces = (Attention,)
+    attend = Attention.attend  # prefill runs Attention.forward over this operator
 
     def __init__(self, original: Attention, config, *, device: str = "cpu", quant: str | None = None, kv_dtype: str = "float32",
                  activations: str = DEFAULT_ACTIVATIONS):
         super().__init__(original, config)
         self.check_kwargs(device, quant, kv_dtype, activations)
         self.acts = check_activations("CPUAttention", activations)
+        if getattr(original, "rotary_dim", original.head_dim) != original.head_dim:
+            raise ValueError(
+                f"partial rotary ({original.rotary_dim} of {original.head_dim} dimensions) is not in the decode "
+                "kernel: leave this layer's attention in torch (replace: {class: default})"
+            )
+        if type(original).attend is not Attention.attend:
+            raise ValueError(f"{type(original).__name__} attends its own way (e.g. sinks), which the decode kernel does "
+                             "not: leave this layer's attention in torch (replace: {class: default})")
+        if original.sliding_window:
+            raise ValueError(
+                f"sliding-window attention (window {original.sliding_window}) is not in the decode kernel, which "
+                "attends to every key: leave this layer's attention in torch (replace: {class: default})"
+            )
         self.n_heads, self.n_kv_heads, self.head_dim = original.n_heads, original.n_kv_heads, original.head_dim
         self.scale, self.kv_dtype = original.scale, KV_DTYPES[kv_dtype]
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
