@@ -222,8 +222,10 @@ def bench_file(path: str, args, hyb_env: dict, llama_env: dict) -> dict:
             cell["prefill_ratio"] = cell["hybrid_prefill_tok_s"] / cell["llama_prefill_tok_s"]
             cell["hybrid_decode_gb_s"] = hyb.info["decode_bytes_per_token"] * cell["hybrid_decode_tok_s"] / 1e9
             cells.append(cell)
-            print(f"  {os.path.basename(path)} {t} thread(s): decode {cell['decode_ratio']:.2f}x, "
-                  f"prefill {cell['prefill_ratio']:.2f}x", file=sys.stderr)
+            print(f"  {os.path.basename(path)} {t} thread(s): decode {cell['hybrid_decode_tok_s']:.1f} / "
+                  f"{cell['llama_decode_tok_s']:.1f} tok/s = {cell['decode_ratio']:.2f}x, prefill "
+                  f"{cell['hybrid_prefill_tok_s']:.1f} / {cell['llama_prefill_tok_s']:.1f} = {cell['prefill_ratio']:.2f}x",
+                  file=sys.stderr)
         return {"model": path, "file_bytes": os.path.getsize(path), "hybrid": hyb.info, "llama": llama.info, "cells": cells}
     finally:
         hyb.close()
@@ -240,7 +242,8 @@ def format_table(report: dict) -> str:
         lines += ["", f"{os.path.basename(f['model'])} ({f['file_bytes'] / 1e9:.2f} GB); hybrid rules: "
                       f"{os.path.basename(f['hybrid']['rules'] or '-')}, numba CPU: {f['hybrid']['numba_cpu_name']}, "
                       f"VNNI kernels: {f['hybrid']['vnni_kernels']}; llama.cpp {f['llama']['llama_cpp']}",
-                  f"  llama.cpp system info: {f['llama']['system_info']}"]
+                  f"  llama.cpp extra CPU buffers (repacking, AMX): {'on' if f['llama']['extra_buffers'] else 'off'}; "
+                  f"system info: {f['llama']['system_info']}"]
     lines += ["", "| file | threads | hybrid decode tok/s | llama.cpp decode tok/s | ratio | hybrid prefill tok/s "
                   "| llama.cpp prefill tok/s | ratio | hybrid decode GB/s |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -290,6 +293,9 @@ def main() -> None:
     for m in models:
         if not os.path.isfile(m):
             ap.error(f"--model {m}: no such file (a GGUF file both hybrid and llama.cpp read)")
+    for name in ("rounds", "prompt_tokens", "decode_tokens", "decode_after"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.isa == "avx2" and not args.llama_path:
         ap.error("--isa avx2 needs --llama-path: a directory with an AVX2-only llama-cpp-python (see --help)")
     args.ctx = max(args.prompt_tokens, args.decode_after + args.decode_tokens) + 16
