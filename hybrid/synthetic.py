@@ -1,19 +1,28 @@
-"""Synthetic Mixtral-shaped GGUF files with random weights, for benchmarks and memory
-tests: llama architecture with `ffn_*_exps` expert tensors and the built-in model's
-tokenizer. Quantized tensors are random blocks with sane scales (no float round trip), so
-even large files are written at disk speed."""
+"""Synthetic MoE GGUF files with random weights, for benchmarks and memory tests, in one of
+two layouts: `qwen3moe` (the metadata keys and tensor names llama.cpp's converter writes for
+Qwen3-MoE: q/k norms, head_dim apart from hidden / heads, no shared expert) or `llama` with
+`ffn_*_exps` expert tensors (Mixtral). The built-in model's tokenizer is copied in.
+
+`qtype` is a block type (Q8_0, Q4_0, Q4_K, ...: every matrix of that type) or a
+llama-quantize file type: Q4_K_M, or any block type with `mix=True`, gives each tensor the
+type `llama-quantize` would (see `tensor_type`). Quantized tensors are random blocks with
+sane scales (no float round trip), streamed to disk one tensor at a time, so files of
+several GB are written at disk speed in little memory."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType
 
 from .checkpoint import open_gguf
 from .convert import add_metadata
 
 Q = GGMLQuantizationType
+
+ARCHITECTURES = ("llama", "qwen3moe")
 
 # Byte offsets of the fp16 scale fields inside one block, per type.
 _SCALE_OFFSETS = {
@@ -27,6 +36,24 @@ _SCALE_OFFSETS = {
     Q.Q6_K: (208,),
 }
 
+# The largest |quant x sub-scale| of a random block per type, so that one amplitude gives
+# weights of the same size whatever the type (Q4_K: 6-bit scales x 4-bit quants; Q6_K:
+# int8 scales x 6-bit quants).
+_RANGE = {Q.Q8_0: 127, Q.Q4_0: 8, Q.Q4_1: 15, Q.Q5_0: 16, Q.Q5_1: 31, Q.Q4_K: 63 * 15, Q.Q5_K: 63 * 31, Q.Q6_K: 128 * 32}
+
+# llama-quantize's file types this writer knows: name -> (default block type, general.file_type)
+FILE_TYPES = {
+    "Q4_K_M": (Q.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),
+    "Q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "Q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+    "Q4_1": (Q.Q4_1, LlamaFileType.MOSTLY_Q4_1),
+    "Q5_0": (Q.Q5_0, LlamaFileType.MOSTLY_Q5_0),
+    "Q5_1": (Q.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+}
+
+# llama.cpp's fallback when a row is not a whole number of blocks (tensor_type_fallback).
+_FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+
 
 def random_blocks(qtype: GGMLQuantizationType, shape: tuple[int, ...], rng: np.random.Generator, scale: float) -> np.ndarray:
     """uint8 [*shape[:-1], row_bytes] of random quantized data whose scales are `scale`
@@ -34,7 +61,7 @@ def random_blocks(qtype: GGMLQuantizationType, shape: tuple[int, ...], rng: np.r
     block, size = GGML_QUANT_SIZES[qtype]
     rows = int(np.prod(shape[:-1]))
     nblocks = rows * shape[-1] // block
-    data = rng.integers(0, 256, size=(nblocks, size), dtype=np.uint8)
+    data = np.frombuffer(rng.bytes(nblocks * size), dtype=np.uint8).reshape(nblocks, size).copy()
     for off in _SCALE_OFFSETS[qtype]:
         data[:, off : off + 2] = np.frombuffer(np.float16(scale).tobytes(), dtype=np.uint8)
     if qtype in (Q.Q4_1, Q.Q5_1, Q.Q4_K, Q.Q5_K):  # the min/offset field: keep it small and negative-free
@@ -42,9 +69,79 @@ def random_blocks(qtype: GGMLQuantizationType, shape: tuple[int, ...], rng: np.r
     return data.reshape(*shape[:-1], shape[-1] // block * size)
 
 
+def _use_more_bits(layer: int, layers: int) -> bool:
+    """llama-quantize's choice of the layers that get more bits: the first and last eighth
+    and every third layer between."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def tensor_type(qtype: str, name: str, layers: int, cols: int, mix: bool = False) -> GGMLQuantizationType:
+    """The block type of matrix `name` (GGUF name, rows of `cols` weights) in a file of
+    `qtype`. Without `mix` (and for a plain block type), every matrix gets `qtype`. With a
+    llama-quantize mix (Q4_K_M always; other file types with `mix`), as llama.cpp's
+    llama_tensor_get_type assigns them for a model with untied embeddings and other than
+    8 experts: output.weight Q6_K (Q8_0 in a Q8_0 file); for Q4_K_M, attn_v and ffn_down
+    (dense or experts) Q6_K in the layers `_use_more_bits` picks. A row that is not a whole
+    number of blocks falls back as llama.cpp's does (Q4_K -> Q5_0, Q6_K -> Q8_0)."""
+    key = qtype.upper()
+    if key not in FILE_TYPES and key not in Q.__members__:
+        raise ValueError(f"unknown qtype {qtype!r}; use one of {', '.join(FILE_TYPES)} or a GGML block type")
+    base = FILE_TYPES[key][0] if key in FILE_TYPES else Q[key]
+    t = base
+    if key == "Q4_K_M" or (mix and key in FILE_TYPES):
+        layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
+        if name == "output.weight":
+            t = Q.Q8_0 if base == Q.Q8_0 else Q.Q6_K
+        elif key == "Q4_K_M" and (".attn_v." in name or ".ffn_down" in name) and _use_more_bits(layer, layers):
+            t = Q.Q6_K
+    block = GGML_QUANT_SIZES[t][0]
+    if cols % block:
+        t = _FALLBACK.get(t, t)
+        if cols % GGML_QUANT_SIZES[t][0]:
+            raise ValueError(f"{name}: rows of {cols} weights are not whole {t.name} blocks; pick sizes divisible by {block}")
+    return t
+
+
+@dataclass
+class _Tensor:
+    name: str
+    shape: tuple[int, ...]  # numpy order: [*outer, cols]
+    qtype: GGMLQuantizationType  # F32 for norms and the router
+    fill: float | None = None  # a constant (norm weights); None: random
+
+
+def _tensors(arch: str, layers: int, hidden: int, experts: int, expert_width: int, heads: int, kv_heads: int,
+             head_dim: int, vocab: int) -> list[_Tensor]:
+    """Every tensor of the file in the order llama.cpp's converter writes them, types F32
+    for norms and the router and None (quantized) for the rest."""
+    out = [_Tensor("token_embd.weight", (vocab, hidden), None)]
+    for i in range(layers):
+        b = f"blk.{i}"
+        out += [
+            _Tensor(f"{b}.attn_norm.weight", (hidden,), Q.F32, 1.0),
+            _Tensor(f"{b}.attn_q.weight", (heads * head_dim, hidden), None),
+            _Tensor(f"{b}.attn_k.weight", (kv_heads * head_dim, hidden), None),
+            _Tensor(f"{b}.attn_v.weight", (kv_heads * head_dim, hidden), None),
+            _Tensor(f"{b}.attn_output.weight", (hidden, heads * head_dim), None),
+        ]
+        if arch == "qwen3moe":
+            out += [_Tensor(f"{b}.attn_q_norm.weight", (head_dim,), Q.F32, 1.0),
+                    _Tensor(f"{b}.attn_k_norm.weight", (head_dim,), Q.F32, 1.0)]
+        out += [
+            _Tensor(f"{b}.ffn_norm.weight", (hidden,), Q.F32, 1.0),
+            _Tensor(f"{b}.ffn_gate_inp.weight", (experts, hidden), Q.F32),
+            _Tensor(f"{b}.ffn_gate_exps.weight", (experts, expert_width, hidden), None),
+            _Tensor(f"{b}.ffn_up_exps.weight", (experts, expert_width, hidden), None),
+            _Tensor(f"{b}.ffn_down_exps.weight", (experts, hidden, expert_width), None),
+        ]
+    out += [_Tensor("output_norm.weight", (hidden,), Q.F32, 1.0), _Tensor("output.weight", (vocab, hidden), None)]
+    return out
+
+
 def write_moe_gguf(
     path,
     *,
+    arch: str = "llama",
     layers: int = 16,
     hidden: int = 1024,
     experts: int = 32,
@@ -52,62 +149,80 @@ def write_moe_gguf(
     top_k: int = 4,
     heads: int = 16,
     kv_heads: int = 4,
+    head_dim: int | None = None,
     qtype: str = "Q8_0",
+    mix: bool = False,
     context: int = 4096,
+    dense_width: int | None = None,
+    rope_theta: float | None = None,
+    rms_eps: float | None = None,
     tokenizer_from=None,
     vocab_size: int | None = None,
     seed: int = 0,
 ) -> Path:
-    """Write a Mixtral-layout GGUF. `tokenizer_from`: a GGUF whose tokenizer is copied
+    """Write a MoE GGUF of architecture `arch` ("llama": Mixtral layout; "qwen3moe").
+    `head_dim`: default hidden // heads. `qtype`/`mix`: see `tensor_type`.
+    `dense_width`: the qwen3moe feed_forward_length key (the dense FFN width the family
+    would use; no tensor has it). `tokenizer_from`: a GGUF whose tokenizer is copied
     (default: none, and then `vocab_size` tokens of a toy vocabulary are not written)."""
-    q = Q[qtype.upper()]
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown arch {arch!r}; use one of {', '.join(ARCHITECTURES)}")
+    head_dim = head_dim or hidden // heads
+    qwen = arch == "qwen3moe"
     rng = np.random.default_rng(seed)
-    writer = GGUFWriter(str(path), "llama")
     meta = open_gguf(Path(tokenizer_from)).metadata if tokenizer_from else {}
     vocab = len(meta["tokenizer.ggml.tokens"]) if meta else (vocab_size or 32000)
-    writer.add_name(f"synthetic-moe-{layers}x{experts}x{expert_width}-{qtype}")
+    tensors = _tensors(arch, layers, hidden, experts, expert_width, heads, kv_heads, head_dim, vocab)
+    for t in tensors:
+        if t.qtype is None:
+            t.qtype = tensor_type(qtype, t.name, layers, t.shape[-1], mix)
+
+    writer = GGUFWriter(str(path), arch)
+    writer.add_type("model")
+    writer.add_name(f"synthetic-{arch}-{layers}x{experts}x{expert_width}-{qtype}")
+    if qtype.upper() in FILE_TYPES:
+        writer.add_file_type(int(FILE_TYPES[qtype.upper()][1]))
+    writer.add_quantization_version(2)
+    writer.add_block_count(layers)
     writer.add_context_length(context)
     writer.add_embedding_length(hidden)
-    writer.add_feed_forward_length(expert_width)
-    writer.add_block_count(layers)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(rope_theta or (1e6 if qwen else 1e4))
+    writer.add_layer_norm_rms_eps(rms_eps or (1e-6 if qwen else 1e-5))
     writer.add_expert_count(experts)
     writer.add_expert_used_count(top_k)
-    writer.add_vocab_size(vocab)
+    if qwen:
+        writer.add_feed_forward_length(dense_width or expert_width * top_k)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_expert_feed_forward_length(expert_width)
+    else:
+        writer.add_feed_forward_length(expert_width)
+        writer.add_vocab_size(vocab)
     for key, value in meta.items():
         if key.startswith("tokenizer."):
             add_metadata(writer, key, value)
 
-    head_dim = hidden // heads
-    w_scale = 0.5 / np.sqrt(hidden) / 64  # quant range ~±64..127: weights ~ 1/sqrt(fan_in)
-
-    def quant(name, shape):
-        blocks = random_blocks(q, shape, rng, w_scale)
-        writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=q)
-
-    def f32(name, shape, value=None):
-        data = np.full(shape, value, np.float32) if value is not None else rng.standard_normal(shape).astype(np.float32) * 0.02
-        writer.add_tensor(name, data)
-
-    quant("token_embd.weight", (vocab, hidden))
-    f32("output_norm.weight", (hidden,), 1.0)
-    quant("output.weight", (vocab, hidden))
-    for i in range(layers):
-        f32(f"blk.{i}.attn_norm.weight", (hidden,), 1.0)
-        f32(f"blk.{i}.ffn_norm.weight", (hidden,), 1.0)
-        quant(f"blk.{i}.attn_q.weight", (heads * head_dim, hidden))
-        quant(f"blk.{i}.attn_k.weight", (kv_heads * head_dim, hidden))
-        quant(f"blk.{i}.attn_v.weight", (kv_heads * head_dim, hidden))
-        quant(f"blk.{i}.attn_output.weight", (hidden, heads * head_dim))
-        f32(f"blk.{i}.ffn_gate_inp.weight", (experts, hidden))
-        quant(f"blk.{i}.ffn_gate_exps.weight", (experts, expert_width, hidden))
-        quant(f"blk.{i}.ffn_up_exps.weight", (experts, expert_width, hidden))
-        quant(f"blk.{i}.ffn_down_exps.weight", (experts, hidden, expert_width))
+    # weights ~ 1/sqrt(fan_in) whatever the block type
+    amplitude = 127 * 0.5 / np.sqrt(hidden) / 64
+    for t in tensors:
+        if t.qtype == Q.F32:
+            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), 4 * int(np.prod(t.shape)))
+        else:
+            block, size = GGML_QUANT_SIZES[t.qtype]
+            byte_shape = (*t.shape[:-1], t.shape[-1] // block * size)
+            writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=t.qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for t in tensors:
+        if t.qtype != Q.F32:
+            data = random_blocks(t.qtype, t.shape, rng, amplitude / _RANGE[t.qtype])
+        elif t.fill is not None:
+            data = np.full(t.shape, t.fill, np.float32)
+        else:
+            data = rng.standard_normal(t.shape, dtype=np.float32) * 0.02
+        writer.write_tensor_data(data)
     writer.close()
     return Path(path)
