@@ -87,7 +87,13 @@ def build(source, rules=None):
     )
     with torch.device("meta"):
         module = fam.Model(config)
-    placements, counts = rules_mod.plan(module, ruleset)
+    tied = refs.get("model.embed_tokens.weight") if getattr(config, "tie_word_embeddings", False) else None
+
+    def tensor(name):
+        ref = refs.get(name) or (tied if name == "lm_head.weight" else None)
+        return (ref.qtype, tuple(ref.shape)) if ref is not None else None
+
+    placements, counts = rules_mod.plan(module, ruleset, tensor)
     return config, module, placements, counts, refs, ruleset, src, meta
 
 

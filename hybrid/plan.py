@@ -89,6 +89,9 @@ def summarize(placements: list[Placement], counts: dict[int, int], refs: dict, r
             {"rule": rule, "operator": op, "device": device, **g}
             for (rule, op, device), g in sorted(groups.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1], kv[0][2]))
         ],
+        "fallbacks": [{"module": p.path, "device": str(torch.device(p.device)),
+                       "operator": p.operator.__name__ if p.operator else "torch", "declined": p.fallback}
+                      for p in placements if p.fallback],
         "devices": devices,
         "fits": all(d["fits"] for d in devices),
     }
@@ -115,6 +118,11 @@ def format_plan(plan: dict) -> str:
         lines.append(
             f"{rule:<8}  {g['operator']:<14}  {g['device']:<7}  {g['modules']:>7}  {human(g['bytes']):>11}  {', '.join(g['examples'])}"
         )
+    if plan["fallbacks"]:
+        lines += ["", f"fallbacks ({len(plan['fallbacks'])} modules: a matching operator could not take the shapes)"]
+        for f in plan["fallbacks"]:
+            lines.append(f"  {f['module']} -> {f['operator']} on {f['device']}")
+            lines += [f"      {reason}" for reason in f["declined"]]
     lines += ["", "device   needs        available    fits"]
     for d in plan["devices"]:
         lines.append(f"{d['device']:<7}  {human(d['bytes']):>11}  {human(d['available']):>11}  {'yes' if d['fits'] else 'NO'}")
