@@ -126,4 +126,9 @@ def format_plan(plan: dict) -> str:
     lines += ["", "device   needs        available    fits"]
     for d in plan["devices"]:
         lines.append(f"{d['device']:<7}  {human(d['bytes']):>11}  {human(d['available']):>11}  {'yes' if d['fits'] else 'NO'}")
+    rss = plan.get("expected_rss")
+    if rss:
+        lines += ["", f"expected RSS: {human(rss['at_start_bytes'])} at start (runtime {human(rss['runtime_bytes'])} + CPU "
+                  f"weights {human(rss['cpu_weight_bytes'])}), up to {human(rss['kv_full_bytes'])} with {rss['slots']} "
+                  f"slots of {rss['ctx']} tokens full (KV cache {human(rss['kv_bytes_per_token'])} per token)"]
     return "\n".join(lines)
