@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("cpu_machine")  # rules=None: the family's 
 IDS = [int(i) for i in torch.randint(0, 200, (23,), generator=torch.Generator().manual_seed(2))]
 DECODE_STEPS = 3
 
-_MLA_ODD = {"qk_nope_head_dim": 20, "qk_rope_head_dim": 12, "v_head_dim": 20, "kv_lora_rank": 36, "moe_intermediate_size": 72}
+_MLA_ODD = {"num_key_value_heads": 4, "qk_nope_head_dim": 20, "qk_rope_head_dim": 12, "v_head_dim": 20, "kv_lora_rank": 36, "moe_intermediate_size": 72}
 # Nothing divides by 32: every kernel operator declines, torch runs the whole model.
 ODD = {"vocab_size": 200, "hidden_size": 80, "intermediate_size": 136, "num_attention_heads": 4, "num_key_value_heads": 2}
 ODD_FAMILY = {
@@ -50,7 +50,7 @@ def odd_model(request, tmp_path_factory):
     name, shape = request.param
     common, per_family = SHAPES[shape]
     directory = tmp_path_factory.mktemp(f"{name}-{shape}")
-    model = make_tiny(name, directory, **common, **per_family.get(name, {}))
+    model = make_tiny(name, directory, **{**common, **per_family.get(name, {})})
     return name, shape, directory, reference_logits(model, IDS)
 
 
