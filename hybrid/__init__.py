@@ -1,8 +1,12 @@
 """hybrid: run large (MoE) language models across CPU and GPU, placed by YAML rules."""
 
-from .checkpoint import CheckpointError
-from .loader import load
-from .placement import RuleError, inject
+from . import threads as _threads
+
+_threads.configure()  # before numba and torch load: thread count and OpenMP's wait policy
+
+from .checkpoint import CheckpointError  # noqa: E402
+from .loader import load  # noqa: E402
+from .placement import RuleError, inject  # noqa: E402
 
 __all__ = ["load", "inject", "CheckpointError", "RuleError"]
 __version__ = "0.1.0"

@@ -17,6 +17,8 @@ def add_parser(subparsers):
     p.add_argument("--model", help="model file or directory (default: the built-in model)")
     p.add_argument("--rules", help="rule file path or built-in name (default: chosen by family and CUDA presence)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--slots", type=int, default=4, help="KV-cache slots for the expected RSS (default: serve's 4)")
+    p.add_argument("--ctx", type=int, help="context per slot for the expected RSS (default: the model's, at most 4096)")
     p.set_defaults(func=main)
     return p
 
@@ -24,12 +26,23 @@ def add_parser(subparsers):
 def main(args) -> int:
     from .defaults import default_model_path
     from .loader import build
+    from .memory import expected_rss, kv_bytes_per_token
     from .plan import format_plan, kv_cache_per_slot, summarize
 
     config, module, placements, counts, refs, ruleset, src, meta = build(args.model or default_model_path(), args.rules)
     plan = summarize(placements, counts, refs, ruleset)
     plan["model"] = str(src.path)
     plan["kv_cache"] = kv_cache_per_slot(module, placements, config.max_position_embeddings)
+    placed = {p.path: p for p in placements}
+
+    def placement(path):
+        while path not in placed and path:
+            path = path.rpartition(".")[0]
+        return (placed[path].device, placed[path].dtype) if path in placed else ("cpu", ruleset.dtype)
+
+    cpu = sum(d["bytes"] for d in plan["devices"] if d["device"] == "cpu")
+    ctx = args.ctx or min(config.max_position_embeddings, 4096)
+    plan["expected_rss"] = expected_rss(cpu, kv_bytes_per_token(module, placement), args.slots, ctx)
     print(json.dumps(plan, indent=2) if args.json else f"model: {src.path}\n" + format_plan(plan))
     if not plan["fits"]:
         print("the plan does not fit the memory available", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -88,10 +89,32 @@ def build(source, rules=None):
     ruleset = rules_mod.parse_rules(
         rules if rules is not None else default_rules(cfg_dict["model_type"]), family=family_name(cfg_dict["model_type"])
     )
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         module = fam.Model(config)
-    placements, counts = rules_mod.plan(module, ruleset)
+    tied = refs.get("model.embed_tokens.weight") if getattr(config, "tie_word_embeddings", False) else None
+
+    def tensor(name):
+        ref = refs.get(name) or (tied if name == "lm_head.weight" else None)
+        return (ref.qtype, tuple(ref.shape)) if ref is not None else None
+
+    placements, counts = rules_mod.plan(module, ruleset, tensor)
     return config, module, placements, counts, refs, ruleset, src, meta
+
+
+@contextmanager
+def _skip_init():
+    """Leave out the parameter initialisers of modules built on meta: there is nothing to
+    fill, and on meta tensors torch runs them through its reference implementations,
+    whose first use imports torch._dynamo and sympy (~110 MB resident for good)."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
 
 
 class _Tensors:

@@ -84,6 +84,7 @@ class Placement:
     rule: Rule | None  # None: inherited from the parent (or the file's default)
     operator: type | None = None
     kwargs: dict = field(default_factory=dict)
+    fallback: list[str] = field(default_factory=list)  # operator rules that matched but could not take it, and why
 
 
 # ------------------------------------------------------------------------- parsing
@@ -264,29 +265,58 @@ def _check_device(device: str, where: str, family: str | None = None) -> None:
 # ------------------------------------------------------------------------ planning
 
 
-def plan(root: nn.Module, ruleset: RuleSet) -> tuple[list[Placement], dict[int, int]]:
+def plan(root: nn.Module, ruleset: RuleSet, tensor=None) -> tuple[list[Placement], dict[int, int]]:
     """Decide every module's placement (pre-order) without changing the tree. Returns the
-    placements and, per rule index, how many modules it matched."""
+    placements and, per rule index, how many modules it matched.
+
+    tensor(full_name) -> (GGML type, shape) or None: what the checkpoint holds, so that an
+    operator that cannot take a module's shapes (`Operator.refusal`) is passed over for the
+    next matching rule, or torch; the placement's `fallback` says which and why."""
     placements: list[Placement] = []
     counts = {r.index: 0 for r in ruleset.rules}
 
+    def refusal(rule: Rule, path: str, module: nn.Module) -> str | None:
+        check = getattr(rule.operator, "refusal", None)
+        if tensor is None or check is None:
+            return None
+        prefix = f"{path}." if path else ""
+        reason = check(module, lambda n: tensor(prefix + n), rule.kwargs)
+        return f"{rule.where(ruleset.source)}: {rule.operator.__name__}: {reason}" if reason else None
+
+    def check_fits(rule: Rule, path: str, module: nn.Module) -> None:
+        fits = getattr(rule.operator, "replaces", ())
+        if fits and not isinstance(module, fits):
+            names = ", ".join(c.__name__ for c in fits)
+            raise RuleError(
+                f"{rule.where(ruleset.source)}: operator {rule.operator.__name__} replaces {names}, "
+                f"but {path} is a {type(module).__name__}"
+            )
+
     def visit(path: str, module: nn.Module, device: str, dtype: torch.dtype) -> None:
-        rule = next((r for r in ruleset.rules if path and r.matches(path, module)), None)
+        declined, rule = [], None
+        for r in ruleset.rules:
+            if not path or not r.matches(path, module):
+                continue
+            counts[r.index] += 1
+            if r.operator is None:
+                rule = r
+                break
+            check_fits(r, path, module)
+            reason = refusal(r, path, module)
+            if reason is None:
+                rule = r
+                break
+            if not declined and r.device is not None:
+                device = str(r.device)  # torch runs it where the operator would have
+            declined.append(reason)
+            log.info("%s: %s; the next matching rule or torch takes it", path, reason)
         if rule is not None:
-            counts[rule.index] += 1
             device = str(rule.kwargs.get("device", rule.kwargs.get("generate_device", device)))
             dtype = DTYPES[rule.kwargs["dtype"]] if "dtype" in rule.kwargs else dtype
             if rule.operator is not None:
-                fits = getattr(rule.operator, "replaces", ())
-                if fits and not isinstance(module, fits):
-                    names = ", ".join(c.__name__ for c in fits)
-                    raise RuleError(
-                        f"{rule.where(ruleset.source)}: operator {rule.operator.__name__} replaces {names}, "
-                        f"but {path} is a {type(module).__name__}"
-                    )
-                placements.append(Placement(path, module, device, dtype, rule, rule.operator, dict(rule.kwargs)))
+                placements.append(Placement(path, module, device, dtype, rule, rule.operator, dict(rule.kwargs), declined))
                 return  # an operator owns its whole subtree
-        placements.append(Placement(path, module, device, dtype, rule))
+        placements.append(Placement(path, module, device, dtype, rule, fallback=declined))
         if rule is not None and not rule.recursive:
             return
         for name, child in module.named_children():
@@ -344,8 +374,11 @@ def add_device_hooks(root: nn.Module, placements: list[Placement]) -> None:
 def inject(module: nn.Module, rules, config=None) -> list[Placement]:
     """Apply rules to a module tree already in memory (weights present): swap operators
     in, taking their weights from the replaced modules, and place the rest."""
+    from hybrid.operators.base import tensor_info
+
     ruleset = parse_rules(rules)
-    placements, _ = plan(module, ruleset)
+    params = dict(module.named_parameters())
+    placements, _ = plan(module, ruleset, lambda name: tensor_info(params[name]) if name in params else None)
     originals = {p.path: p.module for p in placements if p.operator is not None}
     swap(module, placements, config, ruleset.source)
     for p in placements:

@@ -89,6 +89,9 @@ def summarize(placements: list[Placement], counts: dict[int, int], refs: dict, r
             {"rule": rule, "operator": op, "device": device, **g}
             for (rule, op, device), g in sorted(groups.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1], kv[0][2]))
         ],
+        "fallbacks": [{"module": p.path, "device": str(torch.device(p.device)),
+                       "operator": p.operator.__name__ if p.operator else "torch", "declined": p.fallback}
+                      for p in placements if p.fallback],
         "devices": devices,
         "fits": all(d["fits"] for d in devices),
     }
@@ -134,7 +137,17 @@ def format_plan(plan: dict) -> str:
         kv = plan["kv_cache"]
         window = f", {kv['sliding_layers']} of {kv['layers']} layers sliding-window" if kv["sliding_layers"] else ""
         lines += ["", f"KV cache: {human(kv['bytes_per_slot'])} per slot of {kv['context']} tokens{window}"]
+    if plan["fallbacks"]:
+        lines += ["", f"fallbacks ({len(plan['fallbacks'])} modules: a matching operator could not take the shapes)"]
+        for f in plan["fallbacks"]:
+            lines.append(f"  {f['module']} -> {f['operator']} on {f['device']}")
+            lines += [f"      {reason}" for reason in f["declined"]]
     lines += ["", "device   needs        available    fits"]
     for d in plan["devices"]:
         lines.append(f"{d['device']:<7}  {human(d['bytes']):>11}  {human(d['available']):>11}  {'yes' if d['fits'] else 'NO'}")
+    rss = plan.get("expected_rss")
+    if rss:
+        lines += ["", f"expected RSS: {human(rss['at_start_bytes'])} at start (runtime {human(rss['runtime_bytes'])} + CPU "
+                  f"weights {human(rss['cpu_weight_bytes'])}), up to {human(rss['kv_full_bytes'])} with {rss['slots']} "
+                  f"slots of {rss['ctx']} tokens full (KV cache {human(rss['kv_bytes_per_token'])} per token)"]
     return "\n".join(lines)

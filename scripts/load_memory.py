@@ -1,6 +1,10 @@
 """Peak resident memory that loading a model adds, against the size of its file(s).
 
     python scripts/load_memory.py MODEL [--rules R] [--json]
+    python scripts/load_memory.py --serve [MODEL] [--json]
+
+With --serve: the resident memory of a `hybrid serve` process (default options: 4 slots,
+context up to 4096) once /health says ready, and after one chat request of 16 tokens.
 
 Measured in this process: VmRSS after imports, after building a one-layer model on the
 meta device and after running every kernel once on tiny arrays (torch's one-time lazy
@@ -42,14 +46,55 @@ def _warm_kernels() -> None:
                                     np.zeros((n, 1), np.int64), np.ones((n, 1), np.float32))
 
 
+def serve_rss(model: str | None) -> dict:
+    """RSS of `hybrid serve` when ready and after one request (read from /proc/PID/status)."""
+    import re
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    from hybrid.memory import rss_bytes
+
+    cmd = [sys.executable, "-m", "hybrid", "serve", "--port", "0"] + (["--model", model] if model else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "HYBRID_API_KEY": ""})
+    try:
+        url = re.search(r"listening on (http://\S+),", proc.stdout.readline()).group(1)
+        t0 = time.perf_counter()
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=5)
+                break
+            except urllib.error.HTTPError:
+                time.sleep(0.2)
+        ready_s, ready = time.perf_counter() - t0, rss_bytes(proc.pid)
+        body = json.dumps({"model": "default", "max_tokens": 16, "temperature": 0,
+                           "messages": [{"role": "user", "content": "What is the capital of France?"}]}).encode()
+        req = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=600).read()
+        return {"ready_s": round(ready_s, 1), "rss_ready_bytes": ready, "rss_after_request_bytes": rss_bytes(proc.pid)}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model")
+    ap.add_argument("model", nargs="?", help="model path (with --serve, default: the built-in model)")
+    ap.add_argument("--serve", action="store_true", help="measure a `hybrid serve` process instead")
     ap.add_argument("--rules", default=None)
     ap.add_argument("--tokens", type=int, default=64, help="tokens in the forward pass (default 64)")
     ap.add_argument("--chunk", type=int, default=16, help="prefill chunk (default 16: the small-batch kernels)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.serve:
+        report = serve_rss(args.model)
+        print(json.dumps(report) if args.json else "\n".join(f"{k:>24}: {v}" for k, v in report.items()))
+        return
+    if args.model is None:
+        ap.error("a model path is needed (or --serve)")
 
     import torch
 

@@ -63,12 +63,13 @@ TINY = {
 }
 
 
-def make_tiny(name: str, directory, seed: int = 0):
-    """Build, randomise and save a tiny model; returns the transformers model (eval)."""
+def make_tiny(name: str, directory, seed: int = 0, **overrides):
+    """Build, randomise and save a tiny model (`overrides`: config values to change);
+    returns the transformers model (eval)."""
     import transformers
 
     cfg_cls, model_cls, extra = TINY[name]
-    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **extra})
+    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(cfg).eval()
     with torch.no_grad():  # transformers initialises norms to 1 and biases to 0: randomise them too

@@ -65,6 +65,12 @@ class CPUAttention(Operator):
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype {kv_dtype!r} is not one of {sorted(KV_DTYPES)}")
 
+    @classmethod
+    def refusal(cls, module, tensor, kwargs: dict) -> str | None:
+        if module.head_dim > decode.MAX_D:
+            return f"head_dim {module.head_dim} is above the decode kernel's limit of {decode.MAX_D}"
+        return super().refusal(module, tensor, kwargs)
+
     def load(self, get) -> None:
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             getattr(self, name).load(lambda n, p=name: get(f"{p}.{n}"))

@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
 Q = GGMLQuantizationType
@@ -22,6 +22,33 @@ class Operator(nn.Module):
         super().__init__()
         # The checkpoint tensors this operator takes are the replaced module's parameters.
         self.original_shapes = {n: tuple(p.shape) for n, p in original.named_parameters()}
+
+    @classmethod
+    def refusal(cls, module: nn.Module, tensor, kwargs: dict) -> str | None:
+        """Why this operator cannot take `module` with these tensors (None: it can), decided
+        before any weight is read; the rules then go on to the next matching rule, or leave
+        the module to torch. tensor(local_name) -> (GGML type, shape) or None.
+
+        Every weight of 2 or more dimensions goes through the kernels, which read float rows
+        in 32-value vectors and quantized ones (and `quant:`) in whole blocks."""
+        from .kernels import SUPPORTED_TYPES
+
+        quant = kwargs.get("quant")
+        for name, param in module.named_parameters():
+            info = tensor(name) if param.dim() >= 2 else None
+            if info is None:
+                continue
+            qtype, shape = info
+            cols = shape[-1]
+            if qtype in (Q.F32, Q.F16, Q.BF16) or qtype not in SUPPORTED_TYPES:
+                target = Q[str(quant).upper()] if quant and qtype in (Q.F32, Q.F16, Q.BF16) else qtype
+                if qtype not in SUPPORTED_TYPES:
+                    target = Q.Q8_0  # requantized at load (weight_array)
+                need = max(32, GGML_QUANT_SIZES[target][0])
+                if cols % need:
+                    what = f"{qtype.name} as {target.name}" if target != qtype else qtype.name
+                    return f"{name} ({what}, {list(shape)}) has {cols} columns, the kernels need a multiple of {need}"
+        return None
 
     def load(self, get) -> None:
         """get(local_name) -> TensorRef (shape already checked)."""
@@ -39,6 +66,11 @@ class Operator(nn.Module):
             return TensorRef(name, tuple(t.shape), _FLOAT_TYPES[t.dtype], lambda r=raw: r)
 
         self.load(get)
+
+
+def tensor_info(t: torch.Tensor) -> tuple[GGMLQuantizationType, tuple[int, ...]] | None:
+    """(GGML type, shape) of an in-memory float tensor, as `Operator.refusal` takes it."""
+    return (_FLOAT_TYPES[t.dtype], tuple(t.shape)) if t.dtype in _FLOAT_TYPES else None
 
 
 def check_cpu(op: str, device) -> None:

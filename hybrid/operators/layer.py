@@ -14,7 +14,7 @@ from hybrid.models.common import MLP, Attention, Block
 from .attention import CPUAttention
 from .base import Operator, check_cpu, check_quant
 from .experts import CPUExperts
-from .kernels import layer, moe
+from .kernels import decode, layer, moe
 from .kernels.formats import DEFAULT_ACTIVATIONS, as_blocks, check_activations
 from .kernels.linear import gemv_chunks
 from .linear import CPULinear
@@ -97,6 +97,13 @@ class CPUDecoderLayer(Operator):
         check_quant(quant)
         check_activations("CPUDecoderLayer", activations)
         CPUAttention.check_kwargs(kv_dtype=kv_dtype)
+
+    @classmethod
+    def refusal(cls, module, tensor, kwargs: dict) -> str | None:
+        attn = module.self_attn
+        if type(attn) is Attention and attn.head_dim > decode.MAX_D:
+            return f"head_dim {attn.head_dim} is above the decode kernel's limit of {decode.MAX_D}"
+        return super().refusal(module, tensor, kwargs)
 
     @property
     def ffn(self) -> nn.Module:

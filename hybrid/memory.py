@@ -1,0 +1,42 @@
+"""Resident memory: what this process holds now (for /metrics), and what a plan is
+expected to hold once loaded (for `hybrid rules`)."""
+
+from __future__ import annotations
+
+# Python, torch, numba and hybrid imported, the kernels a model uses loaded from numba's
+# cache, the tokenizer: `hybrid serve` with the built-in model, less its mapped weights
+# and KV cache (docs/performance.md, "Memory").
+RUNTIME_BYTES = 420 << 20
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident set size of a process (default: this one), in bytes; 0 where /proc is absent."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def kv_bytes_per_token(module, placement) -> int:
+    """Bytes of KV cache one token takes across all layers: placement(path) -> (device,
+    dtype) as `Model.placement`; an attention with a `kv_dtype` of its own keeps that."""
+    total = 0
+    for i, layer in enumerate(module.model.layers):
+        _, dtype = placement(f"model.layers.{i}.self_attn")
+        dtype = getattr(layer.self_attn, "kv_dtype", dtype)
+        kv_heads, k_dim, v_dim = layer.self_attn.cache_shape()
+        total += kv_heads * (k_dim + v_dim) * dtype.itemsize
+    return total
+
+
+def expected_rss(cpu_weight_bytes: int, kv_per_token: int, slots: int, ctx: int) -> dict:
+    """RSS a server is expected to reach: the runtime, the weights it keeps on the CPU
+    (mapped once, resident as they are read) and the KV cache, which becomes resident as
+    tokens are written (none at start, `slots` x `ctx` tokens when every slot is full)."""
+    start = RUNTIME_BYTES + cpu_weight_bytes
+    return {"runtime_bytes": RUNTIME_BYTES, "cpu_weight_bytes": cpu_weight_bytes, "kv_bytes_per_token": kv_per_token,
+            "slots": slots, "ctx": ctx, "at_start_bytes": start, "kv_full_bytes": start + kv_per_token * slots * ctx}
