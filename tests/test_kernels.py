@@ -405,4 +405,4 @@ def test_the_kernel_cache_is_keyed_by_every_kernel_source(tmp_path):
     assert before.name == cache_dir(src).name  # the same sources, the same cache
     (copy / "formats.py").write_text((copy / "formats.py").read_text() + "\n# an edit\n")
     assert cache_dir(copy).name != before.name
-    assert os.environ.get("NUMBA_CACHE_DIR") or numba.config.CACHE_DIR == str(cache_dir(src))
+    assert numba.config.CACHE_DIR == os.environ["NUMBA_CACHE_DIR"] == str(cache_dir(src))

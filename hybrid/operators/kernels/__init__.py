@@ -12,6 +12,7 @@ helper it inlines from another file would otherwise run stale machine code.
 import hashlib
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numba
@@ -27,13 +28,20 @@ def cache_dir(sources: Path) -> Path:
 
 def _use_source_keyed_cache() -> None:
     here = cache_dir(Path(__file__).parent)
-    numba.config.CACHE_DIR = str(here)
-    for old in here.parent.glob("numba-*"):  # caches of earlier sources
-        if old != here:
+    # In the environment too: numba rereads its settings from it when it changes (and child
+    # processes inherit it).
+    os.environ["NUMBA_CACHE_DIR"] = numba.config.CACHE_DIR = str(here)
+    week_ago = time.time() - 7 * 24 * 3600
+    for old in here.parent.glob("numba-*"):  # caches of sources not used for a week
+        if old != here and old.stat().st_mtime < week_ago:
             shutil.rmtree(old, ignore_errors=True)
 
 
-if not os.environ.get("NUMBA_CACHE_DIR"):  # the user's own choice wins
+def _ours(directory: str) -> bool:
+    return Path(directory).name.startswith("numba-") and Path(directory).parent.name == "__pycache__"
+
+
+if not os.environ.get("NUMBA_CACHE_DIR") or _ours(os.environ["NUMBA_CACHE_DIR"]):  # the user's own choice wins
     _use_source_keyed_cache()
 
 from .formats import SUPPORTED_TYPES
