@@ -70,6 +70,11 @@ def test_safetensors_loads_and_matches_transformers(odd_model):
     model = hybrid.load(directory)
     assert rel_err(model.logits(IDS, chunk=8), ref) < 1e-4
     assert rel_err(prefill_and_decode(model), ref) < 1e-4
+    for p in model.placements:  # a linear kept on the kernels has a width they take
+        if p.operator is not None and p.operator.__name__ == "CPULinear":
+            assert model.module.get_submodule(p.path).in_features % 32 == 0, p.path
+    if name in {"gemma3_text", "glm4_moe", "gpt_oss"}:
+        return  # their CPU rule files keep attention (gpt-oss: the experts too) in torch
     assert [p for p in model.placements if p.fallback], "every shape here has a width the kernels cannot take"
     kernels = {p.operator.__name__ for p in model.placements if p.operator is not None}
     if shape == "odd":  # only the norms (1-D weights) stay on their operator

@@ -34,7 +34,7 @@ def srv(smollm_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
         url = re.search(r"listening on (http://\S+),", proc.stdout.readline()).group(1)
-        deadline = time.time() + 90
+        deadline = time.time() + 600  # a cold numba cache compiles every kernel first
         while requests.get(url + "/health", timeout=5).status_code != 200 and time.time() < deadline:
             time.sleep(0.2)
         s = SimpleNamespace(url=url)

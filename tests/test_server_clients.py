@@ -35,7 +35,7 @@ def server(smollm_path):
         assert m, f"unexpected first line: {line!r}"
         url = m.group(1)
         seen = []
-        deadline = time.time() + 90
+        deadline = time.time() + 600  # a cold numba cache compiles every kernel first
         while time.time() < deadline:
             r = requests.get(url + "/health", timeout=5)
             seen.append(r.status_code)
