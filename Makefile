@@ -24,6 +24,7 @@ serve: $(VENV)/.base
 	$(VENV)/bin/hybrid serve
 
 test: $(VENV)/.test
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -rs
 
 # The kernel tests again with numba compiling for an AVX2-only CPU (Haswell): the paths

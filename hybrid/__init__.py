@@ -4,9 +4,9 @@ from . import threads as _threads
 
 _threads.configure()  # before numba and torch load: thread count and OpenMP's wait policy
 
-from .checkpoint import CheckpointError  # noqa: E402
-from .loader import load  # noqa: E402
-from .placement import RuleError, inject  # noqa: E402
+from hybrid.files.checkpoint import CheckpointError  # noqa: E402
+from hybrid.inject.loader import load  # noqa: E402
+from hybrid.inject.placement import RuleError, inject  # noqa: E402
 
 __all__ = ["load", "inject", "CheckpointError", "RuleError"]
 __version__ = "0.1.0"

@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.model is None:
-        from hybrid.defaults import default_model_path
+        from hybrid.cli.defaults import default_model_path
 
         args.model = default_model_path()
     unknown = set(args.layer.split(",")) - set(LAYERS)

@@ -24,9 +24,9 @@ import time
 import torch
 
 import hybrid
-from hybrid import bench
-from hybrid.defaults import default_model_path
-from hybrid.synthetic import write_moe_gguf
+from hybrid.cli import measure as bench
+from hybrid.cli.defaults import default_model_path
+from hybrid.writers.synthetic import write_moe_gguf
 
 
 def decode_rate(model, context: int, steps: int, rounds: int = 3) -> float:
@@ -96,7 +96,7 @@ def main() -> None:
         torch.set_num_threads(1)
     del model
     # The same with the KV cache in float16 (a rule kwarg): half the bytes per key.
-    rules = (hybrid.placement.builtin_rules_dir() / "llama-cpu.yaml").read_text().replace(
+    rules = (hybrid.inject.placement.builtin_rules_dir() / "llama-cpu.yaml").read_text().replace(
         "replace: {class: CPUDecoderLayer}", "replace: {class: CPUDecoderLayer, kwargs: {kv_dtype: float16}}")
     model = hybrid.load(path, rules=rules)
     h100, h2000 = decode_rate(model, 100, steps), decode_rate(model, 2000, steps)

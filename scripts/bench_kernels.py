@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
-from hybrid.bench import measure_bandwidth
+from hybrid.cli.measure import measure_bandwidth
 from hybrid.operators import kernels
 from hybrid.operators.kernels.linear import num_threads
 

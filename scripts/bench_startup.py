@@ -54,8 +54,8 @@ def main() -> None:
         if args.model:
             models = [(os.path.basename(args.model), args.model)]
         else:
-            from hybrid.defaults import default_model_path
-            from hybrid.synthetic import write_moe_gguf
+            from hybrid.cli.defaults import default_model_path
+            from hybrid.writers.synthetic import write_moe_gguf
 
             moe = os.path.join(tmp, "moe.gguf")
             write_moe_gguf(moe, layers=4, hidden=512, experts=8, expert_width=256, top_k=2, heads=8, kv_heads=2)

@@ -48,7 +48,7 @@ class HybridWorker:
         import torch
 
         import hybrid
-        from hybrid import bench
+        from hybrid.cli import measure as bench
         from hybrid.operators.kernels import formats
 
         self.torch, self.numba = torch, numba
@@ -287,7 +287,7 @@ def main() -> None:
     if args.worker:
         return worker_main(args)
 
-    from hybrid.defaults import default_model_path
+    from hybrid.cli.defaults import default_model_path
 
     models = args.model or [default_model_path()]
     for m in models:

@@ -55,7 +55,7 @@ def serve_rss(model: str | None) -> dict:
     import urllib.error
     import urllib.request
 
-    from hybrid.memory import rss_bytes
+    from hybrid.inject.memory import rss_bytes
 
     cmd = [sys.executable, "-m", "hybrid", "serve", "--port", "0"] + (["--model", model] if model else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -99,7 +99,7 @@ def main() -> None:
     import torch
 
     import hybrid
-    from hybrid.checkpoint import find_source
+    from hybrid.files.checkpoint import find_source
     from hybrid.models import llama
 
     with torch.device("meta"):

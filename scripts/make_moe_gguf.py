@@ -16,8 +16,8 @@ import argparse
 import os
 import time
 
-from hybrid.defaults import default_model_path
-from hybrid.synthetic import ARCHITECTURES, write_moe_gguf
+from hybrid.cli.defaults import default_model_path
+from hybrid.writers.synthetic import ARCHITECTURES, write_moe_gguf
 
 PRESETS = {
     "qwen3-30b-a3b": dict(arch="qwen3moe", layers=16, hidden=2048, experts=128, expert_width=768, top_k=8, heads=32,

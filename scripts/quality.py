@@ -128,7 +128,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args()
 
-    from hybrid.defaults import default_model_path
+    from hybrid.cli.defaults import default_model_path
 
     path = args.model or default_model_path()
     if not os.path.isfile(path):

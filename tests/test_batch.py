@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from hybrid.engine import prefill_groups
+from hybrid.engine.scheduler import prefill_groups
 from hybrid.operators import kernels
 from hybrid.operators.kernels import batch, formats, linear, moe
 from hybrid.operators.kernels.formats import as_blocks

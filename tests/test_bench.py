@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from hybrid.synthetic import write_moe_gguf
+from hybrid.writers.synthetic import write_moe_gguf
 
 
 @pytest.fixture(scope="module")

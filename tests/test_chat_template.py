@@ -2,8 +2,8 @@
 
 import pytest
 
-from hybrid.chat_template import CHATML, ChatTemplateError, render
-from hybrid.tokenizer import gguf_metadata
+from hybrid.files.chat_template import CHATML, ChatTemplateError, render
+from hybrid.files.tokenizer import gguf_metadata
 
 LLAMA3 = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"

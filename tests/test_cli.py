@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from hybrid import cli
-from hybrid.cmd_chat import read_message
+from hybrid.cli import main as cli
+from hybrid.cli.chat import read_message
 
 HYBRID = [sys.executable, "-m", "hybrid"]
 FAST = ["--rules", "torch-cpu", "--temperature", "0"]

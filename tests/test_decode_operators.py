@@ -13,9 +13,9 @@ from gguf import GGMLQuantizationType as Q
 from torch import nn
 
 import hybrid
-from hybrid.bench import decode_bytes_per_token
+from hybrid.cli.measure import decode_bytes_per_token
 from hybrid.models.common import MLP, Attention, KVCache, RMSNorm, Rotary, Step
-from hybrid.placement import RuleError, parse_rules
+from hybrid.inject.placement import RuleError, parse_rules
 from hybrid.operators import CPUAttention, CPUDecoderLayer, CPUMLP, CPURMSNorm
 from hybrid.operators.kernels import decode, formats
 from hybrid.operators.kernels import layer as layer_kernels

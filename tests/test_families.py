@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hybrid
-from hybrid.convert import write_gguf
+from hybrid.writers.convert import write_gguf
 
 from .tiny import TINY, make_tiny, mean_kl, reference_logits, rel_err
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import hybrid
-from hybrid import cli
+from hybrid.cli import main as cli
 from hybrid.models import family_name
-from hybrid.placement import RuleError, parse_rules
+from hybrid.inject.placement import RuleError, parse_rules
 
 from .tiny import make_tiny, reference_logits, rel_err
 
@@ -61,7 +61,7 @@ def test_gpu_rule_file_runs(tiny):
 
 def test_registry_finds_every_family_file_and_its_rule_files():
     from hybrid.models import family, family_names, gguf_architectures, supported_families
-    from hybrid.placement import builtin_rules_dir
+    from hybrid.inject.placement import builtin_rules_dir
 
     assert {"gemma3_text", "glm4_moe", "gpt_oss", "llama", "deepseek_v3"} <= set(supported_families())
     assert {"gemma3": "gemma3_text", "glm4moe": "glm4_moe", "gpt-oss": "gpt_oss"}.items() <= gguf_architectures().items()

@@ -100,7 +100,7 @@ def test_rules_command_states_the_kv_cache_per_slot(gemma3_path, capsys):
     512 positions (+ PAD_ROOM), 3 full ones the whole 32768."""
     import json
 
-    from hybrid import cli
+    from hybrid.cli import main as cli
 
     assert cli.main(["rules", "--model", gemma3_path, "--json"]) == 0
     kv = json.loads(capsys.readouterr().out)["kv_cache"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import hybrid
-from hybrid.engine import Engine, QueueFull
-from hybrid.generate import (
+from hybrid.engine.scheduler import Engine, QueueFull
+from hybrid.engine.generate import (
     ContextLengthExceeded,
     JSON_START,
     chat_prompt_ids,
@@ -18,7 +18,7 @@ from hybrid.generate import (
     json_closer,
     json_run,
 )
-from hybrid.sampling import SamplingParams
+from hybrid.engine.sampling import SamplingParams
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 NO_STOP = {0: -100.0, 2: -100.0}  # SmolLM2's <|endoftext|> and <|im_end|>: keep generating

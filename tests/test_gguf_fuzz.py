@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFWriter
 
-from hybrid.checkpoint import CheckpointError, open_gguf
+from hybrid.files.checkpoint import CheckpointError, open_gguf
 
 LIMIT = 16 * 1024 * 1024   # bytes any open of these ~2 KB files may allocate
 
@@ -130,7 +130,7 @@ def test_truncated_safetensors_names_the_file(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from hybrid.checkpoint import safetensors_tensors
+    from hybrid.files.checkpoint import safetensors_tensors
 
     good = tmp_path / "model.safetensors"
     save_file({"w": torch.ones(4, 4)}, str(good))

@@ -10,8 +10,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 import hybrid
-from hybrid.checkpoint import open_gguf
-from hybrid.convert import write_gguf
+from hybrid.files.checkpoint import open_gguf
+from hybrid.writers.convert import write_gguf
 
 from .tiny import make_tiny, reference_logits, rel_err
 

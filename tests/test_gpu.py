@@ -101,8 +101,8 @@ def test_batched_decode_on_the_gpu_file_matches_torch(tiny):
 def test_engine_on_the_gpu_batches_like_alone(tiny):
     """Continuous batching with attention on the GPU and experts on the CPU: greedy
     requests run together give what each gives alone."""
-    from hybrid.engine import Engine
-    from hybrid.sampling import SamplingParams
+    from hybrid.engine.scheduler import Engine
+    from hybrid.engine.sampling import SamplingParams
 
     d, _, _ = tiny
     add_byte_tokenizer(d)

@@ -7,8 +7,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import hybrid
-from hybrid.checkpoint import CheckpointError
-from hybrid.convert import write_gguf
+from hybrid.files.checkpoint import CheckpointError
+from hybrid.writers.convert import write_gguf
 
 from .tiny import make_tiny
 

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from hybrid.synthetic import write_moe_gguf
+from hybrid.writers.synthetic import write_moe_gguf
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "load_memory.py")
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import hybrid
-from hybrid.convert import write_gguf
-from hybrid.loader import build
+from hybrid.writers.convert import write_gguf
+from hybrid.inject.loader import build
 from hybrid.operators import CPUDecoderLayer, CPULinear
-from hybrid.plan import format_plan, summarize
+from hybrid.inject.plan import format_plan, summarize
 
 from .tiny import TINY, make_tiny, mean_kl, reference_logits, rel_err
 

@@ -1,5 +1,5 @@
 """Resident memory: KV caches take pages only where tokens are written, and the plan's
-expected RSS (hybrid/memory.py)."""
+expected RSS (hybrid/inject/memory.py)."""
 
 import json
 import subprocess
@@ -7,8 +7,8 @@ import sys
 
 import torch
 
-from hybrid.memory import rss_bytes
-from hybrid.model import lazy_zeros
+from hybrid.inject.memory import rss_bytes
+from hybrid.inject.model import lazy_zeros
 
 MB = 1 << 20
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import hybrid
-from hybrid.placement import RuleError, builtin_rules_dir, parse_rules, plan
+from hybrid.inject.placement import RuleError, builtin_rules_dir, parse_rules, plan
 
 
 class Leaf(nn.Module):
@@ -189,7 +189,7 @@ def test_rules_command_gpu_file_on_cpu_machine_fails_clearly(tiny_llama):
 
 @pytest.fixture(scope="module")
 def tiny_moe_gguf(tmp_path_factory):
-    from hybrid.convert import write_gguf
+    from hybrid.writers.convert import write_gguf
 
     from .tiny import make_tiny
 
@@ -199,7 +199,7 @@ def tiny_moe_gguf(tmp_path_factory):
 
 
 def test_rules_command_on_a_moe_model(tiny_moe_gguf):
-    from hybrid.checkpoint import open_gguf
+    from hybrid.files.checkpoint import open_gguf
 
     r = run_cli("rules", "--model", str(tiny_moe_gguf), "--json", env={"CUDA_VISIBLE_DEVICES": ""})  # a CPU machine
     assert r.returncode == 0, r.stderr
@@ -214,7 +214,8 @@ def test_rules_command_on_a_moe_model(tiny_moe_gguf):
 
 
 def test_rules_command_exit_status_when_it_does_not_fit(tiny_moe_gguf, monkeypatch, capsys):
-    from hybrid import cli, plan
+    from hybrid.cli import main as cli
+    from hybrid.inject import plan
 
     monkeypatch.setattr(plan, "available_bytes", lambda device: 1000)
     assert cli.main(["rules", "--model", str(tiny_moe_gguf)]) == 1
@@ -306,7 +307,7 @@ def test_a_model_on_a_gpu_prepares_the_process_for_it(tiny_moe_gguf):
     attention off, CPU experts on half the cores unless their rule sets `threads`."""
     import numba
 
-    from hybrid.model import _prepare_for_the_gpu
+    from hybrid.inject.model import _prepare_for_the_gpu
 
     m = hybrid.load(tiny_moe_gguf, rules="mixtral-cpu")
     experts = [mod for name, mod in m.module.named_modules() if name.endswith(".experts")]

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from hybrid.sampling import (Sampler, SamplingParams, apply_logit_bias, apply_presence_frequency,
+from hybrid.engine.sampling import (Sampler, SamplingParams, apply_logit_bias, apply_presence_frequency,
                              apply_repetition_penalty, apply_temperature, min_p_mask, sample_batch,
                              top_k_mask, top_p_mask)
-from hybrid.stops import StopMatcher
+from hybrid.engine.stops import StopMatcher
 
 INF = math.inf
 

@@ -482,7 +482,7 @@ class _Engine:
         return {"waiting": 0, "running": 0, "free_slots": 1, "slots": 1, "ctx": CTX}
 
     def describe(self):
-        from hybrid.server.model_info import describe
+        from hybrid.files.model_info import describe
 
         return {"name": "scripted", "tokenizer": self.model.tokenizer, "ctx": CTX, "source": self.model.source,
                 "info": describe(self.model, CTX)}
@@ -495,7 +495,7 @@ def _client(model, answer, **kw):
 
 
 def test_queue_full_is_429_with_retry_after(model):
-    from hybrid.engine import QueueFull
+    from hybrid.engine.scheduler import QueueFull
 
     c = _client(model, QueueFull("full"))
     r = c.post("/v1/chat/completions", json={"messages": USER})
@@ -505,7 +505,7 @@ def test_queue_full_is_429_with_retry_after(model):
 
 
 def test_error_during_a_stream_ends_it_with_an_error_event(model):
-    from hybrid.generate import Event
+    from hybrid.engine.generate import Event
 
     c = _client(model, [Event(text="Hel", token=1), Event(finish_reason="error", error="boom")])
     r = c.post("/v1/chat/completions", json={"messages": USER, "stream": True})
@@ -528,7 +528,7 @@ def test_a_bug_is_500_in_the_envelope(model):
 
 
 def test_strict_model_names(model):
-    from hybrid.generate import Event
+    from hybrid.engine.generate import Event
 
     done = [Event(text="ok", token=1, finish_reason="stop", usage={"completion_tokens": 1})]
     c = _client(model, done, strict_model_names=True)
@@ -542,7 +542,7 @@ def test_strict_model_names(model):
 
 
 def test_loading_answers_503_until_attached(model):
-    from hybrid.generate import Event
+    from hybrid.engine.generate import Event
     from hybrid.server import create_app
 
     app = create_app(None)

@@ -39,7 +39,7 @@ SURROGATE = {
 
 @pytest.fixture(scope="module")
 def client(request):
-    from hybrid.generate import Event
+    from hybrid.engine.generate import Event
 
     model = request.getfixturevalue("model")
     done = [Event(text="ok", token=1, finish_reason="stop", usage={"completion_tokens": 1})]

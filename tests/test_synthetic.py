@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader
 
 import hybrid
-from hybrid.synthetic import tensor_type, write_moe_gguf
+from hybrid.writers.synthetic import tensor_type, write_moe_gguf
 
 from .tiny import rel_err
 

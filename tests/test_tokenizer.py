@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from hybrid.tokenizer import Tokenizer, gguf_metadata
+from hybrid.files.tokenizer import Tokenizer, gguf_metadata
 
 CORPUS = [
     "",

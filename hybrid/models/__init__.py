@@ -13,7 +13,7 @@ import pkgutil
 from functools import cache
 from types import ModuleType
 
-_NOT_FAMILIES = {"common"}
+_NOT_FAMILIES = {"common", "gguf"}
 
 
 @cache

@@ -226,7 +226,7 @@ class SlidingKVCache(KVCache):
     row p % rows, so its memory does not grow with the context.
 
     The ring is PAD_ROOM rows longer than the window because a batched prefill pads short
-    rows at their end (hybrid.engine.prefill, by less than half its chunk): the padding's
+    rows at their end (hybrid.engine.scheduler.prefill, by less than half its chunk): the padding's
     writes then land on positions older than any key the row still needs."""
 
     PAD_ROOM = 512

@@ -235,7 +235,7 @@ STACKED = {
 def merge_gguf(refs: dict, cfg: dict) -> None:
     """Newer llama.cpp files store kv_b_proj per head as k_b [H, kv_lora, nope] (transposed)
     and v_b [H, v, kv_lora]; rebuild kv_b_proj [H * (nope + v), kv_lora] from them."""
-    from hybrid.checkpoint import Q, TensorRef
+    from hybrid.files.checkpoint import Q, TensorRef
 
     for k_name in [n for n in refs if n.endswith(".self_attn.k_b")]:
         prefix = k_name[: -len("k_b")]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from ..checkpoint import TensorRef
+from hybrid.files.checkpoint import TensorRef
 from .common import Attention as _Attention
 from .common import BaseConfig, CausalLM, RMSNorm, Rotary, rope_parameters
 

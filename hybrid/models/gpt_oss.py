@@ -19,7 +19,7 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from ..checkpoint import TensorRef
+from hybrid.files.checkpoint import TensorRef
 from . import llama
 from .common import Attention as _Attention
 from .common import Block, CausalLM

@@ -56,7 +56,7 @@ class Operator(nn.Module):
 
     def load_from_module(self, original: nn.Module) -> None:
         """Take weights from an in-memory module (used by `hybrid.inject`)."""
-        from hybrid.checkpoint import TensorRef
+        from hybrid.files.checkpoint import TensorRef
 
         params = dict(original.named_parameters())
 

@@ -11,43 +11,20 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import threading
 import time
 import uuid
 
 from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
-from .backend import Backend
-from .body import parse as parse_body
-from .errors import APIError, internal, invalid, loading
-from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .context import ServerState, ollama_path, state
+from .errors import APIError, internal
+from .metrics import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
 
 PUBLIC = {"/", "/health", "/api/version", "/openapi.json"}     # answered without an API key
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
-
-
-class ServerState:
-    """What the routes share: the backend once the model is ready, the key, the metrics."""
-
-    def __init__(self, api_key: str | None, backend_kwargs: dict):
-        self.api_key = api_key
-        self.metrics = Metrics()
-        self.backend: Backend | None = None
-        self.load_error: str | None = None
-        self._backend_kwargs = backend_kwargs
-        self._lock = threading.Lock()
-
-    def attach(self, engine) -> Backend:
-        """Serve `engine` (already started)."""
-        with self._lock:
-            self.backend = Backend(engine, self.metrics, **self._backend_kwargs)
-        return self.backend
-
-    def fail(self, message: str) -> None:
-        self.load_error = message
 
 
 def create_app(model_or_engine=None, *, api_key: str | None = None, served_model_name: str | None = None,
@@ -70,7 +47,7 @@ def create_app(model_or_engine=None, *, api_key: str | None = None, served_model
     if model_or_engine is not None:
         engine = model_or_engine
         if not hasattr(engine, "submit"):
-            from ..engine import Engine
+            from hybrid.engine.scheduler import Engine
 
             engine = Engine(model_or_engine, slots=slots, ctx=ctx, max_queue=max_queue)
             engine.start()
@@ -112,38 +89,6 @@ def create_app(model_or_engine=None, *, api_key: str | None = None, served_model
         return Response(state.metrics.render(), mimetype=CONTENT_TYPE_LATEST)
 
     return app
-
-
-# ---------------------------------------------------------------- helpers for the routes
-
-def state() -> ServerState:
-    return current_app.extensions["hybrid"]
-
-
-def backend() -> Backend:
-    be = state().backend
-    if be is None:
-        raise loading()
-    return be
-
-
-def json_body(require_json_type: bool = True) -> dict:
-    """The request's JSON object. OpenAI routes require `Content-Type: application/json`;
-    Ollama's accept any (its own docs post with bare `curl -d`)."""
-    if require_json_type and not request.is_json:
-        raise invalid(f"Content-Type must be application/json, got {request.mimetype or 'none'!r}",
-                      code="invalid_content_type")
-    return parse_body(request.get_data(cache=False))   # over MAX_CONTENT_LENGTH: 413
-
-
-def client_gone():
-    """A callable telling whether this request's client has disconnected (waitress sets it;
-    None under servers that do not)."""
-    return request.environ.get("waitress.client_disconnected")
-
-
-def ollama_path() -> bool:
-    return request.path.startswith("/api/")
 
 
 # ---------------------------------------------------------------- hooks and error rendering

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..chat_template import ChatTemplateError
+from hybrid.files.chat_template import ChatTemplateError
 from .errors import (APIError, context_length_exceeded, internal, invalid, model_not_found, queue_full,
                      shutting_down)
 
@@ -27,7 +27,7 @@ class Choice:
     index: int
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    samples: list = field(default_factory=list)          # hybrid.sampling.Sample per token (if logprobs)
+    samples: list = field(default_factory=list)          # hybrid.engine.sampling.Sample per token (if logprobs)
     finish_reason: str | None = None
     usage: dict = field(default_factory=dict)
     timing: dict = field(default_factory=dict)
@@ -260,7 +260,7 @@ class Backend:
     # -- prompts
 
     def chat_prompt(self, messages: list[dict], tools=None) -> list[int]:
-        from ..generate import chat_prompt_ids
+        from hybrid.engine.generate import chat_prompt_ids
 
         try:
             return chat_prompt_ids(self.tokenizer, messages, tools)
@@ -339,7 +339,7 @@ class Backend:
         return Generation(self.engine, streams, [j[0] for j in jobs], self.metrics, [len(ids) for _, ids, _ in jobs])
 
     def _submit_one(self, ids, params, json_mode, param):
-        from ..engine import ContextLengthExceeded, QueueFull
+        from hybrid.engine.scheduler import ContextLengthExceeded, QueueFull
 
         try:
             return self.engine.submit(ids, params, json_mode=json_mode)

@@ -8,7 +8,7 @@ from flask import Blueprint, Response, g
 
 from .. import __version__
 from . import responses as R
-from .app import backend, client_gone, json_body
+from .context import backend, client_gone, json_body
 from .backend import ClientGone, failure
 from .errors import APIError, model_not_found
 from .requests import parse_ollama_chat, parse_ollama_generate, parse_ollama_show

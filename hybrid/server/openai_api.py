@@ -7,7 +7,7 @@ import logging
 from flask import Blueprint, Response
 
 from . import responses as R
-from .app import backend, client_gone, json_body
+from .context import backend, client_gone, json_body
 from .backend import ClientGone, failure
 from .errors import APIError, internal, model_not_found, sse_error
 from .requests import parse_chat, parse_completion

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..sampling import SamplingParams
+from hybrid.engine.sampling import SamplingParams
 from . import schema as S
 from .errors import invalid
 

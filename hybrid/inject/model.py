@@ -8,14 +8,14 @@ import mmap
 import numpy as np
 import torch
 
-from .models.common import KVCache, Step
+from hybrid.models.common import KVCache, Step
 
 
 class Model:
     """What `hybrid.load` returns.
 
     config: the family's config dataclass; module: the torch module tree with Hugging Face
-    names (after rules were applied); tokenizer: `hybrid.tokenizer.Tokenizer`."""
+    names (after rules were applied); tokenizer: `hybrid.files.tokenizer.Tokenizer`."""
 
     def __init__(self, config, module, tokenizer, *, placements=(), ruleset=None, source=None, name="model"):
         self.config, self.module, self.tokenizer = config, module, tokenizer
@@ -90,14 +90,14 @@ class Model:
         return torch.cat(out).cpu()
 
     def generate(self, prompt, params=None, **kw):
-        """Stream `Event`s completing `prompt` (str or token ids); see `hybrid.generate.generate`."""
-        from .generate import generate
+        """Stream `Event`s completing `prompt` (str or token ids); see `hybrid.engine.direct.generate`."""
+        from hybrid.engine.direct import generate
 
         return generate(self, prompt, params, **kw)
 
     def chat(self, messages, stream: bool = False, params=None, **kw):
-        """Answer a conversation through the chat template; see `hybrid.generate.chat`."""
-        from .generate import chat
+        """Answer a conversation through the chat template; see `hybrid.engine.direct.chat`."""
+        from hybrid.engine.direct import chat
 
         return chat(self, messages, stream, params, **kw)
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models.common import Experts
+from hybrid.models.common import Experts
 
 def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """Memory read bandwidth in bytes/s: the best of `repeats` F16 GEMVs over `nbytes` of

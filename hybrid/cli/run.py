@@ -8,7 +8,7 @@ HELP = "generate one answer for a prompt and stream it to stdout"
 
 
 def add_parser(subparsers):
-    from .defaults import add_model_args, add_sampling_args
+    from hybrid.cli.defaults import add_model_args, add_sampling_args
 
     p = subparsers.add_parser("run", help=HELP, description=HELP + ". The prompt is chat-formatted with the "
                               "model's template unless --raw is given. Progress goes to stderr.")
@@ -24,9 +24,9 @@ def add_parser(subparsers):
 
 
 def main(args) -> int:
-    from .defaults import load_from_args, sampling_from_args
-    from .engine import Engine
-    from .generate import chat_prompt_ids
+    from hybrid.cli.defaults import load_from_args, sampling_from_args
+    from hybrid.engine.scheduler import Engine
+    from hybrid.engine.generate import chat_prompt_ids
 
     params = sampling_from_args(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()

@@ -1,5 +1,5 @@
 """Generation as small functions over one `Sequence`: prefill, decode one step, pick a
-token, advance. `hybrid.engine.Engine` schedules them over many sequences; `generate`
+token, advance. `hybrid.engine.scheduler.Engine` schedules them over many sequences; `generate`
 and `chat` are the thin entry points attached to `Model`.
 
 Token flow of a sequence with n prompt tokens: the prompt fills cache positions
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import Sample, Sampler, SamplingParams
-from .stops import StopMatcher
+from hybrid.engine.sampling import Sample, Sampler, SamplingParams
+from hybrid.engine.stops import StopMatcher
 
 
 class ContextLengthExceeded(ValueError):
@@ -360,28 +360,6 @@ class JsonConstraint:
         return self._char_ids[closer[0]]
 
 
-# ---------------------------------------------------------------- Model.generate / Model.chat
-
-def engine_for(model):
-    """The engine `Model.generate` uses: one started elsewhere (a server's), or a
-    one-slot engine that each stream drives from the caller's thread."""
-    engine = getattr(model, "_engine", None)
-    if engine is None:
-        from .engine import Engine
-
-        engine = model._engine = Engine(model, slots=1)
-    return engine
-
-
-def _params(params: SamplingParams | None, sampling: dict) -> SamplingParams:
-    if params is not None and sampling:
-        raise TypeError("pass either params or sampling keywords, not both")
-    params = params or SamplingParams(**sampling)
-    if isinstance(params.stop, str):
-        params.stop = [params.stop]
-    return params
-
-
 def chat_prompt_ids(tokenizer, messages, tools=None) -> list[int]:
     """The chat template rendered and encoded, with BOS in front when the model wants one."""
     if tokenizer.chat_template is None:
@@ -390,32 +368,3 @@ def chat_prompt_ids(tokenizer, messages, tools=None) -> list[int]:
     if tokenizer.add_bos and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
         ids = [tokenizer.bos_id, *ids]
     return ids
-
-
-def generate(model, prompt, params: SamplingParams | None = None, *, json_mode: bool = False, **sampling):
-    """Yield `Event`s for a completion of `prompt` (text, encoded with BOS per the
-    tokenizer, or token ids). Sampling keywords are `SamplingParams` fields."""
-    if isinstance(prompt, str):
-        if model.tokenizer is None:
-            raise ValueError("this model has no tokenizer; pass token ids")
-        prompt = model.tokenizer.encode(prompt, add_special_tokens=True)
-    stream = engine_for(model).submit(list(prompt), _params(params, sampling), json_mode=json_mode)
-    return _events(stream)
-
-
-def _events(stream):
-    try:
-        yield from stream
-    finally:  # an abandoned generator frees its slot
-        stream.cancel()
-
-
-def chat(model, messages, stream: bool = False, params: SamplingParams | None = None, *,
-         tools=None, json_mode: bool = False, **sampling):
-    """Answer a conversation ([{"role", "content"}...]) through the chat template.
-    stream=False: a `Completion` (text, finish_reason, usage...); stream=True: `Event`s."""
-    if model.tokenizer is None:
-        raise ValueError("this model has no tokenizer")
-    events = generate(model, chat_prompt_ids(model.tokenizer, messages, tools), params,
-                      json_mode=json_mode, **sampling)
-    return events if stream else collect(events)

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from hybrid.chat_template import render
+from hybrid.files.chat_template import render
 
 # GGUF / SentencePiece token types (the two use the same numbers).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -29,7 +29,7 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end
 
 def gguf_metadata(path) -> dict[str, object]:
     """All key/value fields of a GGUF file as plain Python values (header only)."""
-    from .checkpoint import open_gguf
+    from hybrid.files.checkpoint import open_gguf
 
     return open_gguf(path).metadata
 

@@ -12,11 +12,12 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
-from .checkpoint import _GGUF_ARCH, _GGUF_CONFIG, find_source, open_gguf, safetensors_tensors
-from .models import family, gguf_architectures
+from hybrid.files.checkpoint import find_source, open_gguf, safetensors_tensors
+from hybrid.models import family, gguf_architectures
+from hybrid.models.gguf import ARCHITECTURES, COMMON_KEYS
 
 Q = GGMLQuantizationType
-_ARCH_OF = {v: k for k, v in {**_GGUF_ARCH, **gguf_architectures()}.items() if k != "mistral"} | {
+_ARCH_OF = {v: k for k, v in {**ARCHITECTURES, **gguf_architectures()}.items() if k != "mistral"} | {
     "mistral": "llama", "mixtral": "llama", "deepseek_v3": "deepseek2"}
 _METADATA_TYPES = {"rms_norm_eps": float, "rope_theta": float, "routed_scaling_factor": float}
 
@@ -104,14 +105,14 @@ def _add_config(writer: GGUFWriter, arch: str, config, cfg: dict) -> None:
         values["rope_dimension_count"] = config.rotary_dim
     if "rope" in config.__dict__:
         values["rope_theta"] = config.rope["rope_theta"]
-    for gkey, hf in {**_GGUF_CONFIG, **getattr(family(cfg["model_type"]), "GGUF_CONFIG", {})}.items():
+    for gkey, hf in {**COMMON_KEYS, **getattr(family(cfg["model_type"]), "GGUF_CONFIG", {})}.items():
         if hf in values and values[hf] is not None and not isinstance(values[hf], (dict, list)):
             v = values[hf]
             v = _METADATA_TYPES.get(hf, type(v))(v)
             add_metadata(writer, f"{arch}.{gkey}", v)
     rope = getattr(config, "rope", {}) or {}
     if rope.get("rope_type") == "llama3":  # llama.cpp's form: a tensor of per-frequency divisors
-        from .models.common import rope_frequencies
+        from hybrid.models.common import rope_frequencies
 
         plain, _ = rope_frequencies({**rope, "rope_type": "default"}, config.head_dim, config.max_position_embeddings)
         scaled, _ = rope_frequencies(rope, config.head_dim, config.max_position_embeddings)

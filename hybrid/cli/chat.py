@@ -14,7 +14,7 @@ Ctrl-C stops the current answer."""
 
 
 def add_parser(subparsers):
-    from .defaults import add_model_args, add_sampling_args
+    from hybrid.cli.defaults import add_model_args, add_sampling_args
 
     p = subparsers.add_parser("chat", help=HELP, description=HELP + ". Keeps the conversation, streams the "
                               "answers and shows the speed after each.\n\n" + COMMANDS,
@@ -46,10 +46,10 @@ def read_message(read=input):
 
 
 def main(args) -> int:
-    from .cmd_run import format_stats
-    from .defaults import load_from_args, sampling_from_args
-    from .engine import Engine
-    from .generate import ContextLengthExceeded, chat_prompt_ids
+    from hybrid.cli.run import format_stats
+    from hybrid.cli.defaults import load_from_args, sampling_from_args
+    from hybrid.engine.scheduler import Engine
+    from hybrid.engine.generate import ContextLengthExceeded, chat_prompt_ids
 
     params = sampling_from_args(args)
     model = load_from_args(args)

@@ -16,18 +16,18 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import placement as rules_mod
-from .checkpoint import (
+from hybrid.inject import placement as rules_mod
+from hybrid.files.checkpoint import (
     CheckpointError,
     Source,
     TensorRef,
     find_source,
-    gguf_config,
     gguf_tensors,
     open_gguf,
     safetensors_tensors,
 )
-from .models import family, family_name
+from hybrid.models import family, family_name
+from hybrid.models.gguf import gguf_config
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def load_weights(module: nn.Module, placements, tensors: _Tensors, progress=None
 def _tokenizer(src: Source, meta: dict):
     """The model's tokenizer, or None (with a warning) when the source ships none: logits
     still work, generation says what is missing."""
-    from .tokenizer import Tokenizer
+    from hybrid.files.tokenizer import Tokenizer
 
     if src.is_gguf:
         if "tokenizer.ggml.model" in meta:
@@ -177,7 +177,7 @@ def load(source, rules=None, *, progress: bool = False):
     """Load a model from a .gguf file (or the first of a split set), a directory holding
     one, or a Hugging Face checkpoint directory. `rules`: a rule file path, a built-in
     rule file name, YAML text, or None to pick the built-in file for the family."""
-    from .model import Model
+    from hybrid.inject.model import Model
 
     config, module, placements, _, refs, ruleset, src, meta = build(source, rules)
     rules_mod.swap(module, placements, config, ruleset.source)

@@ -23,9 +23,9 @@ import queue
 import threading
 import time
 
-from .generate import (ContextLengthExceeded, Event, Sequence, advance, check_fits, decode, finish, new_sequence,
+from hybrid.engine.generate import (ContextLengthExceeded, Event, Sequence, advance, check_fits, decode, finish, new_sequence,
                        pick, prefill)
-from .sampling import SamplingParams
+from hybrid.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class Engine:
         """What a server says about the model: name, tokenizer, context, source files, and
         `info` (sizes, quantization, architecture; read from the files once)."""
         if self._description is None:
-            from .server.model_info import describe
+            from hybrid.files.model_info import describe
 
             m = self.model
             self._description = {"name": m.name, "tokenizer": self.tokenizer, "ctx": self.ctx,

@@ -24,10 +24,10 @@ def add_parser(subparsers):
 
 
 def main(args) -> int:
-    from .defaults import default_model_path
-    from .loader import build
-    from .memory import expected_rss, kv_bytes_per_token
-    from .plan import format_plan, kv_cache_per_slot, summarize
+    from hybrid.cli.defaults import default_model_path
+    from hybrid.inject.loader import build
+    from hybrid.inject.memory import expected_rss, kv_bytes_per_token
+    from hybrid.inject.plan import format_plan, kv_cache_per_slot, summarize
 
     config, module, placements, counts, refs, ruleset, src, meta = build(args.model or default_model_path(), args.rules)
     plan = summarize(placements, counts, refs, ruleset)

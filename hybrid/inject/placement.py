@@ -151,7 +151,7 @@ def parse_rules(spec, family: str | None = None) -> RuleSet:
     if dtype_name not in DTYPES:
         raise RuleError(f"{source}: dtype {dtype_name!r} is not one of {sorted(DTYPES)}")
     if family is None:
-        from .models import family_names
+        from hybrid.models import family_names
 
         family = next((f for f in family_names() if Path(source).name.startswith(f + "-")), None)
     default_device = str(data.get("default_device", "cpu"))

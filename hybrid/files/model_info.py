@@ -18,7 +18,7 @@ def describe(model, ctx: int) -> dict:
     arch = getattr(cfg, "model_type", "unknown")
     meta, n_params = {}, None
     if getattr(src, "is_gguf", False):
-        from ..checkpoint import open_gguf
+        from hybrid.files.checkpoint import open_gguf
 
         for i, p in enumerate(files):
             g = open_gguf(p)

@@ -1,5 +1,5 @@
 """`hybrid bench`: prefill and decode speed, and the fraction of the memory-bandwidth
-roofline reached (see hybrid/bench.py)."""
+roofline reached (see hybrid/cli/measure.py)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ def add_parser(subparsers):
 
 
 def main(args) -> int:
-    from .bench import format_result, run
-    from .defaults import default_model_path
-    from .loader import load
+    from hybrid.cli.measure import format_result, run
+    from hybrid.cli.defaults import default_model_path
+    from hybrid.inject.loader import load
 
     try:
         batches = [int(b) for b in str(args.batch).split(",") if b.strip()]

@@ -10,7 +10,7 @@ from collections import defaultdict
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .placement import Placement, RuleSet
+from hybrid.inject.placement import Placement, RuleSet
 
 Q = GGMLQuantizationType
 

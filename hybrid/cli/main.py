@@ -1,6 +1,6 @@
 """`hybrid` command line: one module per subcommand.
 
-A subcommand module `hybrid/cmd_<name>.py` has `add_parser(subparsers)`, which adds its
+A subcommand module `hybrid/cli/<name>.py` has `add_parser(subparsers)`, which adds its
 parser and sets `func=main`, and `main(args) -> int` (the exit status). Modules listed
 in COMMANDS that are not present are skipped, so each can be added on its own. Import
 heavy dependencies inside `main`, so `hybrid --help` stays fast.
@@ -27,7 +27,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> ArgumentParser:
-    from . import __version__
+    from hybrid import __version__
 
     parser = ArgumentParser(prog="hybrid", description="Run language models across CPU and GPU, "
                             "placed by YAML rules.")
@@ -37,9 +37,9 @@ def build_parser() -> ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"hybrid.cmd_{name}")
+            module = importlib.import_module(f"hybrid.cli.{name}")
         except ModuleNotFoundError as e:
-            if e.name == f"hybrid.cmd_{name}":
+            if e.name == f"hybrid.cli.{name}":
                 continue
             raise
         module.add_parser(sub)

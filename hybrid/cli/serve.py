@@ -56,7 +56,7 @@ def _seconds(text: str) -> float:
 
 
 def add_parser(subparsers):
-    from .defaults import add_model_args
+    from hybrid.cli.defaults import add_model_args
 
     p = subparsers.add_parser("serve", help=HELP, description=HELP + ". See docs/api.md.")
     add_model_args(p)
@@ -91,7 +91,7 @@ def add_parser(subparsers):
 def main(args) -> int:
     import waitress
 
-    from .server import create_app
+    from hybrid.server import create_app
 
     threads = args.threads or args.slots + args.max_queue + LIGHT_THREADS
     # Admitted generations each hold a thread while they stream; keep LIGHT_THREADS free
@@ -172,8 +172,8 @@ def _flush(server, deadline: float) -> None:
 def _load(app, args, url: str, loaded: dict, stop: threading.Event) -> None:
     """Load the model and start the engine; on failure say why and stop the server (status 2
     for bad input, as the other commands, 1 for anything else)."""
-    from .defaults import load_from_args
-    from .engine import Engine
+    from hybrid.cli.defaults import load_from_args
+    from hybrid.engine.scheduler import Engine
 
     state = app.extensions["hybrid"]
     t0 = time.perf_counter()

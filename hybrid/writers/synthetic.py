@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType
 
-from .checkpoint import open_gguf
-from .convert import add_metadata
+from hybrid.files.checkpoint import open_gguf
+from hybrid.writers.convert import add_metadata
 
 Q = GGMLQuantizationType
 
