@@ -169,9 +169,10 @@ class Engine:
         stream.cancel()
 
     def stats(self) -> dict:
-        """Occupancy now: waiting (queued for a slot), running (holding a slot), free slots."""
-        with self._lock:
-            running = len(self.running) + len(self.prefilling)
+        """Occupancy now: waiting (queued for a slot), running (holding a slot), free slots.
+        Read without the engine's lock, which a step holds through its prefill and decode:
+        /metrics and /health must not wait for a step (a count may be one step old)."""
+        running = len(self.running) + len(self.prefilling)
         return {"waiting": self.waiting.qsize(), "running": running, "free_slots": len(self.free),
                 "slots": self.slots, "ctx": self.ctx}
 
