@@ -203,11 +203,12 @@ def _params(params: SamplingParams | None, sampling: dict) -> SamplingParams:
     return params
 
 
-def chat_prompt_ids(tokenizer, messages, tools=None) -> list[int]:
-    """The chat template rendered and encoded, with BOS in front when the model wants one."""
+def chat_prompt_ids(tokenizer, messages, tools=None, **extra) -> list[int]:
+    """The chat template rendered and encoded, with BOS in front when the model wants one.
+    `extra`: more template variables (e.g. enable_thinking)."""
     if tokenizer.chat_template is None:
         raise ValueError("this model has no chat template; use generate() with a plain prompt")
-    ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools))
+    ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools, **extra))
     if tokenizer.add_bos and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
         ids = [tokenizer.bos_id, *ids]
     return ids

@@ -63,7 +63,7 @@ def generate():
                [{"role": "user", "content": req.prompt}]
         ids = be.chat_prompt(msgs)
     prompt = be.check_ids(req.context or [], "context") + ids
-    gen = be.submit([prompt], req.params, json_mode=req.json_mode, ctx=req.num_ctx, param="prompt",
+    gen = be.submit([prompt], req.params, grammar=req.grammar, ctx=req.num_ctx, param="prompt",
                     client_gone=client_gone())
     received = g.received
 
@@ -91,7 +91,7 @@ def chat():
         return {"model": model, "created_at": R.created_at(), "message": {"role": "assistant", "content": ""},
                 "done": True, "done_reason": "load"}
     prompt = be.chat_prompt(req.messages, req.tools)
-    gen = be.submit([prompt], req.params, json_mode=req.json_mode, ctx=req.num_ctx, client_gone=client_gone())
+    gen = be.submit([prompt], req.params, grammar=req.grammar, ctx=req.num_ctx, client_gone=client_gone())
     received = g.received
 
     def piece(text, samples):
