@@ -245,7 +245,7 @@ def validate(model: type[Body], body: dict) -> Body:
         raise _error(e) from None
 
 
-_BRANCHES = ("str", "int", "float", "bool", "list", "dict", "none", "literal", "function", "constrained", "json")
+_BRANCHES = ("str", "int", "float", "bool", "list", "dict", "none", "literal", "constrained", "json")
 
 
 def _path(loc) -> str:
