@@ -10,14 +10,13 @@ the context, so `len(prompt) + max_tokens <= ctx` is what a request must satisfy
 
 from __future__ import annotations
 
-import math
 import queue
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from .grammar import Constraint, json_object_grammar
+from .grammar import Constraint
 from .sampling import Sample, Sampler, SamplingParams
 from .stops import StopMatcher
 

@@ -50,7 +50,7 @@ def json_schema_grammar(schema) -> str:
     M = _llg().LLMatcher
     try:
         grammar = M.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
-    except ValueError as e:
+    except (ValueError, TypeError, RuntimeError) as e:
         raise GrammarError(f"invalid JSON schema: {e}") from None
     failed, errors = M.validate_grammar_with_warnings(grammar)
     if failed:
@@ -105,7 +105,7 @@ def _failing_part(node, root, path: str = "") -> tuple[str, str] | None:
         try:
             failed, errors = M.validate_grammar_with_warnings(
                 M.grammar_from_json_schema(json.dumps(alone), defaults=JSON_OPTIONS))
-        except ValueError as e:
+        except (ValueError, TypeError, RuntimeError) as e:
             failed, errors = True, [str(e)]
         if failed:
             where = f"{path}.{name}" if path else name

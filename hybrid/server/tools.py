@@ -29,14 +29,6 @@ class ToolCall:
         return out if index is None else {"index": index, **out}
 
 
-class ToolError(ValueError):
-    """A request's tools or tool_choice that cannot be served; `param` names the field."""
-
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.param = param
-
-
 # ---------------------------------------------------------------- formats
 
 @dataclass(frozen=True)
@@ -181,36 +173,7 @@ _PARSERS = {"hermes": _parse_hermes, "llama3": _parse_llama3, "mistral": _parse_
             "deepseek_v3": _parse_deepseek}
 
 
-# ---------------------------------------------------------------- request side
-
-def check_tools(tools: list[dict] | None, choice) -> tuple[list[dict], str | None]:
-    """The request's function tools, and which calls are forced: None (the model chooses
-    or tools are off), "required", or a function's name. Raises ToolError."""
-    tools = tools or []
-    names = []
-    for i, t in enumerate(tools):
-        f = t.get("function") if isinstance(t, dict) else None
-        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(f, dict) \
-                or not isinstance(f.get("name"), str) or not f["name"]:
-            raise ToolError(f"'tools[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
-                            f"tools[{i}]")
-        params = f.get("parameters", {"type": "object"})
-        if not isinstance(params, dict):
-            raise ToolError(f"'tools[{i}].function.parameters' must be a JSON Schema object",
-                            f"tools[{i}].function.parameters")
-        names.append(f["name"])
-    if choice is None or choice == "auto" or choice == "none":
-        return tools, None
-    if not tools:
-        raise ToolError("'tool_choice' needs 'tools'", "tool_choice")
-    if choice == "required":
-        return tools, "required"
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
-    if name not in names:
-        raise ToolError(f"'tool_choice' names the function {name!r}, which is not among the tools "
-                        f"({', '.join(names)})", "tool_choice")
-    return tools, name
-
+# ---------------------------------------------------------------- constrained calls
 
 def call_grammar(fmt: ToolFormat, tools: list[dict], forced: str, parallel: bool = True, tokenizer=None) -> str:
     """The compiled grammar of `fmt`'s call syntax whose arguments follow the tools'
