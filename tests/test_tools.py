@@ -58,6 +58,24 @@ def test_streamed_parsing_matches_whole(fmt):
     assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in whole]
 
 
+@pytest.mark.parametrize("fmt", list(CANNED), ids=lambda f: f.name)
+def test_streamed_deltas_rebuild_the_calls(fmt):
+    """OpenAI's streamed form: per index a head (id, name) then argument fragments whose
+    concatenation is the arguments; Hermes arguments go out as they grow."""
+    out, deltas = ChatOutput(tools=fmt), []
+    text = CANNED[fmt]
+    for i in range(0, len(text), 3):
+        deltas += out.push(text[i:i + 3]).deltas
+    deltas += out.flush().deltas
+    heads = [d for d in deltas if d.id is not None]
+    assert [(d.index, d.name) for d in heads] == [(0, "get_weather"), (1, "get_time")]
+    args = ["".join(d.arguments for d in deltas if d.index == k) for k in (0, 1)]
+    assert [json.loads(a) for a in args] == [W, T]
+    assert [h.id for h in heads] == [c.id for c in out.tools.calls] and out.n_calls == 2
+    if fmt is HERMES:
+        assert sum(1 for d in deltas if d.index == 0 and d.arguments) > 5
+
+
 def test_plain_text_and_broken_calls_stay_content():
     assert parse_tool_calls("Just an answer.", HERMES) == ("Just an answer.", [])
     broken = "<tool_call>\n{\"name\": \"f\", \"arguments\": {oops}\n</tool_call>"

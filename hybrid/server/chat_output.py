@@ -7,19 +7,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .reasoning import ReasoningStream
-from .tools import ToolCall, ToolFormat, ToolStream
+from .tools import CallDelta, ToolCall, ToolFormat, ToolStream
 
 
 @dataclass
 class Parts:
     reasoning: str = ""
     content: str = ""
-    calls: list[ToolCall] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)       # completed by this piece
+    deltas: list[CallDelta] = field(default_factory=list)     # the calls' streamed form (OpenAI)
 
     def __iadd__(self, other: "Parts") -> "Parts":
         self.reasoning += other.reasoning
         self.content += other.content
         self.calls += other.calls
+        self.deltas += other.deltas
         return self
 
 
@@ -49,7 +51,8 @@ class ChatOutput:
             rest, calls = self.tools.flush()
             out.content += rest
             out.calls += calls
-        self.n_calls += len(out.calls)
+        out.deltas = self.tools.deltas()
+        self.n_calls = max([self.n_calls, len(self.tools.calls)] + [d.index + 1 for d in out.deltas])
         return out
 
     def whole(self, text: str) -> Parts:

@@ -96,17 +96,14 @@ def _chat_stream(gen, shape, req, tok, prompt_len, output):
 
 
 def _deltas(out, parts):
-    """The stream deltas of one piece: reasoning, content, then each completed call as a
-    head (index, id, name) and its arguments."""
+    """The stream deltas of one piece: reasoning, content, then the tool calls' heads (index,
+    id, name) and argument fragments."""
     if parts.reasoning:
         yield {"reasoning_content": parts.reasoning}
     if parts.content:
         yield {"content": parts.content}
-    first = out.n_calls - len(parts.calls)
-    for k, call in enumerate(parts.calls, start=first):
-        yield {"tool_calls": [{"index": k, "id": call.id, "type": "function",
-                               "function": {"name": call.name, "arguments": ""}}]}
-        yield {"tool_calls": [{"index": k, "function": {"arguments": call.arguments}}]}
+    for d in parts.deltas:
+        yield {"tool_calls": [d.openai()]}
 
 
 @bp.post("/completions")

@@ -218,27 +218,66 @@ def call_grammar(fmt: ToolFormat, tools: list[dict], forced: str, parallel: bool
 
 # ---------------------------------------------------------------- streamed output
 
+@dataclass
+class CallDelta:
+    """A piece of a streamed call: the first one of a call carries its id and name; the
+    `arguments` fragments of one index, concatenated, are its arguments JSON."""
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+
+    def openai(self) -> dict:
+        if self.id is None:
+            return {"index": self.index, "function": {"arguments": self.arguments}}
+        return {"index": self.index, "id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+
+
+_HERMES_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
+
+
+def _object_prefix(text: str) -> str:
+    """The part of `text` (which starts with a JSON object) that belongs to that object."""
+    depth, in_str, esc = 0, False, False
+    for i, ch in enumerate(text):
+        if in_str:
+            esc, in_str = (False, True) if esc else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_str = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return text[: i + 1]
+    return text
+
+
 class ToolStream:
     """Feed generated text piece by piece: content goes out as soon as it cannot be the
     start of a call; once the calls' marker is seen, calls are emitted as each one is
-    complete (hermes, deepseek) or at the end (the rest)."""
+    complete (hermes, deepseek) or at the end (the rest). `deltas()` gives the streamed
+    form: Hermes arguments as they grow, the other formats' calls whole once complete."""
 
     def __init__(self, fmt: ToolFormat):
         self.fmt = fmt
         self._held = ""
         self._calls_text: str | None = None     # everything from the marker on
         self.calls: list[ToolCall] = []
+        self._sent: dict[int, int] = {}         # call index -> characters of arguments sent
+        self._ids: dict[int, str] = {}          # ids of calls whose head went out before they were complete
 
     def push(self, text: str) -> tuple[str, list[ToolCall]]:
         """(content to send now, calls completed by this piece)."""
         if self._calls_text is not None:
             self._calls_text += text
-            return "", self._new_calls(final=False)
+            return "", self._new_calls()
         buf = self._held + text
         at = self.fmt.find_start(buf)
         if at >= 0:
             self._held, self._calls_text = "", buf[at:]
-            return buf[:at], self._new_calls(final=False)
+            return buf[:at], self._new_calls()
         keep = self._partial(buf)
         self._held = buf[len(buf) - keep:] if keep else ""
         return buf[:len(buf) - keep], []
@@ -250,10 +289,52 @@ class ToolStream:
             return out, []
         content, calls = self.fmt.parse(self._calls_text)
         if not calls:
-            return (self._calls_text if not self.calls else ""), []
-        return "", calls[len(self.calls):]
+            return (self._calls_text if not self.calls and not self._sent else ""), []
+        return "", self._take(calls)
 
-    def _new_calls(self, final: bool) -> list[ToolCall]:
+    def deltas(self) -> list[CallDelta]:
+        """What to stream of the calls since the last call: heads and argument fragments."""
+        out = []
+        segments = self._calls_text.split("<tool_call>")[1:] if self.fmt is HERMES and self._calls_text else []
+        for k in range(max(len(self.calls), len(segments))):
+            raw = self._raw_arguments(segments[k]) if k < len(segments) else None
+            if k < len(self.calls) and (k not in self._sent or raw is None):
+                if k not in self._sent:      # a complete call not streamed as it grew
+                    call = self.calls[k]
+                    out += [CallDelta(k, "", call.id, call.name), CallDelta(k, call.arguments)]
+                    self._sent[k] = len(call.arguments)
+                continue
+            if raw is None:
+                continue
+            name, args = raw
+            if k not in self._sent:
+                self._ids[k] = f"call_{uuid.uuid4().hex[:24]}"
+                out.append(CallDelta(k, "", self._ids[k], name))
+                self._sent[k] = 0
+            if len(args) > self._sent[k]:
+                out.append(CallDelta(k, args[self._sent[k]:]))
+                self._sent[k] = len(args)
+        return out
+
+    @staticmethod
+    def _raw_arguments(segment: str) -> tuple[str, str] | None:
+        m = _HERMES_HEAD.match(segment)
+        if not m:
+            return None
+        try:
+            name = json.loads(f'"{m.group(1)}"')
+        except ValueError:
+            return None
+        return name, _object_prefix(segment[m.end():])
+
+    def _take(self, calls: list[ToolCall]) -> list[ToolCall]:
+        new = calls[len(self.calls):]
+        for k, call in enumerate(new, start=len(self.calls)):
+            call.id = self._ids.get(k, call.id)
+        self.calls += new
+        return new
+
+    def _new_calls(self) -> list[ToolCall]:
         if self.fmt.name not in ("hermes", "deepseek_v3"):
             return []
         done = self._calls_text
@@ -262,9 +343,7 @@ class ToolStream:
         if cut < 0:
             return []
         _, calls = self.fmt.parse(done[: cut + len(end)])
-        new = calls[len(self.calls):]
-        self.calls += new
-        return new
+        return self._take(calls)
 
     def _partial(self, buf: str) -> int:
         """Length of the longest suffix of buf that could begin the calls' marker."""
