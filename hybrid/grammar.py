@@ -191,12 +191,10 @@ class Constraint:
         token = sampler.draw(self.mask(logits))
         self.steps += 1
         if remaining <= self.WINDOW or self.steps % self.EVERY == 0:
-            walk = self._close_after(token, remaining - 1)
-            if walk is None:
-                self.cut = True
+            if self._close_after(token, remaining - 1) is None:
                 forced = self.closing_walk(remaining)
                 if forced:
-                    token = forced[0]
+                    token, self.cut = forced[0], True
         return sampler.record(logits, token)   # logprobs under the model, not the mask
 
     def closing_walk(self, budget: int) -> list[int] | None:
