@@ -151,8 +151,8 @@ class Constraint:
     grammar allows) must fit in what is left; if it does not, the walk's first token is
     taken instead and `cut` is set (the request then finishes with "length")."""
 
-    WINDOW = 64      # the closing walk is checked every token within this many of the budget's end
-    EVERY = 16       # and every EVERY tokens before that
+    EVERY = 16       # the closing walk is checked every EVERY tokens, and every token once the budget
+                     # left is within twice the last walk's length plus 2 * EVERY
 
     def __init__(self, tokenizer, grammar: str):
         llg = _llg()
@@ -164,6 +164,7 @@ class Constraint:
         self.V = tokenizer.vocab_size
         self.cut = False
         self.steps = 0
+        self._need = 0          # tokens the closing walk took when last measured
         self._closers = None
 
     @property
@@ -190,11 +191,14 @@ class Constraint:
         """Draw a token the grammar allows; remaining: tokens left, this one included."""
         token = sampler.draw(self.mask(logits))
         self.steps += 1
-        if remaining <= self.WINDOW or self.steps % self.EVERY == 0:
-            if self._close_after(token, remaining - 1) is None:
+        if remaining <= 2 * (self._need + self.EVERY) or self.steps % self.EVERY == 0:
+            walk = self._close_after(token, remaining - 1)
+            if walk is None:
                 forced = self.closing_walk(remaining)
                 if forced:
                     token, self.cut = forced[0], True
+            else:
+                self._need = len(walk)
         return sampler.record(logits, token)   # logprobs under the model, not the mask
 
     def closing_walk(self, budget: int) -> list[int] | None:

@@ -168,6 +168,42 @@ def sample(engine, schema, seed, stops, limit=200):
     return out
 
 
+def pick_cost(path: str, schema: dict, steps: int = 60):
+    """hybrid's own per-token cost on the built-in vocabulary, on random logits at
+    temperature 1: a plain draw, and Constraint.pick (mask, draw, and the closing walk when
+    near the max_tokens budget) plus accept."""
+    import torch
+
+    from hybrid.grammar import Constraint, json_schema_grammar
+    from hybrid.sampling import Sampler, SamplingParams
+    from hybrid.tokenizer import Tokenizer, gguf_metadata
+
+    torch.set_num_threads(1)   # as the engine's sampling runs on a busy machine; one thread is steadier
+    tok = Tokenizer.from_gguf(gguf_metadata(path))
+    grammar = json_schema_grammar(schema)
+    Constraint(tok, grammar)   # builds llguidance's tokenizer once
+    g = torch.Generator().manual_seed(0)
+    plain, times = Sampler(SamplingParams(temperature=1.0, seed=0), [1]), []
+    for _ in range(steps):     # the same draw without a grammar: the baseline
+        logits = torch.randn(tok.vocab_size, generator=g) * 3
+        t0 = time.perf_counter()
+        plain(logits)
+        times.append((time.perf_counter() - t0) * 1e6)
+    out = {"unconstrained draw (baseline)": (statistics.median(times), steps)}
+    for label, remaining in (("far from max_tokens", 10_000), ("within the closing window", 64)):
+        c, sampler, times = Constraint(tok, grammar), Sampler(SamplingParams(temperature=1.0, seed=0), [1]), []
+        for i in range(steps):
+            logits = torch.randn(tok.vocab_size, generator=g) * 3
+            t0 = time.perf_counter()
+            t = c.pick(sampler, logits, max(2, remaining - i)).token
+            c.accept(t)
+            times.append((time.perf_counter() - t0) * 1e6)
+            if c.done:
+                break
+        out[label] = (statistics.median(times), len(times))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="GGUF whose vocabulary is used (default: the built-in SmolLM2)")
@@ -198,6 +234,12 @@ def main():
                 print(f"{vname:>5} {sname:<14} {e.name:<10} compile {compile_ms:7.1f} ms  "
                       f"mask/token mean {statistics.mean(steps):7.1f} us  p95 {steps[int(0.95 * len(steps))]:7.1f} us"
                       f"  ({len(tokens)} tokens)  random samples valid {valid}/{args.samples}")
+    _report_pick(args.model or default_model_path())
+
+
+def _report_pick(path):
+    for label, (mean, n) in pick_cost(path, SCHEMAS["nested"]).items():
+        print(f"  49k nested         hybrid sampling, {label}: median {mean:7.1f} us/token ({n} tokens)")
 
 
 if __name__ == "__main__":
