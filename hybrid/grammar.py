@@ -146,10 +146,11 @@ def ll_tokenizer(tokenizer):
 class Constraint:
     """A grammar's state for one sequence: masks its logits and takes its tokens.
 
-    max_tokens: when the budget runs short, the document is closed in time: after each
-    draw, a closing walk (forced tokens, else the first of a few closing tokens the
-    grammar allows) must fit in what is left; if it does not, the walk's first token is
-    taken instead and `cut` is set (the request then finishes with "length")."""
+    max_tokens: when the budget runs short, the document is closed in time: after a draw
+    (every token near the budget's end, see EVERY), a closing walk (forced tokens, else the
+    first of a few closing tokens the grammar allows) must fit in what is left; if it does
+    not, the walk's first token is taken instead and `cut` is set (the request then
+    finishes with "length")."""
 
     EVERY = 16       # the closing walk is checked every EVERY tokens, and every token once the budget
                      # left is within twice the last walk's length plus 2 * EVERY
