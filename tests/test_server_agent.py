@@ -202,7 +202,8 @@ TOOL_TEMPLATE = (
     "{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
     "<tool_call>{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments | tojson }}}"
     "</tool_call>{% endfor %}{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
-    "<|im_start|>assistant\n<think>\n")
+    "<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n"
+    "{% else %}<think>\n{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -289,3 +290,25 @@ def test_ollama_think_and_tool_calls(thinking_model):
     assert "".join(ln["message"].get("thinking", "") for ln in lines) == "The user wants weather."
     assert [tc for ln in lines for tc in ln["message"].get("tool_calls", [])][0]["function"]["name"] == "get_weather"
     assert lines[-1]["done"] is True
+
+
+def test_ollama_think_false_reaches_the_template(thinking_model):
+    """think: false renders the template with enable_thinking false (an empty, closed think
+    block here), so the answer is not parsed as reasoning."""
+    from hybrid.generate import Event
+    from hybrid.server import create_app
+    from tests.test_server import _Engine
+
+    prompts = []
+
+    class Recording(_Engine):
+        def submit(self, ids, params, grammar=None):
+            prompts.append(ids)
+            return super().submit(ids, params, grammar)
+
+    done = Event(finish_reason="stop", usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2})
+    c = create_app(Recording(thinking_model, [Event(text="Hi there", token=1), done])).test_client()
+    off = c.post("/api/chat", json={"model": "m", "messages": ASK, "think": False, "stream": False}).json
+    tok = thinking_model.tokenizer
+    assert tok.decode(prompts[-1]).endswith("<think>\n\n</think>\n")
+    assert off["message"]["content"] == "Hi there" and "thinking" not in off["message"]
