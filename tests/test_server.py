@@ -475,7 +475,7 @@ class _Engine:
     def __init__(self, model, answer):
         self.model, self.answer, self.ctx = model, answer, CTX
 
-    def submit(self, ids, params, json_mode=False):
+    def submit(self, ids, params, grammar=None):
         if isinstance(self.answer, Exception):
             raise self.answer
         return _Stream(self.answer)

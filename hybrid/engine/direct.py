@@ -27,14 +27,16 @@ def _params(params: SamplingParams | None, sampling: dict) -> SamplingParams:
     return params
 
 
-def generate(model, prompt, params: SamplingParams | None = None, *, json_mode: bool = False, **sampling):
+def generate(model, prompt, params: SamplingParams | None = None, *, json_mode: bool = False,
+             grammar: str | None = None, **sampling):
     """Yield `Event`s for a completion of `prompt` (text, encoded with BOS per the
-    tokenizer, or token ids). Sampling keywords are `SamplingParams` fields."""
+    tokenizer, or token ids). Sampling keywords are `SamplingParams` fields. json_mode:
+    the output is a JSON object or array; grammar: a compiled grammar (hybrid.engine.grammar)."""
     if isinstance(prompt, str):
         if model.tokenizer is None:
             raise ValueError("this model has no tokenizer; pass token ids")
         prompt = model.tokenizer.encode(prompt, add_special_tokens=True)
-    stream = engine_for(model).submit(list(prompt), _params(params, sampling), json_mode=json_mode)
+    stream = engine_for(model).submit(list(prompt), _params(params, sampling), json_mode=json_mode, grammar=grammar)
     return _events(stream)
 
 
@@ -46,11 +48,11 @@ def _events(stream):
 
 
 def chat(model, messages, stream: bool = False, params: SamplingParams | None = None, *,
-         tools=None, json_mode: bool = False, **sampling):
+         tools=None, json_mode: bool = False, grammar: str | None = None, **sampling):
     """Answer a conversation ([{"role", "content"}...]) through the chat template.
     stream=False: a `Completion` (text, finish_reason, usage...); stream=True: `Event`s."""
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer")
     events = generate(model, chat_prompt_ids(model.tokenizer, messages, tools), params,
-                      json_mode=json_mode, **sampling)
+                      json_mode=json_mode, grammar=grammar, **sampling)
     return events if stream else collect(events)

@@ -10,13 +10,13 @@ the context, so `len(prompt) + max_tokens <= ctx` is what a request must satisfy
 
 from __future__ import annotations
 
-import math
 import queue
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from hybrid.engine.grammar import Constraint
 from hybrid.engine.sampling import Sample, Sampler, SamplingParams
 from hybrid.engine.stops import StopMatcher
 
@@ -60,7 +60,7 @@ class Sequence:
     decoder: object                      # tokenizer StreamDecoder
     stops: StopMatcher
     stop_ids: set[int]
-    json: "JsonConstraint | None" = None
+    constraint: Constraint | None = None    # a grammar the output must follow
     out: queue.Queue = field(default_factory=queue.Queue)  # events for this request only
     slot: int = -1
     prefilled: int = 0                   # prompt tokens already in the cache
@@ -76,13 +76,14 @@ class Sequence:
         return len(self.prompt) + len(self.generated)
 
 
-def new_sequence(tokenizer, prompt_ids: list[int], params: SamplingParams, json_mode: bool = False) -> Sequence:
+def new_sequence(tokenizer, prompt_ids: list[int], params: SamplingParams, grammar: str | None = None) -> Sequence:
+    """grammar: a compiled grammar (hybrid.engine.grammar) the output must follow, or None."""
     prompt = [int(i) for i in prompt_ids]
     return Sequence(prompt, params, Sampler(params, prompt), tokenizer.decoder(), StopMatcher(list(params.stop)),
-                    set(tokenizer.stop_ids), JsonConstraint(tokenizer) if json_mode else None)
+                    set(tokenizer.stop_ids), Constraint(tokenizer, grammar) if grammar is not None else None)
 
 
-def check_fits(n_prompt: int, max_tokens: int | None, ctx: int, json_mode: bool = False) -> None:
+def check_fits(n_prompt: int, max_tokens: int | None, ctx: int, constrained: bool = False) -> None:
     if n_prompt == 0:
         raise ValueError("the prompt is empty")
     need = n_prompt + (max_tokens or 1)
@@ -90,8 +91,8 @@ def check_fits(n_prompt: int, max_tokens: int | None, ctx: int, json_mode: bool 
         what = f"{n_prompt} prompt tokens" + (f" + max_tokens {max_tokens}" if max_tokens else "")
         raise ContextLengthExceeded(f"{what} = {need} tokens exceed the context length of {ctx}; "
                                     "shorten the prompt, lower max_tokens or raise the context size")
-    if json_mode and min(max_tokens or ctx, ctx - n_prompt) < 2:
-        raise ValueError("json_mode needs room for at least 2 tokens (the shortest document is {})")
+    if constrained and min(max_tokens or ctx, ctx - n_prompt) < 2:
+        raise ValueError("a constrained output (JSON, tool calls) needs room for at least 2 tokens")
 
 
 # ---------------------------------------------------------------- model steps
@@ -124,10 +125,10 @@ def decode(model, cache, seqs: list[Sequence]) -> torch.Tensor:
 
 def pick(seq: Sequence, logits: torch.Tensor, ctx: int) -> Sample:
     """Sample the next token of seq from its logits [V]."""
-    if seq.json is None:
+    if seq.constraint is None:
         return seq.sampler(logits)
     remaining = min(seq.params.max_tokens or ctx, ctx - len(seq.prompt)) - len(seq.generated)  # this one included
-    return seq.json.pick(seq.sampler, logits, remaining)
+    return seq.constraint.pick(seq.sampler, logits, remaining)
 
 
 def advance(seq: Sequence, sample: Sample, ctx: int) -> Event:
@@ -135,16 +136,16 @@ def advance(seq: Sequence, sample: Sample, ctx: int) -> Event:
     tok = sample.token
     seq.generated.append(tok)
     ev = Event(token=tok, logprobs=sample if seq.params.logprobs else None)
+    if seq.constraint is not None:
+        seq.constraint.accept(tok)
     if tok in seq.stop_ids:  # EOS / end of turn: never shown
-        return finish(seq, "stop", ev)
+        return finish(seq, "length" if seq.constraint is not None and seq.constraint.cut else "stop", ev)
     piece = seq.decoder.push(tok)
-    if seq.json is not None:
-        seq.json.feed(piece)
     ev.text, stopped = seq.stops.push(piece)
     if stopped:
         return finish(seq, "stop", ev)
-    if seq.json is not None and seq.json.done:   # closed early to fit max_tokens: "length"
-        return finish(seq, "length" if seq.json.cut else "stop", ev)
+    if seq.constraint is not None and seq.constraint.done:   # closed early to fit max_tokens: "length"
+        return finish(seq, "length" if seq.constraint.cut else "stop", ev)
     if len(seq.generated) >= (seq.params.max_tokens or ctx) or seq.length >= ctx:
         return finish(seq, "length", ev)
     return ev
@@ -179,192 +180,12 @@ def collect(events) -> Completion:
     return Completion("".join(parts), last.finish_reason, last.usage or {}, last.timings or {}, tokens, logprobs)
 
 
-# ---------------------------------------------------------------- JSON mode
-
-# A character-level pushdown automaton for JSON whose top level is an object or array.
-# State: (mode, stack of open "{"/"[", aux). json_step returns the next state or None
-# when the character cannot continue a valid document.
-_WS = " \t\n\r"
-_HEX = "0123456789abcdefABCDEF"
-_NUM = {("-", "0"): "0", ("-", "1"): "int", ("0", "."): ".", ("0", "e"): "e", ("int", "1"): "int",
-        ("int", "0"): "int", ("int", "."): ".", ("int", "e"): "e", (".", "0"): "frac", (".", "1"): "frac",
-        ("frac", "0"): "frac", ("frac", "1"): "frac", ("frac", "e"): "e", ("e", "+"): "esign",
-        ("e", "-"): "esign", ("e", "0"): "exp", ("e", "1"): "exp", ("esign", "0"): "exp",
-        ("esign", "1"): "exp", ("exp", "0"): "exp", ("exp", "1"): "exp"}
-_NUM_END = {"0", "int", "frac", "exp"}
-JSON_START = ("start", "", None)
-
-
-def _num_class(ch: str) -> str:
-    return "1" if ch in "123456789" else "e" if ch in "eE" else ch
-
-
-def _after_value(stack: str):
-    return ("after", stack, None) if stack else ("done", "", None)
-
-
-def _value_start(stack: str, ch: str):
-    if ch == "{":
-        return ("key_or_close", stack + "{", None)
-    if ch == "[":
-        return ("value_or_close", stack + "[", None)
-    if ch == '"':
-        return ("str", stack, False)
-    if ch == "-" or ch.isascii() and ch.isdigit():
-        return ("num", stack, "-" if ch == "-" else "0" if ch == "0" else "int")
-    for word in ("true", "false", "null"):
-        if ch == word[0]:
-            return ("lit", stack, word[1:])
-    return None
-
-
-def json_step(state, ch: str):
-    mode, stack, aux = state
-    if mode == "str":
-        if ch == '"':
-            return ("colon", stack, None) if aux else _after_value(stack)
-        if ch == "\\":
-            return ("esc", stack, aux)
-        return None if ch < " " else state
-    if mode == "esc":
-        return ("str", stack, aux) if ch in '"\\/bfnrt' else ("uni", stack, (aux, 0)) if ch == "u" else None
-    if mode == "uni":
-        key, n = aux
-        return None if ch not in _HEX else ("str", stack, key) if n == 3 else ("uni", stack, (key, n + 1))
-    if mode == "num":
-        nxt = _NUM.get((aux, _num_class(ch)))
-        if nxt:
-            return ("num", stack, nxt)
-        return json_step(_after_value(stack), ch) if aux in _NUM_END else None
-    if mode == "lit":
-        return None if ch != aux[0] else ("lit", stack, aux[1:]) if len(aux) > 1 else _after_value(stack)
-    if ch in _WS:
-        return state
-    if mode == "start":
-        return _value_start(stack, ch) if ch in "{[" else None
-    if mode in ("value", "value_or_close"):
-        if ch == "]" and mode == "value_or_close":
-            return _after_value(stack[:-1])
-        return _value_start(stack, ch)
-    if mode in ("key_or_close", "key"):
-        if ch == '"':
-            return ("str", stack, True)
-        return _after_value(stack[:-1]) if ch == "}" and mode == "key_or_close" else None
-    if mode == "colon":
-        return ("value", stack, None) if ch == ":" else None
-    if mode == "after":
-        if ch == ",":
-            return ("key", stack, None) if stack[-1] == "{" else ("value", stack, None)
-        return _after_value(stack[:-1]) if ch == ("}" if stack[-1] == "{" else "]") else None
-    return None  # done: nothing but whitespace
-
-
-def json_run(state, text: str):
-    for ch in text:
-        state = json_step(state, ch)
-        if state is None:
-            return None
-    return state
-
-
-def _forced_char(state) -> str:
-    """A character that moves state towards the end of the document by the shortest path."""
-    mode, stack, aux = state
-    closing = ("}" if stack[-1:] == "{" else "]") if stack else ""
-    table = {"str": '"', "esc": "n", "uni": "0", "start": "{", "value": "0", "value_or_close": "]",
-             "key_or_close": "}", "key": '"', "colon": ":", "after": closing}
-    if mode == "num":
-        return closing if aux in _NUM_END else "0"
-    if mode == "lit":
-        return aux[0]
-    return table[mode]
-
-
-def json_closer(state) -> str:
-    """The shortest text that completes the document from state."""
-    out = []
-    while state[0] != "done":
-        ch = _forced_char(state)
-        out.append(ch)
-        state = json_step(state, ch)
-    return "".join(out)
-
-
-class JsonConstraint:
-    """Keeps a sequence's output a valid JSON object or array. Only the best `TOP`
-    candidates are checked, in order; a token is allowed when the document can still be
-    completed within the remaining token budget (its shortest completion, one token per
-    character at worst, must fit), so output closes in time. When none of the
-    candidates is allowed, the first token of the shortest completion is forced."""
-
-    TOP = 32
-
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.state = JSON_START
-        self.banned = set(tokenizer.special_ids) | set(tokenizer.stop_ids)
-        self._char_ids = None
-        self.cut = False    # the budget refused a token the document allowed: closed early
-
-    @property
-    def done(self) -> bool:
-        return self.state[0] == "done"
-
-    def feed(self, text: str) -> None:
-        state = json_run(self.state, text)
-        if state is None:  # decoded text can differ from token_text for split characters
-            raise RuntimeError(f"json_mode: text {text!r} broke the JSON document")
-        self.state = state
-
-    def pick(self, sampler: Sampler, logits: torch.Tensor, remaining: int) -> Sample:
-        """remaining: tokens left to generate, this one included."""
-        x = sampler.transform(logits)
-        values, ids = torch.topk(x, min(self.TOP, x.shape[-1]))
-        allowed = []
-        for v, i in zip(values.tolist(), ids.tolist()):
-            fits = v > -math.inf and self._fits(i, remaining)
-            if fits is None and not allowed:
-                self.cut = True          # the best valid continuation did not fit the budget
-            elif fits:
-                allowed.append(i)
-        allowed = allowed or [self._forced_token(json_closer(self.state))]
-        masked = torch.full_like(logits, -math.inf)
-        index = torch.tensor(allowed)
-        masked[index] = logits[index]
-        token = sampler(masked).token
-        return sampler.sample_of(logits, token)  # logprobs under the model, not the mask
-
-    def _fits(self, token: int, remaining: int) -> bool | None:
-        """True: allowed; False: breaks the document; None: valid JSON, but the document
-        could no longer be closed within the budget."""
-        text = self.tok.token_text(token)
-        if not text or token in self.banned:
-            return False
-        state = json_run(self.state, text)
-        if state is None:
-            return False
-        return True if len(json_closer(state)) <= remaining - 1 else None
-
-    def _forced_token(self, closer: str) -> int:
-        ids = self.tok.encode(closer)
-        if ids and closer.startswith(self.tok.token_text(ids[0])) and ids[0] not in self.banned:
-            return ids[0]
-        if self._char_ids is None:  # single-character tokens, built once when needed
-            self._char_ids = {}
-            for i in range(self.tok.vocab_size):
-                t = self.tok.token_text(i)
-                if len(t) == 1 and i not in self.banned:
-                    self._char_ids.setdefault(t, i)
-        if closer[0] not in self._char_ids:
-            raise RuntimeError(f"json_mode: the vocabulary has no token for {closer[0]!r}")
-        return self._char_ids[closer[0]]
-
-
-def chat_prompt_ids(tokenizer, messages, tools=None) -> list[int]:
-    """The chat template rendered and encoded, with BOS in front when the model wants one."""
+def chat_prompt_ids(tokenizer, messages, tools=None, **extra) -> list[int]:
+    """The chat template rendered and encoded, with BOS in front when the model wants one.
+    `extra`: more template variables (e.g. enable_thinking)."""
     if tokenizer.chat_template is None:
         raise ValueError("this model has no chat template; use generate() with a plain prompt")
-    ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools))
+    ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools, **extra))
     if tokenizer.add_bos and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
         ids = [tokenizer.bos_id, *ids]
     return ids

@@ -169,14 +169,17 @@ class Sampler:
         return min_p_mask(x, p.min_p)
 
     def __call__(self, logits: torch.Tensor) -> Sample:
+        return self.record(logits, self.draw(logits))
+
+    def draw(self, logits: torch.Tensor) -> int:
+        """A token drawn from `logits` (transformed), not yet recorded as generated."""
         x = self.transform(logits)
         if self.params.temperature == 0:
-            token = int(x.argmax())
-        else:
-            token = int(torch.multinomial(x.softmax(-1), 1, generator=self._gen))
-        return self._record(logits, token)
+            return int(x.argmax())
+        return int(torch.multinomial(x.softmax(-1), 1, generator=self._gen))
 
-    def _record(self, logits, token: int) -> Sample:
+    def record(self, logits, token: int) -> Sample:
+        """Take `token` as generated: counted for penalties, with its logprobs under `logits`."""
         if self._seen is not None:
             self._seen[token] = True
             self._counts[token] += 1

@@ -25,6 +25,7 @@ import time
 
 from hybrid.engine.generate import (ContextLengthExceeded, Event, Sequence, advance, check_fits, decode, finish, new_sequence,
                        pick, prefill)
+from hybrid.engine.grammar import json_object_grammar
 from hybrid.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -146,17 +147,22 @@ class Engine:
 
     # -- any thread
 
-    def submit(self, prompt_ids, params: SamplingParams | None = None, json_mode: bool = False) -> Stream:
-        """Queue a request. Raises ValueError on bad parameters, ContextLengthExceeded when
+    def submit(self, prompt_ids, params: SamplingParams | None = None, json_mode: bool = False,
+               grammar: str | None = None) -> Stream:
+        """Queue a request. json_mode: the output is a JSON object or array; grammar: a
+        compiled grammar (hybrid.engine.grammar) it must follow instead. Raises ValueError on bad
+        parameters (GrammarError for a grammar that cannot run), ContextLengthExceeded when
         it cannot fit, QueueFull when the waiting queue is full."""
         params = params or SamplingParams()
         params.validate()
         prompt = list(prompt_ids)
-        check_fits(len(prompt), params.max_tokens, self.ctx, json_mode)
+        if json_mode and grammar is None:
+            grammar = json_object_grammar()
+        check_fits(len(prompt), params.max_tokens, self.ctx, grammar is not None)
         vocab = self.tokenizer.vocab_size
         if any(not 0 <= int(t) < vocab for t in prompt):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        seq = new_sequence(self.tokenizer, prompt, params, json_mode)
+        seq = new_sequence(self.tokenizer, prompt, params, grammar)
         try:
             self.waiting.put_nowait(seq)
         except queue.Full:

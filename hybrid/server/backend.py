@@ -259,11 +259,11 @@ class Backend:
 
     # -- prompts
 
-    def chat_prompt(self, messages: list[dict], tools=None) -> list[int]:
+    def chat_prompt(self, messages: list[dict], tools=None, **extra) -> list[int]:
         from hybrid.engine.generate import chat_prompt_ids
 
         try:
-            return chat_prompt_ids(self.tokenizer, messages, tools)
+            return chat_prompt_ids(self.tokenizer, messages, tools, **extra)
         except ChatTemplateError as e:
             raise invalid(f"the chat template rejected the messages: {e}", "messages") from None
         except ValueError as e:   # no chat template
@@ -271,6 +271,35 @@ class Backend:
         except (TypeError, KeyError, AttributeError, IndexError) as e:   # e.g. tool fields of unexpected shape
             raise invalid(f"the chat template could not render the messages or tools: "
                           f"{type(e).__name__}: {e}", "messages") from None
+
+    @property
+    def tool_format(self):
+        """How this model writes tool calls (from its chat template, else its family)."""
+        from .tools import tool_format
+
+        return tool_format(self.tokenizer.chat_template, self.model_info().get("family"))
+
+    def call_grammar(self, tools: list[dict], forced: str, parallel: bool) -> str:
+        """The grammar forcing a call (tool_choice required or a function); 400 naming the
+        tool whose parameters cannot compile."""
+        from hybrid.engine.grammar import GrammarError
+        from .tools import call_grammar
+
+        for i, t in enumerate(tools):
+            params = t["function"].get("parameters")
+            if params is not None:
+                from .requests import compiled_schema
+
+                compiled_schema(params, f"tools[{i}].function.parameters")
+        try:
+            return call_grammar(self.tool_format, tools, forced, parallel, self.tokenizer)
+        except GrammarError as e:
+            raise invalid(f"the tools cannot be compiled into a call grammar: {e}", "tools") from None
+
+    def opens_thinking(self, prompt_ids: list[int]) -> bool:
+        from .reasoning import prompt_opens_thinking
+
+        return prompt_opens_thinking(self.tokenizer, prompt_ids)
 
     def text_prompt(self, text: str, add_bos: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_bos)
@@ -284,15 +313,16 @@ class Backend:
 
     # -- generation
 
-    def submit(self, prompts: list[list[int]], params, *, n: int = 1, json_mode: bool = False,
+    def submit(self, prompts: list[list[int]], params, *, n: int = 1, grammar: str | None = None,
                ctx: int | None = None, param: str = "messages", client_gone=None) -> Generation:
         """n streams per prompt; choice index = prompt * n + i. With a seed, choice i samples
         with seed + i, so choices differ and each one is reproducible. `ctx` (Ollama's
         num_ctx) narrows the context of this request; the engine checks its own.
-        `client_gone()` true cancels the generation (see Generation)."""
+        `client_gone()` true cancels the generation (see Generation). `grammar` (compiled,
+        hybrid.engine.grammar) constrains every choice, each with its own matcher."""
         self._enter()
         try:
-            gen = self._submit(prompts, params, n, json_mode, ctx, param)
+            gen = self._submit(prompts, params, n, grammar, ctx, param)
         except BaseException:
             self._leave()
             raise
@@ -311,7 +341,7 @@ class Backend:
         with self._lock:
             self.inflight -= 1
 
-    def _submit(self, prompts, params, n, json_mode, ctx, param) -> Generation:
+    def _submit(self, prompts, params, n, grammar, ctx, param) -> Generation:
         if params.logit_bias:
             self.check_ids(params.logit_bias, "logit_bias")
         jobs = []
@@ -331,18 +361,18 @@ class Backend:
         streams = []
         try:
             for _, ids, sp in jobs:
-                streams.append(self._submit_one(ids, sp, json_mode, param))
+                streams.append(self._submit_one(ids, sp, grammar, param))
         except BaseException:
             for s in streams:
                 self.engine.cancel(s)
             raise
         return Generation(self.engine, streams, [j[0] for j in jobs], self.metrics, [len(ids) for _, ids, _ in jobs])
 
-    def _submit_one(self, ids, params, json_mode, param):
+    def _submit_one(self, ids, params, grammar, param):
         from hybrid.engine.scheduler import ContextLengthExceeded, QueueFull
 
         try:
-            return self.engine.submit(ids, params, json_mode=json_mode)
+            return self.engine.submit(ids, params, grammar=grammar)
         except QueueFull:
             raise queue_full() from None
         except ContextLengthExceeded as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 from flask import Blueprint, Response, g
@@ -10,6 +11,7 @@ from .. import __version__
 from . import responses as R
 from .context import backend, client_gone, json_body
 from .backend import ClientGone, failure
+from .chat_output import ChatOutput
 from .errors import APIError, model_not_found
 from .requests import parse_ollama_chat, parse_ollama_generate, parse_ollama_show
 
@@ -45,7 +47,11 @@ def show():
     info = be.model_info()
     return {"modelfile": be.modelfile(), "parameters": be.ollama_parameters(),
             "template": be.tokenizer.chat_template or "", "details": R.ollama_details(info),
-            "model_info": info["model_info"], "capabilities": ["completion"], "modified_at": info["modified_at"]}
+            "model_info": info["model_info"], "capabilities": _capabilities(be.tokenizer.chat_template or ""), "modified_at": info["modified_at"]}
+
+
+def _capabilities(template: str) -> list[str]:
+    return ["completion"] + ["tools"] * ("tools" in template) + ["thinking"] * ("<think>" in template)
 
 
 @bp.post("/generate")
@@ -63,12 +69,18 @@ def generate():
                [{"role": "user", "content": req.prompt}]
         ids = be.chat_prompt(msgs)
     prompt = be.check_ids(req.context or [], "context") + ids
-    gen = be.submit([prompt], req.params, json_mode=req.json_mode, ctx=req.num_ctx, param="prompt",
+    gen = be.submit([prompt], req.params, grammar=req.grammar, ctx=req.num_ctx, param="prompt",
                     client_gone=client_gone())
     received = g.received
+    thinking = not req.raw and be.opens_thinking(prompt)
 
-    def piece(text, samples):
-        out = {"model": model, "created_at": R.created_at(), "response": text, "done": False}
+    def split():
+        return ChatOutput(thinking, _reasoning_format(req.think))
+
+    def piece(parts, samples):
+        out = {"model": model, "created_at": R.created_at(), "response": parts.content, "done": False}
+        if parts.reasoning:
+            out["thinking"] = parts.reasoning
         if req.params.logprobs:
             out["logprobs"] = R.ollama_logprobs(samples, be.tokenizer)
         return out
@@ -78,7 +90,7 @@ def generate():
                 "done_reason": c.finish_reason, "context": prompt + c.token_ids,
                 **R.ollama_stats(c.timing, len(prompt), c.usage.get("completion_tokens", 0), received)}
 
-    return _respond(req.stream, gen, piece, final, "response")
+    return _respond(req.stream, gen, split, piece, final)
 
 
 @bp.post("/chat")
@@ -90,13 +102,24 @@ def chat():
     if not req.messages:
         return {"model": model, "created_at": R.created_at(), "message": {"role": "assistant", "content": ""},
                 "done": True, "done_reason": "load"}
-    prompt = be.chat_prompt(req.messages, req.tools)
-    gen = be.submit([prompt], req.params, json_mode=req.json_mode, ctx=req.num_ctx, client_gone=client_gone())
+    extra = {"enable_thinking": req.think} if req.think is not None else {}
+    prompt = be.chat_prompt(req.messages, req.tools, **extra)
+    gen = be.submit([prompt], req.params, grammar=req.grammar, ctx=req.num_ctx, client_gone=client_gone())
     received = g.received
+    thinking = be.opens_thinking(prompt)
+    tool_fmt = be.tool_format if req.tools else None
 
-    def piece(text, samples):
-        out = {"model": model, "created_at": R.created_at(),
-               "message": {"role": "assistant", "content": text}, "done": False}
+    def split():
+        return ChatOutput(thinking, _reasoning_format(req.think), tool_fmt)
+
+    def piece(parts, samples):
+        message = {"role": "assistant", "content": parts.content}
+        if parts.reasoning:
+            message["thinking"] = parts.reasoning
+        if parts.calls:
+            message["tool_calls"] = [{"function": {"name": c.name, "arguments": json.loads(c.arguments)}}
+                                     for c in parts.calls]
+        out = {"model": model, "created_at": R.created_at(), "message": message, "done": False}
         if req.params.logprobs:
             out["logprobs"] = R.ollama_logprobs(samples, be.tokenizer)
         return out
@@ -106,27 +129,30 @@ def chat():
                 "done": True, "done_reason": c.finish_reason,
                 **R.ollama_stats(c.timing, len(prompt), c.usage.get("completion_tokens", 0), received)}
 
-    return _respond(req.stream, gen, piece, final, "message")
+    return _respond(req.stream, gen, split, piece, final)
 
 
 # ---------------------------------------------------------------- shared by generate and chat
 
-def _respond(stream: bool, gen, piece, final, field: str):
-    """One JSON object (stream false) or NDJSON: a piece per text delta, then the final object."""
+def _reasoning_format(think: bool | None) -> str:
+    """think false: the reasoning is dropped; otherwise it comes apart from the answer."""
+    return "hidden" if think is False else "deepseek"
+
+
+def _respond(stream: bool, gen, split, piece, final):
+    """One JSON object (stream false) or NDJSON: a piece per text delta, then the final object.
+    `split()` makes the choice's ChatOutput (reasoning, content, tool calls)."""
     if not stream:
         c = gen.collect()[0]
         body = final(c)
-        whole = piece(c.text, c.samples)
-        if field == "response":
-            body["response"] = whole["response"]
-        else:
-            body["message"] = whole["message"]
-        if "logprobs" in whole:
-            body["logprobs"] = whole["logprobs"]
+        whole = piece(split().whole(c.text), c.samples)
+        for key in ("response", "thinking", "message", "logprobs"):
+            if key in whole:
+                body[key] = whole[key]
         return body
 
     def lines():
-        tokens, samples = [], []
+        tokens, samples, out = [], [], split()
         try:
             for _, ev in gen:
                 err = failure(ev)
@@ -136,8 +162,12 @@ def _respond(stream: bool, gen, piece, final, field: str):
                     tokens.append(ev.token)
                 if ev.logprobs is not None:
                     samples.append(ev.logprobs)
-                if ev.text:
-                    yield R.ndjson(piece(ev.text, samples))
+                parts = out.push(ev.text) if ev.text else None
+                if ev.finish_reason:
+                    parts = parts or out.push("")
+                    parts += out.flush()
+                if parts is not None and (parts.content or parts.reasoning or parts.calls):
+                    yield R.ndjson(piece(parts, samples))
                     samples = []
                 if ev.finish_reason:
                     c = _Finished(tokens, ev, gen)

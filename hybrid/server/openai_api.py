@@ -9,6 +9,7 @@ from flask import Blueprint, Response
 from . import responses as R
 from .context import backend, client_gone, json_body
 from .backend import ClientGone, failure
+from .chat_output import ChatOutput
 from .errors import APIError, internal, model_not_found, sse_error
 from .requests import parse_chat, parse_completion
 
@@ -36,38 +37,73 @@ def chat_completions():
     be = backend()
     be.check_model(req.model)
     prompt = be.chat_prompt(req.messages, req.tools)
-    gen = be.submit([prompt], req.params, n=req.n, json_mode=req.json_mode, client_gone=client_gone())
+    grammar = req.grammar
+    if req.forced_call:
+        grammar = be.call_grammar(req.tools, req.forced_call, req.parallel_tool_calls)
+    gen = be.submit([prompt], req.params, n=req.n, grammar=grammar, client_gone=client_gone())
     shape = R.OpenAIShape("chatcmpl", be.name, be.fingerprint)
+    tool_fmt = be.tool_format if req.tools and req.tool_choice != "none" else None
+    thinking = be.opens_thinking(prompt)
+
+    def output():
+        return ChatOutput(thinking, req.reasoning_format, tool_fmt)
+
     if req.stream:
-        return event_stream(_chat_stream(gen, shape, req, be.tokenizer, len(prompt)), gen)
+        return event_stream(_chat_stream(gen, shape, req, be.tokenizer, len(prompt), output), gen)
     choices = gen.collect()
     logprobs = req.params.logprobs
-    return shape.chat([shape.chat_choice(c.index, c.text, c.finish_reason,
-                                         R.chat_logprobs(c.samples, be.tokenizer) if logprobs else None)
-                       for c in choices],
-                      R.usage(len(prompt), sum(c.usage.get("completion_tokens", 0) for c in choices)))
+    out = []
+    for c in choices:
+        parts = output().whole(c.text)
+        out.append(shape.chat_choice(c.index, parts.content, _finish(c.finish_reason, parts.calls),
+                                     R.chat_logprobs(c.samples, be.tokenizer) if logprobs else None,
+                                     tool_calls=[call.openai() for call in parts.calls],
+                                     reasoning=parts.reasoning))
+    return shape.chat(out, R.usage(len(prompt), sum(c.usage.get("completion_tokens", 0) for c in choices)))
 
 
-def _chat_stream(gen, shape, req, tok, prompt_len):
+def _finish(reason: str, calls) -> str:
+    """tool_calls when the answer is calls (also when max_tokens closed the last one early)."""
+    return "tool_calls" if calls and reason in ("stop", "length") else reason
+
+
+def _chat_stream(gen, shape, req, tok, prompt_len, output):
     u, want_lp = req.include_usage, req.params.logprobs
     for i in range(req.n):
         yield R.sse(shape.chat_chunk(i, {"role": "assistant", "content": ""}, with_usage=u))
     pending = {i: [] for i in range(req.n)}     # samples whose text has not gone out yet
+    outputs = {i: output() for i in range(req.n)}
     completion = 0
     for i, ev in gen:
         _raise_if_error(ev)
         if want_lp and ev.logprobs is not None:
             pending[i].append(ev.logprobs)
         if ev.text:
-            lp = R.chat_logprobs(pending[i], tok) if want_lp else None
-            pending[i] = []
-            yield R.sse(shape.chat_chunk(i, {"content": ev.text}, logprobs=lp, with_usage=u))
+            for delta in _deltas(outputs[i], outputs[i].push(ev.text)):
+                lp = None
+                if want_lp and "content" in delta:
+                    lp, pending[i] = R.chat_logprobs(pending[i], tok), []
+                yield R.sse(shape.chat_chunk(i, delta, logprobs=lp, with_usage=u))
         if ev.finish_reason:
+            for delta in _deltas(outputs[i], outputs[i].flush()):
+                yield R.sse(shape.chat_chunk(i, delta, with_usage=u))
             completion += (ev.usage or {}).get("completion_tokens", 0)
             lp = R.chat_logprobs(pending[i], tok) if want_lp and pending[i] else None
-            yield R.sse(shape.chat_chunk(i, {}, ev.finish_reason, logprobs=lp, with_usage=u))
+            reason = _finish(ev.finish_reason, range(outputs[i].n_calls))
+            yield R.sse(shape.chat_chunk(i, {}, reason, logprobs=lp, with_usage=u))
     if u:
         yield R.sse(shape.chat_usage_chunk(R.usage(prompt_len, completion)))
+
+
+def _deltas(out, parts):
+    """The stream deltas of one piece: reasoning, content, then the tool calls' heads (index,
+    id, name) and argument fragments."""
+    if parts.reasoning:
+        yield {"reasoning_content": parts.reasoning}
+    if parts.content:
+        yield {"content": parts.content}
+    for d in parts.deltas:
+        yield {"tool_calls": [d.openai()]}
 
 
 @bp.post("/completions")
@@ -76,7 +112,7 @@ def completions():
     be = backend()
     be.check_model(req.model)
     prompts = [be.check_ids(p, "prompt") if isinstance(p, list) else be.text_prompt(p) for p in req.prompts]
-    gen = be.submit(prompts, req.params, n=req.n, json_mode=req.json_mode, param="prompt",
+    gen = be.submit(prompts, req.params, n=req.n, grammar=req.grammar, param="prompt",
                     client_gone=client_gone())
     shape = R.OpenAIShape("cmpl", be.name, be.fingerprint)
     echoes = [_echo_text(be, p, ids) if req.echo else "" for p, ids in zip(req.prompts, prompts)]

@@ -22,6 +22,9 @@ _FINISH = {"type": ["string", "null"]}
 _USAGE = _obj(["prompt_tokens", "completion_tokens", "total_tokens"], prompt_tokens=_INT,
               completion_tokens=_INT, total_tokens=_INT)
 
+_TOOL_CALLS = {"type": "array", "items": _obj(["id", "type", "function"], id=_STR, type={"const": "function"},
+                                              function=_obj(["name", "arguments"], name=_STR, arguments=_STR))}
+
 RESPONSES = {
     "OpenAIError": _obj(["error"], error=_obj(["message", "type", "param", "code"], message=_STR, type=_STR,
                                               param={"type": ["string", "null"]},
@@ -31,7 +34,8 @@ RESPONSES = {
                            created=_INT, model=_STR, usage=_USAGE,
                            choices={"type": "array", "items": _obj(
                                ["index", "message", "finish_reason"], index=_INT, finish_reason=_FINISH,
-                               message=_obj(["role", "content"], role=_STR, content={"type": ["string", "null"]}))}),
+                               message=_obj(["role", "content"], role=_STR, content={"type": ["string", "null"]},
+                                            reasoning_content=_STR, tool_calls=_TOOL_CALLS))}),
     "Completion": _obj(["id", "object", "created", "model", "choices", "usage"], id=_STR, object=_STR,
                        created=_INT, model=_STR, usage=_USAGE,
                        choices={"type": "array", "items": _obj(["index", "text", "finish_reason"], index=_INT,
@@ -40,9 +44,12 @@ RESPONSES = {
     "ModelList": _obj(["object", "data"], object=_STR,
                       data={"type": "array", "items": {"$ref": "#/components/schemas/Model"}}),
     "OllamaGenerateResponse": _obj(["model", "created_at", "response", "done"], model=_STR, created_at=_STR,
-                                   response=_STR, done=_BOOL, done_reason=_STR),
+                                   response=_STR, thinking=_STR, done=_BOOL, done_reason=_STR),
     "OllamaChatResponse": _obj(["model", "created_at", "message", "done"], model=_STR, created_at=_STR,
-                               message=_obj(["role", "content"], role=_STR, content=_STR), done=_BOOL),
+                               message=_obj(["role", "content"], role=_STR, content=_STR, thinking=_STR,
+                                            tool_calls={"type": "array", "items": _obj(["function"], function=_obj(
+                                                ["name", "arguments"], name=_STR, arguments={"type": "object"}))}),
+                               done=_BOOL),
     "OllamaModels": _obj(["models"], models={"type": "array", "items": _obj(["name", "model"], name=_STR,
                                                                            model=_STR)}),
     "OllamaShowResponse": _obj(["modelfile", "parameters", "template", "details", "model_info"], modelfile=_STR,

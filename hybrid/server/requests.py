@@ -7,8 +7,10 @@ against the vocabulary later, by the backend, which knows it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
+from hybrid.engine.grammar import GrammarError, json_object_grammar, json_schema_grammar
 from hybrid.engine.sampling import SamplingParams
 from . import schema as S
 from .errors import invalid
@@ -55,13 +57,21 @@ class OpenAIRequest:
     n: int = 1
     stream: bool = False
     include_usage: bool = False
-    json_mode: bool = False
+    grammar: str | None = None       # compiled (hybrid.engine.grammar): response_format, or tool calls forced
 
 
 @dataclass
 class ChatRequest(OpenAIRequest):
     messages: list[dict] = field(default_factory=list)   # role/content strings, templates' form
-    tools: list | None = None
+    tools: list | None = None                            # OpenAI's form: [{"type": "function", "function": ...}]
+    tool_choice: str | None = None                       # None (auto), "none", "required" or a function's name
+    parallel_tool_calls: bool = True
+    reasoning_format: str = "deepseek"
+
+    @property
+    def forced_call(self) -> str | None:
+        """"required", a function's name, or None when the model decides."""
+        return None if self.tool_choice in (None, "none") else self.tool_choice
 
 
 @dataclass
@@ -88,10 +98,29 @@ def _openai_common(b: S.OpenAISampling, max_tokens: int | None, *, logprobs: boo
         top_logprobs=top_logprobs,
     ))
     stream = bool(b.stream)
-    fmt = b.response_format.type if b.response_format else "text"
     return dict(params=params, model=b.model, n=_or(b.n, 1), stream=stream,
                 include_usage=stream and bool(b.stream_options and b.stream_options.include_usage),
-                json_mode=fmt != "text")   # a json_schema is served as json_object: valid JSON, schema not enforced
+                grammar=_response_format(b.response_format))
+
+
+def _response_format(f: S.ResponseFormat | None) -> str | None:
+    if f is None or f.type == "text":
+        return None
+    if f.type == "json_object":
+        return json_object_grammar()
+    if f.json_schema is None or f.json_schema.schema_ is None:
+        raise invalid("'response_format.json_schema.schema' is required with type json_schema",
+                      "response_format.json_schema.schema")
+    return compiled_schema(f.json_schema.schema_, "response_format.json_schema.schema")
+
+
+def compiled_schema(schema, param: str) -> str:
+    """A JSON schema's grammar, or 400 naming the part of the schema that cannot compile."""
+    try:
+        return json_schema_grammar(schema)
+    except GrammarError as e:
+        where = f"{param}.{e.where}" if e.where else param
+        raise invalid(f"'{where}': {e}", where, code="invalid_json_schema") from None
 
 
 def parse_chat(body: dict) -> ChatRequest:
@@ -100,8 +129,20 @@ def parse_chat(body: dict) -> ChatRequest:
     top = _or(b.top_logprobs, 0)
     if top and not b.logprobs:
         raise invalid("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
+    tools = [t.model_dump(exclude_none=True) for t in b.tools or []]
+    choice = b.tool_choice
+    if isinstance(choice, S.ToolChoiceFunction):
+        choice = choice.function.name
+        if choice not in [t["function"]["name"] for t in tools]:
+            raise invalid(f"'tool_choice' names the function {choice!r}, which is not among 'tools' "
+                          f"({', '.join(t['function']['name'] for t in tools) or 'none given'})", "tool_choice")
+    elif choice == "required" and not tools:
+        raise invalid("'tool_choice' required needs 'tools'", "tool_choice")
     return ChatRequest(**_openai_common(b, max_tokens, logprobs=bool(b.logprobs), top_logprobs=top),
-                       messages=[_message(m, i) for i, m in enumerate(b.messages)], tools=b.tools or None)
+                       messages=[_message(m, i) for i, m in enumerate(b.messages)], tools=tools or None,
+                       tool_choice=None if choice == "auto" else choice,
+                       parallel_tool_calls=_or(b.parallel_tool_calls, True),
+                       reasoning_format=_or(b.reasoning_format, "deepseek"))
 
 
 def _message(m: S.ChatMessage, i: int) -> dict:
@@ -114,8 +155,26 @@ def _message(m: S.ChatMessage, i: int) -> dict:
     if m.role == "tool":
         msg["tool_call_id"] = m.tool_call_id
     if calls:
-        msg["tool_calls"] = m.tool_calls
+        msg["tool_calls"] = [template_call(c.id, c.function.name, c.function.arguments,
+                                           f"{where}.tool_calls[{j}].function.arguments")
+                             for j, c in enumerate(m.tool_calls)]
+    if m.role == "assistant" and m.reasoning_content is not None:
+        msg["reasoning_content"] = m.reasoning_content
     return msg
+
+
+def template_call(call_id, name: str, arguments, where: str) -> dict:
+    """A call as chat templates read it: arguments as an object (templates write them with
+    tojson), under "function" and at the top level (templates differ)."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            raise invalid(f"'{where}' is not valid JSON", where) from None
+    if not isinstance(arguments, dict):
+        raise invalid(f"'{where}' must be a JSON object", where)
+    fn = {"name": name, "arguments": arguments}
+    return {"id": call_id, "type": "function", "function": fn, **fn}
 
 
 def _content(v, where: str, optional: bool) -> str:
@@ -160,12 +219,13 @@ class OllamaRequest:
     params: SamplingParams
     model: str | None = None
     stream: bool = True
-    json_mode: bool = False
+    grammar: str | None = None       # compiled (hybrid.engine.grammar) from `format`
     num_ctx: int | None = None
 
 
 @dataclass
 class OllamaGenerate(OllamaRequest):
+    think: bool | None = None
     prompt: str = ""
     system: str | None = None
     raw: bool = False
@@ -176,6 +236,7 @@ class OllamaGenerate(OllamaRequest):
 class OllamaChat(OllamaRequest):
     messages: list[dict] = field(default_factory=list)
     tools: list | None = None
+    think: bool | None = None
 
 
 def _ollama_common(b: S.OllamaRequest) -> dict:
@@ -198,8 +259,14 @@ def _ollama_common(b: S.OllamaRequest) -> dict:
         logprobs=bool(b.logprobs),
         top_logprobs=_or(b.top_logprobs, 0) if b.logprobs else 0,
     ))
-    return dict(params=params, model=b.model, stream=_or(b.stream, True), json_mode=bool(b.format),
+    return dict(params=params, model=b.model, stream=_or(b.stream, True), grammar=_ollama_format(b.format),
                 num_ctx=o.num_ctx)
+
+
+def _ollama_format(f) -> str | None:
+    if not f:
+        return None
+    return json_object_grammar() if f == "json" else compiled_schema(f, "format")
 
 
 def _no_images(v, where: str) -> None:
@@ -210,8 +277,8 @@ def _no_images(v, where: str) -> None:
 def parse_ollama_generate(body: dict) -> OllamaGenerate:
     b = S.validate(S.OllamaGenerateRequest, body)
     _no_images(b.images, "images")
-    return OllamaGenerate(**_ollama_common(b), prompt=b.prompt or "", system=b.system, raw=bool(b.raw),
-                          context=b.context or None)
+    return OllamaGenerate(**_ollama_common(b), think=b.think, prompt=b.prompt or "", system=b.system,
+                          raw=bool(b.raw), context=b.context or None)
 
 
 def parse_ollama_chat(body: dict) -> OllamaChat:
@@ -221,9 +288,16 @@ def parse_ollama_chat(body: dict) -> OllamaChat:
         _no_images(m.images, f"messages[{i}].images")
         msg = {"role": m.role, "content": m.content or ""}
         if m.tool_calls:
-            msg["tool_calls"] = m.tool_calls
+            msg["tool_calls"] = [template_call(None, c.function.name, c.function.arguments,
+                                               f"messages[{i}].tool_calls[{j}].function.arguments")
+                                 for j, c in enumerate(m.tool_calls)]
+        if m.thinking is not None:
+            msg["reasoning_content"] = m.thinking
+        if m.tool_name is not None:
+            msg["name"] = m.tool_name
         out.append(msg)
-    return OllamaChat(**_ollama_common(b), messages=out, tools=b.tools or None)
+    tools = [t.model_dump(exclude_none=True) for t in b.tools or []]
+    return OllamaChat(**_ollama_common(b), messages=out, tools=tools or None, think=b.think)
 
 
 def parse_ollama_show(body: dict) -> str | None:

@@ -84,9 +84,16 @@ class OpenAIShape:
         return {**self._head("chat.completion"), "choices": choices, "usage": use}
 
     @staticmethod
-    def chat_choice(index: int, text: str, finish_reason: str, logprobs: dict | None = None) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": logprobs, "finish_reason": finish_reason}
+    def chat_choice(index: int, text: str, finish_reason: str, logprobs: dict | None = None,
+                    tool_calls: list[dict] | None = None, reasoning: str = "") -> dict:
+        """tool_calls: OpenAI's [{id, type, function: {name, arguments}}]; content is null
+        when the answer is only calls. reasoning: the think block, as reasoning_content."""
+        message = {"role": "assistant", "content": text if text or not tool_calls else None, "refusal": None}
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def chat_chunk(self, index: int, delta: dict, finish_reason=None, logprobs=None, with_usage=False) -> dict:
         chunk = {**self._head("chat.completion.chunk"),

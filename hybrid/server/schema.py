@@ -54,22 +54,67 @@ class ContentPart(Body):
     text: StrictStr | None = None
 
 
+class FunctionCall(Body):
+    name: StrictStr
+    arguments: StrictStr | dict[str, Any] = Field(description="the arguments: a JSON object as a string (or an object)")
+
+
+class MessageToolCall(Body):
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[ContentPart] | None = Field(
         None, description="a string or text parts; may be left out only by an assistant message with tool_calls")
     name: StrictStr | None = None
-    tool_call_id: StrictStr | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: StrictStr | None = Field(None, description="a tool message: the id of the call it answers")
+    tool_calls: list[MessageToolCall] | None = Field(None, description="an assistant message: the calls it made")
+    reasoning_content: StrictStr | None = Field(None, description="an assistant message: its reasoning "
+                                                                  "(given to templates that render it)")
+
+
+class FunctionDef(Body):
+    name: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema of the arguments object; "
+                                                                "calls forced by tool_choice follow it")
+    strict: StrictBool | None = None
+
+
+class Tool(Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ToolChoiceName(Body):
+    name: StrictStr
+
+
+class ToolChoiceFunction(Body):
+    type: Literal["function"]
+    function: ToolChoiceName
 
 
 class StreamOptions(Body):
     include_usage: StrictBool | None = None
 
 
+class JsonSchemaFormat(Body):
+    name: StrictStr | None = Field(None, description="the schema's name (informative)")
+    description: StrictStr | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema",
+                                           description="the JSON Schema the output follows (enforced by a grammar)")
+    strict: StrictBool | None = Field(None, description="accepted; the schema is always enforced")
+
+
 class ResponseFormat(Body):
     type: Literal["text", "json_object", "json_schema"] = Field(
-        "text", description="json_schema is served as json_object: valid JSON, the schema not enforced")
+        "text", description="json_object: a JSON object or array; json_schema: a document valid against "
+                            "json_schema.schema, enforced by constrained decoding")
+    json_schema: JsonSchemaFormat | None = Field(None, description="required with type json_schema")
 
 
 class OpenAISampling(Body):
@@ -98,7 +143,16 @@ class ChatCompletionRequest(OpenAISampling):
     max_completion_tokens: Integer(ge=1) | None = None
     logprobs: StrictBool | None = None
     top_logprobs: Integer(ge=0, le=MAX_TOP_LOGPROBS) | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = Field(None, description="functions the model may call; calls come back in "
+                                                       "message.tool_calls")
+    tool_choice: Literal["auto", "none", "required"] | ToolChoiceFunction | None = Field(
+        None, description="auto (default): the model decides; none: no calls parsed; required or a named "
+                          "function: a call is forced by constrained decoding")
+    parallel_tool_calls: StrictBool | None = Field(None, description="with tool_choice required: several calls "
+                                                                     "allowed (default true)")
+    reasoning_format: Literal["deepseek", "none", "hidden"] | None = Field(
+        None, description="<think> blocks: deepseek (default): in message.reasoning_content; none: left in "
+                          "content as generated; hidden: dropped")
 
 
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
@@ -131,17 +185,29 @@ class OllamaOptions(Body):
     stop: Stop | None = None
 
 
+class OllamaFunctionCall(Body):
+    name: StrictStr
+    arguments: dict[str, Any] | StrictStr = Field(default_factory=dict)
+
+
+class OllamaToolCall(Body):
+    function: OllamaFunctionCall
+
+
 class OllamaMessage(Body):
     role: Literal["system", "user", "assistant", "tool"]
     content: StrictStr | None = None
     images: list[Any] | None = Field(None, description="not supported: must be empty")
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[OllamaToolCall] | None = None
+    thinking: StrictStr | None = Field(None, description="an assistant message: its reasoning")
+    tool_name: StrictStr | None = Field(None, description="a tool message: the function it answers")
 
 
 class OllamaRequest(Body):
     model: StrictStr | None = None
     stream: StrictBool | None = Field(None, description="default true: NDJSON")
-    format: Literal["", "json"] | dict[str, Any] | None = None
+    format: Literal["", "json"] | dict[str, Any] | None = Field(
+        None, description='"json": a JSON object or array; an object: a JSON Schema the output follows')
     options: OllamaOptions | None = None
     logprobs: StrictBool | None = None
     top_logprobs: Integer(ge=0, le=MAX_TOP_LOGPROBS) | None = None
@@ -149,6 +215,7 @@ class OllamaRequest(Body):
 
 class OllamaGenerateRequest(OllamaRequest):
     prompt: StrictStr | None = None
+    think: StrictBool | None = Field(None, description="true: reasoning in `thinking`; false: dropped")
     system: StrictStr | None = None
     raw: StrictBool | None = None
     context: list[TokenId] | None = None
@@ -157,7 +224,10 @@ class OllamaGenerateRequest(OllamaRequest):
 
 class OllamaChatRequest(OllamaRequest):
     messages: list[OllamaMessage] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = Field(None, description="functions the model may call; calls come back in "
+                                                       "message.tool_calls")
+    think: StrictBool | None = Field(None, description="true: reasoning in message.thinking; false: the template "
+                                                       "is asked not to think and reasoning is dropped")
 
 
 class OllamaShowRequest(Body):
@@ -175,7 +245,7 @@ def validate(model: type[Body], body: dict) -> Body:
         raise _error(e) from None
 
 
-_BRANCHES = ("str", "int", "float", "bool", "list", "dict", "none", "literal", "function", "constrained", "json")
+_BRANCHES = ("str", "int", "float", "bool", "list", "dict", "none", "literal", "constrained", "json")
 
 
 def _path(loc) -> str:
