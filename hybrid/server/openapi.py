@@ -20,7 +20,8 @@ _STR, _INT, _BOOL, _ANY = {"type": "string"}, {"type": "integer"}, {"type": "boo
 _NUM = {"type": "number"}
 _FINISH = {"type": ["string", "null"]}
 _USAGE = _obj(["prompt_tokens", "completion_tokens", "total_tokens"], prompt_tokens=_INT,
-              completion_tokens=_INT, total_tokens=_INT)
+              completion_tokens=_INT, total_tokens=_INT,
+              prompt_tokens_details=_obj(["cached_tokens"], cached_tokens=_INT))
 
 RESPONSES = {
     "OpenAIError": _obj(["error"], error=_obj(["message", "type", "param", "code"], message=_STR, type=_STR,
