@@ -37,6 +37,7 @@ class Event:
                                         # cached_tokens (of the prompt, from the prefix cache)
     timings: dict | None = None         # last event: prompt_eval_ns, eval_ns, total_ns
     error: str | None = None            # with finish_reason "error"
+    stop_sequence: str | None = None    # last event: the stop string that ended it, if one did
 
 
 @dataclass
@@ -162,6 +163,7 @@ def finish(seq: Sequence, reason: str, ev: Event | None = None) -> Event:
         ev.text += text if stopped else text + seq.stops.flush()
         reason = "stop" if stopped else reason
     seq.finish_reason = ev.finish_reason = reason
+    ev.stop_sequence = seq.stops.matched
     n = len(seq.generated)
     ev.usage = {"prompt_tokens": len(seq.prompt), "completion_tokens": n, "total_tokens": len(seq.prompt) + n,
                 "cached_tokens": seq.cached}
