@@ -108,28 +108,22 @@ class PrefixCache:
         B = self.block
         n = len(tokens) // B
         chain_keys(tokens, B, n, keys)
-        i = saved
+        stored = saved
         for i in range(saved, n):
-            if keys[i] in self.blocks:
-                continue
-            if not all(cache.keeps(i * B, written) for cache in caches):
-                break  # gone from a ring: this block and the ones after it cannot be stored
-            kv = [cache.read_rows(slot, i * B, B) for cache in caches]
-            nbytes = sum(k.nbytes + v.nbytes for k, v in kv)
-            if nbytes > self.budget:
-                break
-            self.blocks[keys[i]] = Block(keys[i - 1] if i else None, tuple(tokens[i * B : (i + 1) * B]), kv, nbytes)
-            self.bytes_used += nbytes
-        else:
-            i = n
-        if i > saved:
-            self._touch(keys[:i])
+            if keys[i] not in self.blocks:
+                if not all(cache.keeps(i * B, written) for cache in caches):
+                    break  # gone from a ring: this block and the ones after it cannot be stored
+                kv = [cache.read_rows(slot, i * B, B) for cache in caches]
+                nbytes = sum(k.nbytes + v.nbytes for k, v in kv)
+                if nbytes > self.budget:
+                    break
+                self.blocks[keys[i]] = Block(keys[i - 1] if i else None, tuple(tokens[i * B : (i + 1) * B]), kv, nbytes)
+                self.bytes_used += nbytes
+            stored = i + 1
+        if stored > saved:
+            self._touch(keys[:stored])
             self._evict()
-        return i
-
-    def clear(self) -> None:
-        self.blocks.clear()
-        self.bytes_used = 0
+        return stored
 
     def _touch(self, keys: list[bytes]) -> None:
         """Most recently used: the chain's root last, so its tail is evicted first."""
