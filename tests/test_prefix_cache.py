@@ -74,6 +74,17 @@ def test_greedy_outputs_identical_with_and_without_the_cache(model):
     assert run(on, second)[0] == ref           # the whole second prompt cached: still the same answer
 
 
+def test_same_greedy_output_under_the_kernel_rules(smollm_path, cpu_machine):
+    """The family's CPU rule file: the numba attention reads the slot through its own views
+    of the cache, which the restored blocks must reach."""
+    m = hybrid.load(smollm_path)
+    off, on = Engine(m, slots=1, ctx=1024), cached_engine(m, slots=1)
+    first, second = chat(m, "When do you open?"), chat(m, "When do you close?")
+    run(on, first)
+    got, usage = run(on, second, n=12)
+    assert usage["cached_tokens"] > 0 and got == run(off, second, n=12)[0]
+
+
 def test_second_turn_prefills_only_the_new_tokens(model):
     engine = cached_engine(model)
     first = chat(model, "What do you sell?")
