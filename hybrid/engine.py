@@ -344,7 +344,10 @@ class Engine:
     def _release(self, seq: Sequence) -> None:
         if seq.slot >= 0 and seq.finish_reason != "error":
             # what the slot holds: the prompt so far, or prompt + generated but the last sampled token
-            valid = seq.prompt[: seq.prefilled] if seq in self.prefilling else (seq.prompt + seq.generated)[: seq.length - 1]
+            if seq in self.prefilling:
+                valid = seq.prompt[: seq.prefilled]
+            else:
+                valid = (seq.prompt + seq.generated)[: seq.length - 1]
             self._save_prefix(seq, valid, seq.length + self.prefill_chunk)
         for group in (self.prefilling, self.running):
             if seq in group:

@@ -219,7 +219,7 @@ def scripted(tokenizer_model):
     whose engine answers with the canned outputs."""
     import threading
 
-    import waitress
+    from werkzeug.serving import make_server
 
     from hybrid.server import create_app
 
@@ -227,15 +227,16 @@ def scripted(tokenizer_model):
 
     def start(outputs):
         engine = _ScriptedEngine(tokenizer_model, outputs)
-        server = waitress.create_server(create_app(engine, api_key=KEY), host="127.0.0.1", port=0, threads=4)
-        threading.Thread(target=server.run, daemon=True).start()
+        server = make_server("127.0.0.1", 0, create_app(engine, api_key=KEY), threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
-        url = f"http://127.0.0.1:{server.effective_port}"
+        url = f"http://127.0.0.1:{server.server_port}"
         return anthropic.Anthropic(base_url=url, api_key=KEY, max_retries=0), engine
 
     yield start
     for server in servers:
-        server.close()
+        server.shutdown()
+        server.server_close()
 
 
 def test_tool_use_round_trip(scripted):

@@ -65,7 +65,8 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
 
 
 def _hermes(name: str, arguments: dict) -> str:
-    return f"{TOOL_CALL_OPEN}\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n{TOOL_CALL_CLOSE}"
+    call = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+    return f"{TOOL_CALL_OPEN}\n{call}\n{TOOL_CALL_CLOSE}"
 
 
 class ToolCallSplitter:

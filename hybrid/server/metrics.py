@@ -57,7 +57,8 @@ class _PrefixCacheCollector:
         pc = self.engine.stats().get("prefix_cache")
         if pc is None:
             return
-        yield GaugeMetricFamily("hybrid_prefix_cache_bytes", "Bytes of KV the prefix cache holds", value=pc["bytes_used"])
+        yield GaugeMetricFamily("hybrid_prefix_cache_bytes", "Bytes of KV the prefix cache holds",
+                                value=pc["bytes_used"])
         yield GaugeMetricFamily("hybrid_prefix_cache_budget_bytes", "Most bytes the prefix cache may hold (0: off)",
                                 value=pc["budget_bytes"])
         yield CounterMetricFamily("hybrid_prefix_cache_hits", "Requests that reused cached prompt KV", value=pc["hits"])
