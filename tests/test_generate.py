@@ -148,7 +148,7 @@ def test_usage_and_logprobs(model, engine):
     events = list(engine.submit(prompt, SamplingParams(temperature=0, max_tokens=8, logprobs=True, top_logprobs=3)))
     last = events[-1]
     assert last.usage == {"prompt_tokens": len(prompt), "completion_tokens": len(events),
-                          "total_tokens": len(prompt) + len(events)}
+                          "total_tokens": len(prompt) + len(events), "cached_tokens": 0}
     for ev in events:
         lp = ev.logprobs
         assert lp is not None and lp.token == ev.token and lp.logprob <= 0

@@ -46,7 +46,11 @@ def test_rules_shows_the_expected_rss(smollm_path):
     rss = json.loads(out.stdout)["expected_rss"]
     assert rss["kv_bytes_per_token"] == 30 * 3 * (64 + 64) * 4  # layers x kv heads x (k + v dims) x float32
     assert 90e6 < rss["cpu_weight_bytes"] < 110e6
-    assert rss["kv_full_bytes"] - rss["at_start_bytes"] == rss["kv_bytes_per_token"] * 2 * 1000
+    assert rss["prefix_cache_bytes"] == 256 << 20   # the default budget, resident once it has filled
+    assert rss["kv_full_bytes"] - rss["at_start_bytes"] == rss["kv_bytes_per_token"] * 2 * 1000 + (256 << 20)
     text = subprocess.run([sys.executable, "-m", "hybrid", "rules", "--model", smollm_path], capture_output=True,
                           text=True, timeout=300).stdout
-    assert "expected RSS:" in text
+    assert "expected RSS:" in text and "prefix cache: up to 256.0 MiB" in text
+    off = subprocess.run([sys.executable, "-m", "hybrid", "rules", "--model", smollm_path, "--prefix-cache-mb", "0"],
+                         capture_output=True, text=True, timeout=300).stdout
+    assert "prefix cache: off" in off

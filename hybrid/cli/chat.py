@@ -14,13 +14,14 @@ Ctrl-C stops the current answer."""
 
 
 def add_parser(subparsers):
-    from hybrid.cli.defaults import add_model_args, add_sampling_args
+    from hybrid.cli.defaults import add_model_args, add_prefix_cache_arg, add_sampling_args
 
     p = subparsers.add_parser("chat", help=HELP, description=HELP + ". Keeps the conversation, streams the "
                               "answers and shows the speed after each.\n\n" + COMMANDS,
                               formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("--system", metavar="TEXT", help="system message")
     add_model_args(p)
+    add_prefix_cache_arg(p)
     add_sampling_args(p)
     p.set_defaults(func=main)
     return p
@@ -47,7 +48,7 @@ def read_message(read=input):
 
 def main(args) -> int:
     from hybrid.cli.run import format_stats
-    from hybrid.cli.defaults import load_from_args, sampling_from_args
+    from hybrid.cli.defaults import load_from_args, prefix_cache_bytes, sampling_from_args
     from hybrid.engine.scheduler import Engine
     from hybrid.engine.generate import ContextLengthExceeded, chat_prompt_ids
 
@@ -60,7 +61,7 @@ def main(args) -> int:
             import readline  # noqa: F401  line editing and history for input()
         except ImportError:
             pass
-    engine = Engine(model, slots=1, ctx=args.ctx).start()
+    engine = Engine(model, slots=1, ctx=args.ctx, prefix_cache=prefix_cache_bytes(args)).start()
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     print(f"{model.name}: type a message, /help for commands, /exit to leave.", flush=True)

@@ -42,6 +42,29 @@ def add_model_args(parser: argparse.ArgumentParser, ctx: bool = True) -> None:
                        help="context size in tokens (default: the model's, at most 4096)")
 
 
+PREFIX_CACHE_MB = 256
+
+
+def add_prefix_cache_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prefix-cache-mb", type=_megabytes, default=PREFIX_CACHE_MB, metavar="MB",
+                        help="KV cache of earlier prompts kept, in 64-token blocks, so a request that starts "
+                             "like an earlier one prefills only the rest (default: %(default)s; 0 = off)")
+
+
+def prefix_cache_bytes(args) -> int:
+    return int(args.prefix_cache_mb * (1 << 20))
+
+
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of megabytes, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be >= 0 megabytes, got {text}")
+    return value
+
+
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     d = CLI_SAMPLING
     g = parser.add_argument_group("sampling")

@@ -9,6 +9,8 @@ HELP = "print the placement plan of a rule file for a model (no weights are read
 
 
 def add_parser(subparsers):
+    from .defaults import add_prefix_cache_arg
+
     p = subparsers.add_parser(
         "rules",
         help=HELP,
@@ -19,12 +21,14 @@ def add_parser(subparsers):
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--slots", type=int, default=4, help="KV-cache slots for the expected RSS (default: serve's 4)")
     p.add_argument("--ctx", type=int, help="context per slot for the expected RSS (default: the model's, at most 4096)")
+    add_prefix_cache_arg(p)
     p.set_defaults(func=main)
     return p
 
 
 def main(args) -> int:
-    from hybrid.cli.defaults import default_model_path
+    from hybrid.cli.defaults import default_model_path, prefix_cache_bytes
+    from hybrid.engine.prefix_cache import DEFAULT_BLOCK
     from hybrid.inject.loader import build
     from hybrid.inject.memory import expected_rss, kv_bytes_per_token
     from hybrid.inject.plan import format_plan, kv_cache_per_slot, summarize
@@ -42,7 +46,10 @@ def main(args) -> int:
 
     cpu = sum(d["bytes"] for d in plan["devices"] if d["device"] == "cpu")
     ctx = args.ctx or min(config.max_position_embeddings, 4096)
-    plan["expected_rss"] = expected_rss(cpu, kv_bytes_per_token(module, placement), args.slots, ctx)
+    per_token = kv_bytes_per_token(module, placement)
+    plan["prefix_cache"] = {"budget_bytes": prefix_cache_bytes(args), "block_tokens": DEFAULT_BLOCK,
+                            "kv_bytes_per_token": per_token}
+    plan["expected_rss"] = expected_rss(cpu, per_token, args.slots, ctx, prefix_cache_bytes(args))
     print(json.dumps(plan, indent=2) if args.json else f"model: {src.path}\n" + format_plan(plan))
     if not plan["fits"]:
         print("the plan does not fit the memory available", file=sys.stderr)

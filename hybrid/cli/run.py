@@ -8,7 +8,7 @@ HELP = "generate one answer for a prompt and stream it to stdout"
 
 
 def add_parser(subparsers):
-    from hybrid.cli.defaults import add_model_args, add_sampling_args
+    from hybrid.cli.defaults import add_model_args, add_prefix_cache_arg, add_sampling_args
 
     p = subparsers.add_parser("run", help=HELP, description=HELP + ". The prompt is chat-formatted with the "
                               "model's template unless --raw is given. Progress goes to stderr.")
@@ -18,13 +18,14 @@ def add_parser(subparsers):
     p.add_argument("--json", action="store_true", help="constrain the output to a JSON object or array")
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr at the end")
     add_model_args(p)
+    add_prefix_cache_arg(p)
     add_sampling_args(p)
     p.set_defaults(func=main)
     return p
 
 
 def main(args) -> int:
-    from hybrid.cli.defaults import load_from_args, sampling_from_args
+    from hybrid.cli.defaults import load_from_args, prefix_cache_bytes, sampling_from_args
     from hybrid.engine.scheduler import Engine
     from hybrid.engine.generate import chat_prompt_ids
 
@@ -41,7 +42,7 @@ def main(args) -> int:
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         ids = chat_prompt_ids(tok, messages + [{"role": "user", "content": prompt}])
-    engine = Engine(model, slots=1, ctx=args.ctx).start()
+    engine = Engine(model, slots=1, ctx=args.ctx, prefix_cache=prefix_cache_bytes(args)).start()
     try:
         stream = engine.submit(ids, params, json_mode=args.json)
         try:

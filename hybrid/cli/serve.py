@@ -56,10 +56,11 @@ def _seconds(text: str) -> float:
 
 
 def add_parser(subparsers):
-    from hybrid.cli.defaults import add_model_args
+    from hybrid.cli.defaults import add_model_args, add_prefix_cache_arg
 
     p = subparsers.add_parser("serve", help=HELP, description=HELP + ". See docs/api.md.")
     add_model_args(p)
+    add_prefix_cache_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=_int_in(0, 65535, "the port"), default=8000,
                    help="port, 0-65535 (default: %(default)s; 0 picks a free one)")
@@ -172,7 +173,7 @@ def _flush(server, deadline: float) -> None:
 def _load(app, args, url: str, loaded: dict, stop: threading.Event) -> None:
     """Load the model and start the engine; on failure say why and stop the server (status 2
     for bad input, as the other commands, 1 for anything else)."""
-    from hybrid.cli.defaults import load_from_args
+    from hybrid.cli.defaults import load_from_args, prefix_cache_bytes
     from hybrid.engine.scheduler import Engine
 
     state = app.extensions["hybrid"]
@@ -180,7 +181,8 @@ def _load(app, args, url: str, loaded: dict, stop: threading.Event) -> None:
     try:
         model = load_from_args(args)
         model.warm_up()
-        engine = Engine(model, slots=args.slots, ctx=args.ctx, max_queue=args.max_queue).start()
+        engine = Engine(model, slots=args.slots, ctx=args.ctx, max_queue=args.max_queue,
+                        prefix_cache=prefix_cache_bytes(args)).start()
         loaded["engine"] = engine
         be = state.attach(engine)
     except Exception as e:

@@ -33,9 +33,11 @@ class Event:
     token: int | None = None            # the sampled token id
     logprobs: Sample | None = None      # when params.logprobs: logprob + top alternatives
     finish_reason: str | None = None    # last event only: stop, length, cancelled, error
-    usage: dict | None = None           # last event: prompt_tokens, completion_tokens, total_tokens
+    usage: dict | None = None           # last event: prompt_tokens, completion_tokens, total_tokens,
+                                        # cached_tokens (of the prompt, from the prefix cache)
     timings: dict | None = None         # last event: prompt_eval_ns, eval_ns, total_ns
     error: str | None = None            # with finish_reason "error"
+    stop_sequence: str | None = None    # last event: the stop string that ended it, if one did
 
 
 @dataclass
@@ -64,6 +66,9 @@ class Sequence:
     out: queue.Queue = field(default_factory=queue.Queue)  # events for this request only
     slot: int = -1
     prefilled: int = 0                   # prompt tokens already in the cache
+    cached: int = 0                      # of which copied from the prefix cache
+    block_keys: list = field(default_factory=list)   # hybrid.engine.prefix_cache chain keys of its tokens
+    blocks_saved: int = 0                # leading blocks the prefix cache holds (or held)
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cancelled: bool = False
@@ -159,8 +164,10 @@ def finish(seq: Sequence, reason: str, ev: Event | None = None) -> Event:
         ev.text += text if stopped else text + seq.stops.flush()
         reason = "stop" if stopped else reason
     seq.finish_reason = ev.finish_reason = reason
+    ev.stop_sequence = seq.stops.matched
     n = len(seq.generated)
-    ev.usage = {"prompt_tokens": len(seq.prompt), "completion_tokens": n, "total_tokens": len(seq.prompt) + n}
+    ev.usage = {"prompt_tokens": len(seq.prompt), "completion_tokens": n, "total_tokens": len(seq.prompt) + n,
+                "cached_tokens": seq.cached}
     ev.timings = {"prompt_eval_ns": seq.prompt_eval_ns, "eval_ns": seq.eval_ns,
                   "total_ns": time.perf_counter_ns() - seq.submitted_ns}
     return ev

@@ -26,6 +26,7 @@ import time
 from hybrid.engine.generate import (ContextLengthExceeded, Event, Sequence, advance, check_fits, decode, finish, new_sequence,
                        pick, prefill)
 from hybrid.engine.grammar import json_object_grammar
+from hybrid.engine.prefix_cache import PrefixCache
 from hybrid.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,11 @@ class Stream:
     def prompt_tokens(self) -> int:
         return len(self.seq.prompt)
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens copied from the prefix cache (known once the request holds a slot)."""
+        return self.seq.cached
+
     def _next_event(self) -> Event:
         out = self.seq.out
         while True:
@@ -121,7 +127,10 @@ class Stream:
 class Engine:
     """Continuous batching over `slots` KV-cache slots of `ctx` tokens each."""
 
-    def __init__(self, model, slots: int = 4, ctx: int | None = None, max_queue: int = 64, prefill_chunk: int = 512):
+    def __init__(self, model, slots: int = 4, ctx: int | None = None, max_queue: int = 64, prefill_chunk: int = 512,
+                 prefix_cache: int = 0, prefix_block: int = 64):
+        """prefix_cache: bytes of KV the prefix cache may keep (0: none), in blocks of
+        `prefix_block` tokens; see hybrid.engine.prefix_cache."""
         if model.tokenizer is None:
             raise ValueError("this model has no tokenizer; generation needs one")
         if slots < 1 or max_queue < 1 or prefill_chunk < 1:
@@ -134,6 +143,8 @@ class Engine:
             log.warning("context %d is longer than the model's %d; quality may drop", self.ctx, model.context_length)
         self.slots, self.prefill_chunk = slots, prefill_chunk
         self.cache = model.new_cache(slots, self.ctx)
+        self.prefix = PrefixCache(prefix_cache, prefix_block)
+        self.prefilled_tokens = 0   # prompt tokens run through the model (not copied from the prefix cache)
         self.free = list(range(slots))
         self.waiting: queue.Queue[Sequence] = queue.Queue(max_queue)
         self.prefilling: list[Sequence] = []
@@ -175,12 +186,15 @@ class Engine:
         stream.cancel()
 
     def stats(self) -> dict:
-        """Occupancy now: waiting (queued for a slot), running (holding a slot), free slots.
-        Read without the engine's lock, which a step holds through its prefill and decode:
-        /metrics and /health must not wait for a step (a count may be one step old)."""
+        """Occupancy now: waiting (queued for a slot), running (holding a slot), free slots,
+        the prefix cache. Read without the engine's lock, which a step holds through its
+        prefill and decode: /metrics and /health must not wait for a step (a count may be one
+        step old)."""
         running = len(self.running) + len(self.prefilling)
+        prefix = self.prefix.stats()
         return {"waiting": self.waiting.qsize(), "running": running, "free_slots": len(self.free),
-                "slots": self.slots, "ctx": self.ctx}
+                "slots": self.slots, "ctx": self.ctx, "prefilled_tokens": self.prefilled_tokens,
+                "prefix_cache": prefix}
 
     def describe(self) -> dict:
         """What a server says about the model: name, tokenizer, context, source files, and
@@ -265,10 +279,13 @@ class Engine:
                 seq.out.put(finish(seq, "cancelled" if seq.cancelled else "length"))
                 continue
             seq.slot = self.free.pop(0)
+            seq.prefilled = seq.cached = self.prefix.restore(self.cache, seq.slot, seq.prompt, seq.block_keys)
+            seq.blocks_saved = seq.cached // self.prefix.block
             self.prefilling.append(seq)
 
     def _prefill(self, group: list[Sequence]) -> None:
         t0 = time.perf_counter_ns()
+        before = [seq.prefilled for seq in group]
         try:
             rows = prefill(self.model, self.cache, group, self.prefill_chunk)
         except Exception as e:
@@ -279,8 +296,11 @@ class Engine:
                 self._prefill([seq])
             return
         dt = time.perf_counter_ns() - t0
-        for seq, logits in zip(group, rows):
+        for seq, logits, n in zip(group, rows, before):
             seq.prompt_eval_ns += dt
+            self.prefilled_tokens += seq.prefilled - n
+            # padding of a batched chunk may write up to a chunk past the sequence's own tokens
+            self._save_prefix(seq, seq.prompt[: seq.prefilled], seq.prefilled + self.prefill_chunk)
             if logits is None:
                 continue
             try:
@@ -326,7 +346,17 @@ class Engine:
             self._release(seq)
         seq.out.put(ev)
 
+    def _save_prefix(self, seq: Sequence, tokens: list[int], written: int) -> None:
+        seq.blocks_saved = self.prefix.save(self.cache, seq.slot, tokens, seq.block_keys, seq.blocks_saved, written)
+
     def _release(self, seq: Sequence) -> None:
+        if seq.slot >= 0 and seq.finish_reason != "error":
+            # what the slot holds: the prompt so far, or prompt + generated but the last sampled token
+            if seq in self.prefilling:
+                valid = seq.prompt[: seq.prefilled]
+            else:
+                valid = (seq.prompt + seq.generated)[: seq.length - 1]
+            self._save_prefix(seq, valid, seq.length + self.prefill_chunk)
         for group in (self.prefilling, self.running):
             if seq in group:
                 group.remove(seq)

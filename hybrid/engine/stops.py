@@ -11,16 +11,18 @@ class StopMatcher:
         self.stops = [s for s in stops if s]
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None   # the stop string that ended the stream
 
     def push(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to emit now, whether a stop string has completed)."""
         if self.stopped:
             return "", True
         buf = self._held + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((buf.find(s), s) for s in self.stops) if i >= 0]
         if hits:
+            at, self.matched = min(hits, key=lambda h: h[0])
             self._held, self.stopped = "", True
-            return buf[:min(hits)], True
+            return buf[:at], True
         keep = self._partial(buf)
         self._held = buf[len(buf) - keep:] if keep else ""
         return buf[:len(buf) - keep], False

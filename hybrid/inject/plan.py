@@ -137,6 +137,14 @@ def format_plan(plan: dict) -> str:
         kv = plan["kv_cache"]
         window = f", {kv['sliding_layers']} of {kv['layers']} layers sliding-window" if kv["sliding_layers"] else ""
         lines += ["", f"KV cache: {human(kv['bytes_per_slot'])} per slot of {kv['context']} tokens{window}"]
+    if "prefix_cache" in plan:
+        pc = plan["prefix_cache"]
+        if pc["budget_bytes"]:
+            tokens = pc["budget_bytes"] // max(1, pc["kv_bytes_per_token"])
+            lines += [f"prefix cache: up to {human(pc['budget_bytes'])} of earlier prompts' KV (about {tokens} tokens, "
+                      f"in blocks of {pc['block_tokens']})"]
+        else:
+            lines += ["prefix cache: off"]
     if plan["fallbacks"]:
         lines += ["", f"fallbacks ({len(plan['fallbacks'])} modules: a matching operator could not take the shapes)"]
         for f in plan["fallbacks"]:
@@ -149,5 +157,6 @@ def format_plan(plan: dict) -> str:
     if rss:
         lines += ["", f"expected RSS: {human(rss['at_start_bytes'])} at start (runtime {human(rss['runtime_bytes'])} + CPU "
                   f"weights {human(rss['cpu_weight_bytes'])}), up to {human(rss['kv_full_bytes'])} with {rss['slots']} "
-                  f"slots of {rss['ctx']} tokens full (KV cache {human(rss['kv_bytes_per_token'])} per token)"]
+                  f"slots of {rss['ctx']} tokens full (KV cache {human(rss['kv_bytes_per_token'])} per token)"
+                  + (f" and the prefix cache full" if rss.get("prefix_cache_bytes") else "")]
     return "\n".join(lines)

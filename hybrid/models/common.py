@@ -219,6 +219,25 @@ class KVCache(nn.Module):
         """Which of the keys `update` returned each query sees: [B, 1, T, L] bool or None."""
         return step.mask
 
+    # The prefix cache (hybrid.engine.prefix_cache) copies positions out of a slot and back in.
+
+    def rows_of(self, start: int, n: int) -> slice | torch.Tensor:
+        return slice(start, start + n)
+
+    def keeps(self, position: int, written: int) -> bool:
+        """Whether `position` is still stored once positions up to `written` were written."""
+        return True
+
+    def read_rows(self, slot: int, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the keys and values of positions start..start+n-1: [Hkv, n, D] each."""
+        rows = self.rows_of(start, n)
+        return self.k[slot][:, rows].clone(), self.v[slot][:, rows].clone()
+
+    def write_rows(self, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Put k/v [Hkv, n, D] at positions start..start+n-1 of `slot`."""
+        rows = self.rows_of(start, k.shape[1])
+        self.k[slot][:, rows], self.v[slot][:, rows] = k, v
+
 
 class SlidingKVCache(KVCache):
     """Keys and values of a sliding-window layer, which attends to the last `window`
@@ -260,6 +279,12 @@ class SlidingKVCache(KVCache):
             new = torch.arange(start + max(0, T - rows), start + T, device=self.k.device)
             self.k[slot][:, new % rows], self.v[slot][:, new % rows] = k[b, :, T - len(new) :], v[b, :, T - len(new) :]
         return keys, vals
+
+    def rows_of(self, start: int, n: int) -> torch.Tensor:
+        return torch.arange(start, start + n, device=self.k.device) % self.k.shape[2]
+
+    def keeps(self, position: int, written: int) -> bool:
+        return position >= written - self.k.shape[2]
 
     def mask(self, step: Step) -> torch.Tensor | None:
         """[B, 1, T, n + T] bool for the keys `update` returned: key j of sequence b is at

@@ -1,6 +1,6 @@
 """The Flask app: state, auth, request bodies, error rendering, health and metrics.
 
-Routes live in openai_api.py and ollama_api.py; the body's JSON checks in body.py, field
+Routes live in openai_api.py, ollama_api.py and anthropic_api.py; the body's JSON checks in body.py, field
 validation in schema.py (pydantic, also the OpenAPI document of openapi.py) and
 requests.py; formatting in responses.py; submission in backend.py, through the engine's
 API (submit, cancel, stats, describe). The engine thread owns the model.
@@ -17,7 +17,7 @@ import uuid
 from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
-from .context import ServerState, ollama_path, state
+from .context import ServerState, anthropic_path, ollama_path, state
 from .errors import APIError, internal
 from .metrics import CONTENT_TYPE_LATEST
 
@@ -53,10 +53,11 @@ def create_app(model_or_engine=None, *, api_key: str | None = None, served_model
             engine.start()
         state.attach(engine)
 
-    from . import ollama_api, openai_api
+    from . import anthropic_api, ollama_api, openai_api
 
     app.register_blueprint(openai_api.bp)
     app.register_blueprint(ollama_api.bp)
+    app.register_blueprint(anthropic_api.bp)
     app.before_request(_before)
     app.after_request(_count)
     app.register_error_handler(APIError, _render_error)
@@ -100,8 +101,12 @@ def _before():
     if key is None or request.path in PUBLIC or request.method == "OPTIONS":
         return None
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-        msg = "Incorrect API key provided" if given else "Missing API key: send 'Authorization: Bearer KEY'"
+    if scheme.lower() != "bearer":
+        given = ""
+    given = given.strip() or request.headers.get("x-api-key", "").strip()   # Anthropic's clients send x-api-key
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        msg = ("Incorrect API key provided" if given
+               else "Missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'")
         raise APIError(401, msg, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
     return None
 
@@ -115,7 +120,7 @@ def _count(response):
 
 
 def _render_error(err: APIError):
-    body = err.ollama_body() if ollama_path() else err.openai_body()
+    body = err.ollama_body() if ollama_path() else err.anthropic_body() if anthropic_path() else err.openai_body()
     return Response(json.dumps(body), status=err.status, headers=err.headers, mimetype="application/json")
 
 

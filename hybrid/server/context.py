@@ -63,3 +63,7 @@ def client_gone():
 
 def ollama_path() -> bool:
     return request.path.startswith("/api/")
+
+
+def anthropic_path() -> bool:
+    return request.path.rstrip("/") == "/v1/messages"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 __all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
 
@@ -36,7 +37,34 @@ class Metrics:
         self.running.set_function(lambda: engine.stats()["running"])
         self.free_slots.set_function(lambda: engine.stats()["free_slots"])
         self.inflight.set_function(lambda: backend.inflight)
+        self.registry.register(_PrefixCacheCollector(engine))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+
+
+class _PrefixCacheCollector:
+    """The engine's prefix cache (engine.stats()["prefix_cache"]), read at scrape time."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def describe(self):
+        return []   # nothing fixed to check at registration: the engine is read at scrape time
+
+    def collect(self):
+        pc = self.engine.stats().get("prefix_cache")
+        if pc is None:
+            return
+        yield GaugeMetricFamily("hybrid_prefix_cache_bytes", "Bytes of KV the prefix cache holds",
+                                value=pc["bytes_used"])
+        yield GaugeMetricFamily("hybrid_prefix_cache_budget_bytes", "Most bytes the prefix cache may hold (0: off)",
+                                value=pc["budget_bytes"])
+        yield CounterMetricFamily("hybrid_prefix_cache_hits", "Requests that reused cached prompt KV", value=pc["hits"])
+        yield CounterMetricFamily("hybrid_prefix_cache_lookups", "Requests looked up in the prefix cache",
+                                  value=pc["lookups"])
+        yield CounterMetricFamily("hybrid_prefix_cache_reused_tokens", "Prompt tokens copied from the prefix cache "
+                                  "instead of prefilled", value=pc["tokens_reused"])
+        yield CounterMetricFamily("hybrid_prefix_cache_evictions", "Blocks evicted from the prefix cache",
+                                  value=pc["evictions"])

@@ -59,7 +59,8 @@ def chat_completions():
                                      R.chat_logprobs(c.samples, be.tokenizer) if logprobs else None,
                                      tool_calls=[call.openai() for call in parts.calls],
                                      reasoning=parts.reasoning))
-    return shape.chat(out, R.usage(len(prompt), sum(c.usage.get("completion_tokens", 0) for c in choices)))
+    return shape.chat(out, R.usage(len(prompt), sum(c.usage.get("completion_tokens", 0) for c in choices),
+                                   _cached({c.index: c.usage for c in choices}, req.n)))
 
 
 def _finish(reason: str, calls) -> str:
@@ -73,7 +74,7 @@ def _chat_stream(gen, shape, req, tok, prompt_len, output):
         yield R.sse(shape.chat_chunk(i, {"role": "assistant", "content": ""}, with_usage=u))
     pending = {i: [] for i in range(req.n)}     # samples whose text has not gone out yet
     outputs = {i: output() for i in range(req.n)}
-    completion = 0
+    completion, finals = 0, {}
     for i, ev in gen:
         _raise_if_error(ev)
         if want_lp and ev.logprobs is not None:
@@ -88,11 +89,12 @@ def _chat_stream(gen, shape, req, tok, prompt_len, output):
             for delta in _deltas(outputs[i], outputs[i].flush()):
                 yield R.sse(shape.chat_chunk(i, delta, with_usage=u))
             completion += (ev.usage or {}).get("completion_tokens", 0)
+            finals[i] = ev.usage or {}
             lp = R.chat_logprobs(pending[i], tok) if want_lp and pending[i] else None
             reason = _finish(ev.finish_reason, range(outputs[i].n_calls))
             yield R.sse(shape.chat_chunk(i, {}, reason, logprobs=lp, with_usage=u))
     if u:
-        yield R.sse(shape.chat_usage_chunk(R.usage(prompt_len, completion)))
+        yield R.sse(shape.chat_usage_chunk(R.usage(prompt_len, completion, _cached(finals, req.n))))
 
 
 def _deltas(out, parts):
@@ -118,7 +120,7 @@ def completions():
     echoes = [_echo_text(be, p, ids) if req.echo else "" for p, ids in zip(req.prompts, prompts)]
     if req.stream:
         return event_stream(_completion_stream(gen, shape, req, be.tokenizer, prompts, echoes), gen)
-    out, completion = [], 0
+    out, completion, finals = [], 0, {}
     for c in gen.collect():
         p = c.index // req.n
         lp = None
@@ -126,7 +128,8 @@ def completions():
             lp = R.completion_logprobs(c.samples, be.tokenizer, prompt_ids=prompts[p] if req.echo else ())
         out.append(shape.completion_choice(c.index, echoes[p] + c.text, c.finish_reason, lp))
         completion += c.usage.get("completion_tokens", 0)
-    return shape.completion(out, R.usage(sum(len(p) for p in prompts), completion))
+        finals[c.index] = c.usage
+    return shape.completion(out, R.usage(sum(len(p) for p in prompts), completion, _cached(finals, req.n)))
 
 
 def _completion_stream(gen, shape, req, tok, prompts, echoes):
@@ -139,7 +142,7 @@ def _completion_stream(gen, shape, req, tok, prompts, echoes):
             offsets[i] = len(echoes[p])
             yield R.sse(shape.completion_chunk(i, echoes[p], logprobs=lp, with_usage=u))
     pending: dict[int, list] = {}
-    completion = 0
+    completion, finals = 0, {}
     for i, ev in gen:
         _raise_if_error(ev)
         if want_lp and ev.logprobs is not None:
@@ -151,8 +154,19 @@ def _completion_stream(gen, shape, req, tok, prompts, echoes):
             yield R.sse(shape.completion_chunk(i, ev.text or "", ev.finish_reason, logprobs=lp, with_usage=u))
         if ev.finish_reason:
             completion += (ev.usage or {}).get("completion_tokens", 0)
+            finals[i] = ev.usage or {}
     if u:
-        yield R.sse(shape.completion_usage_chunk(R.usage(sum(len(p) for p in prompts), completion)))
+        yield R.sse(shape.completion_usage_chunk(R.usage(sum(len(p) for p in prompts), completion,
+                                                         _cached(finals, req.n))))
+
+
+def _cached(usages: dict[int, dict], n: int) -> int:
+    """Prompt tokens reused from the prefix cache ({choice index: its usage}), counted as
+    prompt_tokens counts them, once per prompt: for its n choices, the most any reused."""
+    per_prompt: dict[int, int] = {}
+    for index, u in usages.items():
+        per_prompt[index // n] = max(per_prompt.get(index // n, 0), u.get("cached_tokens", 0))
+    return sum(per_prompt.values())
 
 
 def _echo_text(be, prompt, ids) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pydantic.json_schema import models_json_schema
 
 from .. import __version__
+from . import anthropic_schema as A
 from . import schema as S
 
 _REF = "#/components/schemas/{model}"
@@ -20,7 +21,8 @@ _STR, _INT, _BOOL, _ANY = {"type": "string"}, {"type": "integer"}, {"type": "boo
 _NUM = {"type": "number"}
 _FINISH = {"type": ["string", "null"]}
 _USAGE = _obj(["prompt_tokens", "completion_tokens", "total_tokens"], prompt_tokens=_INT,
-              completion_tokens=_INT, total_tokens=_INT)
+              completion_tokens=_INT, total_tokens=_INT,
+              prompt_tokens_details=_obj(["cached_tokens"], cached_tokens=_INT))
 
 _TOOL_CALLS = {"type": "array", "items": _obj(["id", "type", "function"], id=_STR, type={"const": "function"},
                                               function=_obj(["name", "arguments"], name=_STR, arguments=_STR))}
@@ -55,6 +57,17 @@ RESPONSES = {
     "OllamaShowResponse": _obj(["modelfile", "parameters", "template", "details", "model_info"], modelfile=_STR,
                                parameters=_STR, template=_STR, details={"type": "object"},
                                model_info={"type": "object"}),
+    "AnthropicError": _obj(["type", "error"], type={"const": "error"},
+                           error=_obj(["type", "message"], type=_STR, message=_STR)),
+    "MessageResponse": _obj(["id", "type", "role", "model", "content", "stop_reason", "usage"], id=_STR,
+                             type={"const": "message"}, role={"const": "assistant"}, model=_STR,
+                             content={"type": "array", "items": _obj(["type"], type={
+                                 "enum": ["text", "tool_use"]}, text=_STR, id=_STR, name=_STR,
+                                 input={"type": "object"})},
+                             stop_reason={"enum": ["end_turn", "max_tokens", "stop_sequence", "tool_use"]},
+                             stop_sequence={"type": ["string", "null"]},
+                             usage=_obj(["input_tokens", "output_tokens"], input_tokens=_INT, output_tokens=_INT,
+                                        cache_read_input_tokens=_INT, cache_creation_input_tokens=_INT)),
     "Version": _obj(["version"], version=_STR),
     "Health": _obj(["status"], status={"enum": ["ok", "loading", "draining", "error"]}, model=_STR, error=_STR),
 }
@@ -64,11 +77,11 @@ def _json(name: str) -> dict:
     return {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
 
 
-def _errors(ollama: bool, *codes: int) -> dict:
+def _errors(ollama: bool, *codes: int, anthropic: bool = False) -> dict:
     what = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown model or route",
             413: "body too large", 429: "busy: retry after Retry-After seconds",
             500: "internal error (with a request id)", 503: "loading or shutting down: retry after Retry-After"}
-    err = _json("OllamaError" if ollama else "OpenAIError")
+    err = _json("OllamaError" if ollama else "AnthropicError" if anthropic else "OpenAIError")
     return {str(c): {"description": what[c], "content": err} for c in codes}
 
 
@@ -76,16 +89,16 @@ _TEXT = {"text/plain": {"schema": _STR}}
 
 
 def _op(summary: str, ok: dict, *, body: str | None = None, ollama: bool = False, public: bool = False,
-        errors=(401, 500, 503), params=None) -> dict:
+        errors=(401, 500, 503), params=None, anthropic: bool = False) -> dict:
     op = {"summary": summary, "responses": {"200": {"description": "OK", "content": ok}}}
     codes = set(errors) - ({401} if public else set())
     if body is not None:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": {"$ref": _REF.format(
             model=body)}}}}
         codes |= {400, 413}
-    op["responses"].update(_errors(ollama, *sorted(codes)))
+    op["responses"].update(_errors(ollama, *sorted(codes), anthropic=anthropic))
     if not public:
-        op["security"] = [{"bearer": []}, {}]
+        op["security"] = [{"bearer": []}, {"apiKey": []}, {}]
     if params:
         op["parameters"] = params
     return op
@@ -93,7 +106,7 @@ def _op(summary: str, ok: dict, *, body: str | None = None, ollama: bool = False
 
 def document() -> dict:
     models = [S.ChatCompletionRequest, S.CompletionRequest, S.OllamaGenerateRequest, S.OllamaChatRequest,
-              S.OllamaShowRequest]
+              S.OllamaShowRequest, A.MessagesRequest]
     _, defs = models_json_schema([(m, "validation") for m in models], ref_template=_REF)
     schemas = {**defs.get("$defs", {}), **RESPONSES}
     gen = (401, 404, 429, 500, 503)
@@ -106,6 +119,9 @@ def document() -> dict:
                                              errors=gen)},
         "/v1/completions": {"post": _op("Text completion (stream: server-sent events)",
                                         {**_json("Completion"), **sse}, body="CompletionRequest", errors=gen)},
+        "/v1/messages": {"post": _op("Anthropic Messages API (stream: Anthropic's server-sent events)",
+                                     {**_json("MessageResponse"), **sse}, body="MessagesRequest", errors=gen,
+                                     anthropic=True)},
         "/v1/models": {"get": _op("The served model", _json("ModelList"))},
         "/v1/models/{model_id}": {"get": _op("One model", _json("Model"), errors=(401, 404, 500, 503), params=[
             {"name": "model_id", "in": "path", "required": True, "schema": _STR}])},
@@ -130,9 +146,11 @@ def document() -> dict:
     return {
         "openapi": "3.1.0",
         "info": {"title": "hybrid", "version": __version__,
-                 "description": "OpenAI- and Ollama-compatible API of `hybrid serve` (docs/api.md)"},
+                 "description": "OpenAI-, Anthropic- and Ollama-compatible API of `hybrid serve` (docs/api.md)"},
         "paths": paths,
         "components": {"schemas": schemas,
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                                      "description": "only when the server has an API key"}}},
+                                                      "description": "only when the server has an API key"},
+                                           "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key",
+                                                      "description": "the same key, as Anthropic's clients send it"}}},
     }
