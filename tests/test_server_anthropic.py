@@ -19,7 +19,8 @@ openai = pytest.importorskip("openai")
 requests = pytest.importorskip("requests")
 
 from hybrid.engine.generate import Event  # noqa: E402
-from hybrid.server.anthropic_api import ToolCallSplitter, parse_tool_calls  # noqa: E402
+from hybrid.server.anthropic_api import _as_tool_use  # noqa: E402
+from hybrid.server.tools import HERMES, ToolStream, parse_tool_calls  # noqa: E402
 
 KEY = "sk-hybrid-anthropic"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -188,7 +189,7 @@ class _ScriptedEngine:
     def __init__(self, model, outputs):
         self.model, self.outputs, self.prompts = model, list(outputs), []
 
-    def submit(self, ids, params, json_mode=False):
+    def submit(self, ids, params, grammar=None):
         self.prompts.append(self.model.tokenizer.decode(ids))
         text = self.outputs.pop(0)
         return _Stream([text[i : i + 5] for i in range(0, len(text), 5)])
@@ -200,7 +201,7 @@ class _ScriptedEngine:
         return {"waiting": 0, "running": 0, "free_slots": 1, "slots": 1, "ctx": 512}
 
     def describe(self):
-        from hybrid.server.model_info import describe
+        from hybrid.files.model_info import describe
 
         return {"name": "scripted", "tokenizer": self.model.tokenizer, "ctx": 512, "source": self.model.source,
                 "info": describe(self.model, 512)}
@@ -281,15 +282,29 @@ def test_tool_choice_none_leaves_calls_as_text(scripted):
     assert m.stop_reason == "end_turn" and m.content[0].text == CALL and "get_weather" not in engine.prompts[0]
 
 
-def test_parse_tool_calls_and_splitter():
-    assert parse_tool_calls("no calls") == ("no calls", [])
+def test_calls_become_tool_use_inputs_whole_and_streamed():
+    """The route reads calls with the OpenAI route's parser (tools.py) and turns their
+    JSON-string arguments into tool_use inputs."""
     text, calls = parse_tool_calls('<tool_call>{"name": "a", "arguments": {"x": 1}}</tool_call>\n'
-                                   '<tool_call>{"name": "b", "arguments": "{\\"y\\": 2}"}</tool_call>')
-    assert text == "" and calls == [{"name": "a", "input": {"x": 1}}, {"name": "b", "input": {"y": 2}}]
-    assert parse_tool_calls("<tool_call>not json</tool_call>")[1] == []
-    assert parse_tool_calls('<tool_call>{"name": "a", "arguments": {}}')[1] == [{"name": "a", "input": {}}]  # cut off
-    s = ToolCallSplitter()
-    out = [s.push(p) for p in ["Hi <", "tool", "_call>{", '"name": "a", "arguments": {}}</tool_call>']]
-    assert "".join(out) == "Hi " and s.finish() == ("", [{"name": "a", "input": {}}])
-    s = ToolCallSplitter()
-    assert s.push("a <to") == "a " and s.push("y") == "<toy" and s.finish() == ("", [])
+                                   '<tool_call>{"name": "b", "arguments": "{\\"y\\": 2}"}</tool_call>', HERMES)
+    assert text == "" and _as_tool_use(calls) == [{"name": "a", "input": {"x": 1}}, {"name": "b", "input": {"y": 2}}]
+    assert parse_tool_calls("<tool_call>not json</tool_call>", HERMES)[1] == []
+    s, out, done = ToolStream(HERMES), [], []
+    for piece in ["Hi <", "tool", "_call>{", '"name": "a", "arguments": {}}</tool_call>']:
+        text, calls = s.push(piece)
+        out.append(text)
+        done += calls
+    tail, rest = s.flush()
+    assert "".join(out) + tail == "Hi " and _as_tool_use(done + rest) == [{"name": "a", "input": {}}]
+
+
+def test_tool_choice_any_and_tool_force_a_valid_call(client):
+    """The built-in 135M model, told to use a tool: the call grammar makes its answer a
+    tool_use block whose input satisfies the tool's schema."""
+    jsonschema = pytest.importorskip("jsonschema")
+    for choice in ({"type": "any"}, {"type": "tool", "name": "get_weather"}):
+        m = client.messages.create(model="m", max_tokens=64, **GREEDY, tools=[WEATHER], tool_choice=choice,
+                                   messages=[{"role": "user", "content": "What is the weather in Paris?"}])
+        uses = [b for b in m.content if b.type == "tool_use"]
+        assert m.stop_reason == "tool_use" and uses and uses[0].name == "get_weather", m
+        jsonschema.validate(uses[0].input, WEATHER["input_schema"])

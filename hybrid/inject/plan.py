@@ -158,5 +158,5 @@ def format_plan(plan: dict) -> str:
         lines += ["", f"expected RSS: {human(rss['at_start_bytes'])} at start (runtime {human(rss['runtime_bytes'])} + CPU "
                   f"weights {human(rss['cpu_weight_bytes'])}), up to {human(rss['kv_full_bytes'])} with {rss['slots']} "
                   f"slots of {rss['ctx']} tokens full (KV cache {human(rss['kv_bytes_per_token'])} per token)"
-                  + (f" and the prefix cache full" if rss.get("prefix_cache_bytes") else "")]
+                  + (" and the prefix cache full" if rss.get("prefix_cache_bytes") else "")]
     return "\n".join(lines)

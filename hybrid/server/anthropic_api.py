@@ -5,8 +5,10 @@ The request is validated by anthropic_schema.py, its conversation rendered throu
 model's chat template (system prompt, text, tool_use and tool_result blocks; `tools` given
 to the template in the OpenAI form templates expect), submitted through the backend like
 every other route, and answered as a message or as Anthropic's server-sent events. Tool
-calls in the model's output come back as tool_use blocks; `parse_tool_calls` is the one
-step that reads them (Hermes/Qwen `<tool_call>{json}</tool_call>`).
+calls in the model's output come back as tool_use blocks, read by the same parser as the
+OpenAI route's (tools.py: the model's call format, from its chat template or family);
+`tool_choice` `any` / `tool` is enforced by the same call grammar as OpenAI's `required` /
+a named function.
 
 Usage follows Anthropic's split of the prompt: `input_tokens` are the prompt tokens that
 were prefilled, `cache_read_input_tokens` those whose KV came from the prefix cache.
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import uuid
 
 from flask import Blueprint, Response
@@ -27,6 +28,7 @@ from .backend import ClientGone, failure
 from .errors import APIError, internal, invalid
 from .requests import GREEDY_BELOW
 from .schema import validate
+from .tools import ToolStream, parse_tool_calls
 from hybrid.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -35,65 +37,21 @@ bp = Blueprint("anthropic", __name__)
 
 # ---------------------------------------------------------------- tool calls in the output
 
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
-_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
-
-
-def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
-    """(text outside the calls, [{"name", "input"}]) of an output in the Hermes/Qwen form
-    `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (a last call cut off by
-    max_tokens counts when its JSON is whole). A call that is not such JSON stays text."""
-    calls, kept, pos = [], [], 0
-    for m in _TOOL_CALL.finditer(text):
-        try:
-            call = json.loads(m.group(1))
-        except json.JSONDecodeError:
-            continue
-        args = call.get("arguments", call.get("parameters", {})) if isinstance(call, dict) else None
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
-                args = None
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not isinstance(args, dict):
-            continue
-        kept.append(text[pos : m.start()])
-        pos = m.end()
-        calls.append({"name": call["name"], "input": args})
-    kept.append(text[pos:])
-    return "".join(kept).strip() if calls else text, calls
-
-
 def _hermes(name: str, arguments: dict) -> str:
     call = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
-    return f"{TOOL_CALL_OPEN}\n{call}\n{TOOL_CALL_CLOSE}"
+    return f"<tool_call>\n{call}\n</tool_call>"
 
 
-class ToolCallSplitter:
-    """Streamed text: what comes before a tool call's opening tag goes out as it comes
-    (less a tail that may be the tag's start); from the tag on it is held, and parsed at the end."""
-
-    def __init__(self):
-        self.held, self.in_call = "", False
-
-    def push(self, text: str) -> str:
-        if self.in_call:
-            self.held += text
-            return ""
-        buf = self.held + text
-        at = buf.find(TOOL_CALL_OPEN)
-        if at >= 0:
-            self.in_call, self.held = True, buf[at:]
-            return buf[:at]
-        keep = next((n for n in range(min(len(TOOL_CALL_OPEN) - 1, len(buf)), 0, -1)
-                     if buf.endswith(TOOL_CALL_OPEN[:n])), 0)
-        self.held = buf[len(buf) - keep :]
-        return buf[: len(buf) - keep]
-
-    def finish(self) -> tuple[str, list[dict]]:
-        """The held text that is not a call, and the calls."""
-        held, self.held = self.held, ""
-        return parse_tool_calls(held) if self.in_call else (held, [])
+def _as_tool_use(calls) -> list[dict]:
+    """tools.ToolCall (arguments a JSON string) -> {"name", "input"} of a tool_use block."""
+    out = []
+    for c in calls:
+        try:
+            args = json.loads(c.arguments or "{}")
+        except json.JSONDecodeError:
+            args = {}
+        out.append({"name": c.name, "input": args if isinstance(args, dict) else {}})
+    return out
 
 
 # ---------------------------------------------------------------- the request
@@ -109,6 +67,9 @@ class MessagesCall:
         self.tools = [{"type": "function", "function": {"name": t.name, "description": t.description or "",
                                                         "parameters": t.input_schema}}
                       for t in b.tools] if self.use_tools else None
+        self.declared = self.tools   # what a forced call's grammar chooses from
+        self.forced = {"any": "required", "tool": b.tool_choice.name}.get(choice) if b.tool_choice else None
+        self.parallel = not (b.tool_choice and b.tool_choice.disable_parallel_tool_use)
         self.messages = _history(b, "tool_calls" in template)
         if self.use_tools and "tools" not in template:   # the template would drop them: say them in the system prompt
             self.messages = _with_tools_in_system(self.messages, self.tools)
@@ -229,10 +190,12 @@ def messages():
     call = MessagesCall(validate(A.MessagesRequest, body), be.tokenizer.chat_template or "")
     be.check_model(call.model)
     prompt = be.chat_prompt(call.messages, call.tools)
-    gen = be.submit([prompt], call.params, client_gone=client_gone())
+    grammar = be.call_grammar(call.declared, call.forced, call.parallel) if call.forced else None
+    fmt = be.tool_format if call.use_tools else None
+    gen = be.submit([prompt], call.params, grammar=grammar, client_gone=client_gone())
     head = {"id": new_id("msg"), "type": "message", "role": "assistant", "model": be.name}
     if call.stream:
-        return _event_stream(_events(gen, head, call, len(prompt)), gen)
+        return _event_stream(_events(gen, head, fmt, len(prompt)), gen)
     parts, last = [], None
     for _, ev in gen:
         err = failure(ev)
@@ -240,7 +203,10 @@ def messages():
             raise err
         parts.append(ev.text or "")
         last = ev
-    text, calls = parse_tool_calls("".join(parts)) if call.use_tools else ("".join(parts), [])
+    text, calls = "".join(parts), []
+    if fmt is not None:
+        text, found = parse_tool_calls(text, fmt)
+        calls = _as_tool_use(found)
     content = ([{"type": "text", "text": text}] if text or not calls else []) + [_tool_use(c) for c in calls]
     u = last.usage or {}
     return {**head, "content": content, "stop_reason": stop_reason(last, calls),
@@ -252,11 +218,11 @@ def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def _events(gen, head: dict, call: MessagesCall, prompt_tokens: int):
+def _events(gen, head: dict, fmt, prompt_tokens: int):
     """message_start (once the prompt is in: its usage counts the cached tokens), ping, a
     text block as text comes, tool_use blocks at the end (the input in one input_json_delta),
     message_delta (stop_reason, usage), message_stop."""
-    splitter = ToolCallSplitter() if call.use_tools else None
+    calls_stream = ToolStream(fmt) if fmt is not None else None
     index, text_open, started, last, calls = 0, False, False, None, []
     for _, ev in gen:
         err = failure(ev)
@@ -270,10 +236,13 @@ def _events(gen, head: dict, call: MessagesCall, prompt_tokens: int):
                 "usage": usage(prompt_tokens, 1, cached)}})
             yield _sse("ping", {"type": "ping"})
         last = ev
-        text = splitter.push(ev.text or "") if splitter else ev.text or ""
-        if ev.finish_reason is not None:
-            tail, calls = splitter.finish() if splitter else ("", [])
-            text += tail
+        text = ev.text or ""
+        if calls_stream is not None:
+            text, done = calls_stream.push(text)
+            calls += _as_tool_use(done)
+            if ev.finish_reason is not None:
+                tail, done = calls_stream.flush()
+                text, calls = text + tail, calls + _as_tool_use(done)
         if text:
             if not text_open:
                 text_open = True
