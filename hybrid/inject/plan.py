@@ -48,7 +48,7 @@ def device_bytes(p: Placement, refs: dict) -> dict[str, int]:
     split = getattr(p.operator, "device_bytes", None)
     if split is not None:
         prefix = f"{p.path}." if p.path else ""
-        return {device_key(d): n for d, n in split(p.module, lambda n: refs.get(prefix + n), p.kwargs, p.dtype).items()}
+        return {device_key(d): n for d, n in split(p.module, lambda n: refs.get(prefix + n), p.kwargs).items()}
     return {device_key(operator_device(p)): placement_bytes(p, refs)}
 
 
