@@ -145,6 +145,8 @@ def _expert_layers(placements: list[Placement], dtype, gpu: str) -> list[ExpertL
         m = re.fullmatch(r"model\.layers\.(\d+)\.(?:\w+\.)*experts", p.path)  # not shared_experts
         if m is None or not isinstance(getattr(p.module, "gate_proj", None), torch.Tensor):
             continue
+        if p.operator is None and device_key(p.device) == gpu:
+            continue  # on the GPU in the base file already (an operator declined it): part of the minimum
         on_gpu = Placement(p.path, p.module, gpu, dtype, None)
         num = getattr(p.module, "num_experts", None) or p.module.gate_proj.shape[0]
         splittable = p.operator is CPUExperts and isinstance(p.module, SplitExperts.replaces)
