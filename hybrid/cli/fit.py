@@ -8,7 +8,7 @@ HELP = "write a rule file that fits the model to a GPU's memory (no weights are 
 
 
 def add_parser(subparsers):
-    from .defaults import add_gpu_args, memory_size
+    from .defaults import _context_size, add_gpu_args, memory_size
 
     p = subparsers.add_parser(
         "fit",
@@ -21,7 +21,7 @@ def add_parser(subparsers):
     p.add_argument("--model", help="model file or directory (default: the built-in model)")
     p.add_argument("--gpu-memory", type=memory_size, metavar="SIZE",
                    help="GPU memory to fill, e.g. 8GiB (default: the --assume-gpu size, else the free memory of cuda:0)")
-    p.add_argument("--ctx", type=int, help="context per slot for the KV cache (default: the model's, at most 4096)")
+    p.add_argument("--ctx", type=_context_size, help="context per slot for the KV cache (default: the model's, at most 4096)")
     p.add_argument("--slots", type=int, default=4, help="KV-cache slots (default: serve's 4)")
     p.add_argument("--profile", choices=["decode", "prefill"], default="decode",
                    help="decode (default): spare memory goes to routed experts; prefill: as decode, and the CPU "

@@ -47,7 +47,8 @@ def main(args) -> int:
     per_token = kv_bytes_per_token(module, placement)
     plan["prefix_cache"] = {"budget_bytes": prefix_cache_bytes(args), "block_tokens": DEFAULT_BLOCK,
                             "kv_bytes_per_token": per_token}
-    plan["expected_rss"] = expected_rss(cpu, per_token, args.slots, ctx, prefix_cache_bytes(args))
+    cpu_per_token = kv_cache_by_device(module, placement, 1, 1).get("cpu", 0)  # a GPU's KV cache is not resident
+    plan["expected_rss"] = expected_rss(cpu, cpu_per_token, args.slots, ctx, prefix_cache_bytes(args))
     print(json.dumps(plan, indent=2) if args.json else f"model: {src.path}\n" + format_plan(plan))
     if not plan["fits"]:
         print("the plan does not fit the memory available", file=sys.stderr)
