@@ -1,6 +1,6 @@
 """`hybrid fit` and `--assume-gpu`: rule files fitted to a GPU budget, planned and checked on
-a machine without a GPU, for a Mixtral-layout and a Qwen3-MoE GGUF and a Qwen2-MoE
-(shared expert) safetensors checkpoint."""
+a machine without a GPU, for a Mixtral-layout and a Qwen3-MoE GGUF and Qwen2-MoE and
+DeepSeek-V3 (shared experts) safetensors checkpoints."""
 
 import json
 
@@ -25,6 +25,7 @@ def models(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("fit")
     make_tiny("qwen2_moe", d / "qwen2_moe")
+    make_tiny("deepseek_v3", d / "deepseek_v3")
     return {
         "mixtral": write_moe_gguf(d / "mixtral.gguf", layers=4, hidden=256, experts=8, expert_width=256, top_k=2,
                                   heads=4, kv_heads=2, qtype="Q8_0", vocab_size=1024, context=512),
@@ -32,6 +33,7 @@ def models(tmp_path_factory):
                                     expert_width=128, top_k=4, heads=4, kv_heads=2, head_dim=64, qtype="Q4_K",
                                     context=512),
         "qwen2_moe": d / "qwen2_moe",
+        "deepseek_v3": d / "deepseek_v3",  # layer 0 dense, shared experts beside the routed ones
     }
 
 
@@ -52,7 +54,7 @@ def gpu_totals(f) -> dict:
     return next(d for d in f.plan["devices"] if d["device"] == "cuda:0")
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3"])
 def test_more_memory_puts_more_on_the_gpu(models, family):
     smallest = fit(models[family], 1 << 40, slots=2, ctx=256).minimum
     everything = fit(models[family], 1 << 40, slots=2, ctx=256)
@@ -66,7 +68,8 @@ def test_more_memory_puts_more_on_the_gpu(models, family):
         assert f.plan["fits"] and totals["bytes"] <= budget  # the written file's own plan fits the budget
         assert totals["kv_cache_bytes"] == f.kv_bytes > 0
         assert len(f.whole_layers) + len(f.cpu_layers) + (f.split is not None) == layers
-        assert f.whole_layers == list(range(len(f.whole_layers)))  # from layer 0, no gaps
+        first = min(f.whole_layers + f.cpu_layers + ([f.split[0]] if f.split else []))
+        assert f.whole_layers == list(range(first, first + len(f.whole_layers)))  # from the first MoE layer, no gaps
         seen.append((*on_gpu(f), totals["weight_bytes"]))
     assert seen == sorted(seen) and seen[0][:2] == (0, 0) and seen[-1][0] == layers
     assert len({s[:2] for s in seen}) >= 5  # most steps place more

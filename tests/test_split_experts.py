@@ -127,3 +127,16 @@ def test_a_model_with_a_split_layer_gives_the_same_logits(moe_gguf):
     assert isinstance(got.module.model.layers[1].block_sparse_moe.experts, SplitExperts)
     assert isinstance(want.module.model.layers[1].block_sparse_moe.experts, CPUExperts)
     assert rel_err(got.logits(ids), want.logits(ids)) < 1e-5
+
+
+def test_cpu_share_runs_from_the_worker_thread(refs):
+    """With the torch share on a GPU, the CPU share runs in `_cpu_worker` while the caller
+    launches the GPU work: the kernels give the same result from that thread."""
+    from hybrid.operators import split as split_module
+
+    split = built(SplitExperts, refs, experts=2, device="cpu", dtype="float32")
+    x, ids, weights = routing(3)
+    cpu_ids = split.cpu_index[ids]
+    here = split._cpu_share(x, cpu_ids, weights)
+    there = split_module._cpu_worker.submit(split._cpu_share, x, cpu_ids, weights).result()
+    assert torch.equal(here, there) and here.abs().max() > 0

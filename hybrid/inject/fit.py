@@ -173,7 +173,8 @@ def _prefill_workspace(layers: list[ExpertLayer], config) -> int:
 def _layers_pattern(path: str, layers: list[int]) -> str:
     """A regex for the experts at `path` (one layer's) in each of `layers`."""
     prefix, rest = re.fullmatch(r"(model\.layers\.)\d+(\..*)", path).groups()
-    return re.escape(prefix) + "(" + "|".join(str(i) for i in layers) + ")" + re.escape(rest)
+    numbers = str(layers[0]) if len(layers) == 1 else "(" + "|".join(str(i) for i in layers) + ")"
+    return re.escape(prefix) + numbers + re.escape(rest)
 
 
 def _size_arg(n: int) -> str:
