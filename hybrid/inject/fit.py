@@ -89,22 +89,22 @@ def fit(source, budget: int, *, gpu: str = "cuda:0", ctx: int | None = None, slo
             f"{human(kv)}, reserve {human(reserve)}); give --gpu-memory {_size_arg(result.minimum)} or more, or "
             f"fewer --slots, a smaller --ctx, a smaller --gpu-reserve")
 
-    left = budget - result.minimum
-    extra_rules = []
-    for layer in layers:
-        if result.split is None and not result.cpu_layers and layer.gpu_bytes <= left:
+    left, filling, extra_rules = budget - result.minimum, True, []
+    for layer in layers:  # whole layers while they fit, then part of one, then the CPU
+        n = min(left // max(1, layer.gpu_bytes // layer.num_experts), layer.num_experts - 1)
+        if filling and layer.gpu_bytes <= left:
             result.whole_layers.append(layer.index)
             left -= layer.gpu_bytes
-            continue
-        n = min(left // max(1, layer.gpu_bytes // layer.num_experts), layer.num_experts - 1)
-        if result.split is None and not result.cpu_layers and layer.splittable and n >= 1:
+        elif filling and layer.splittable and n >= 1:
             kwargs = {"device": gpu, "dtype": str(ruleset.dtype).removeprefix("torch."), "experts": int(n),
                       **_cpu_kwargs(layer.placement)}
             extra_rules.append({"match": {"name": re.escape(layer.path)},
                                 "replace": {"class": "SplitExperts", "kwargs": kwargs}})
             result.split = (layer.index, int(n), layer.num_experts)
-            continue
-        result.cpu_layers.append(layer.index)
+            filling = False
+        else:
+            result.cpu_layers.append(layer.index)
+            filling = False
     if result.whole_layers:
         extra_rules.insert(0, {"match": {"name": _layers_pattern(layers[0].path, result.whole_layers)},
                                "replace": {"class": "default", "kwargs": {"device": gpu}}})
