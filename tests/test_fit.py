@@ -116,6 +116,7 @@ def test_written_file_round_trips_through_the_rule_engine(models, tmp_path, caps
     without_free = [{k: v for k, v in d.items() if d["device"] == "cuda:0" or k != "available"} for d in plan["devices"]]
     assert without_free == [{k: v for k, v in d.items() if d["device"] == "cuda:0" or k != "available"}
                             for d in fitted.plan["devices"]]  # the CPU's free memory moves between the two
+    assert plan["expected_rss"]["kv_bytes_per_token"] == 0  # attention on the GPU: its KV cache is not resident
     split = next(g for g in plan["groups"] if g["operator"] == "SplitExperts" and g["device"] == "cuda:0")
     assert split["examples"] == [f"model.layers.{fitted.split[0]}.mlp.experts"]
     # one byte less than the plan needs: `hybrid rules` says it does not fit, with the totals

@@ -120,19 +120,22 @@ class SplitExperts(Operator):
         for name in _PROJECTIONS:
             qtype, w = weight_array(get(name), self.quant)  # [E, rows, row bytes], memory-mapped
             cpu_share.append((qtype, _take(w, self.cpu_ids)))
-            device_share.append(torch.stack([
-                torch.from_numpy(kernels.dequantize(qtype, w[e])).to(self.device, self.dtype) for e in self.torch_ids
-            ]))
+            rows = w.shape[1]
+            cols = self.intermediate if name == "down_proj" else self.hidden
+            share = torch.empty(len(self.torch_ids), rows, cols, dtype=self.dtype, device=self.device)
+            for i, e in enumerate(self.torch_ids):  # one expert at a time: no second copy of the share
+                share[i] = torch.from_numpy(kernels.dequantize(qtype, w[e]))
+            device_share.append(share)
         self.cpu_gate, self.cpu_up, self.cpu_down = cpu_share
         self.gate_proj, self.up_proj, self.down_proj = device_share
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        N, K = ids.shape
         ids = ids.to("cpu", torch.int64)
         ids = torch.where(ids < 0, self.num_experts, ids)  # -1 (no expert) reads the table's last entry, -1
         cpu_ids, torch_ids = self.cpu_index[ids], self.torch_index[ids]
         if self.device.type == "cpu":
-            return (self._cpu_share(x, cpu_ids, weights) + self._torch_share(x, torch_ids, weights)).to(x.dtype)
+            out = self._cpu_share(x, cpu_ids, weights).to(x.device) + self._torch_share(x, torch_ids, weights)
+            return out.to(x.dtype)
         pending = _cpu_worker.submit(self._cpu_share, x.detach().to("cpu"), cpu_ids, weights.to("cpu"))
         out = self._torch_share(x, torch_ids, weights)
         return (out.to(x.device, torch.float32) + pending.result().to(x.device)).to(x.dtype)
