@@ -174,3 +174,14 @@ def test_rules_assume_gpu_other_device_is_refused(models, capsys):
     rules = "default_device: 'cuda:1'\nrules: []\n"
     assert cli.main(["rules", "--model", str(models["mixtral"]), "--rules", rules, "--assume-gpu", "8GiB"]) == 2
     assert "not among the GPUs assumed (cuda:0)" in capsys.readouterr().err
+
+
+def test_fit_for_more_than_the_gpu_assumed_exits_1(models, tmp_path, capsys):
+    """--gpu-memory is the budget, --assume-gpu the GPU it is checked against: a file planned
+    for more memory than that GPU has is written, and the exit status says it does not fit."""
+    smallest = fit(models["mixtral"], 1 << 40, slots=1, ctx=64).minimum
+    out = tmp_path / "big.yaml"
+    code = cli.main(["fit", "--model", str(models["mixtral"]), "--slots", "1", "--ctx", "64", "--gpu-reserve", "0",
+                     "--gpu-memory", f"{smallest + 4 * MiB}B", "--assume-gpu", f"{smallest}B", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 1 and out.exists() and "(assumed)  NO" in captured.out and "does not fit" in captured.err
