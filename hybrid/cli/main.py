@@ -16,7 +16,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ["run", "chat", "serve", "rules", "bench"]
+COMMANDS = ["run", "chat", "serve", "rules", "fit", "bench"]
 
 
 class ArgumentParser(argparse.ArgumentParser):

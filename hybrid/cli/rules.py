@@ -9,7 +9,7 @@ HELP = "print the placement plan of a rule file for a model (no weights are read
 
 
 def add_parser(subparsers):
-    from .defaults import add_prefix_cache_arg
+    from .defaults import add_gpu_args, add_prefix_cache_arg
 
     p = subparsers.add_parser(
         "rules",
@@ -19,8 +19,9 @@ def add_parser(subparsers):
     p.add_argument("--model", help="model file or directory (default: the built-in model)")
     p.add_argument("--rules", help="rule file path or built-in name (default: chosen by family and CUDA presence)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--slots", type=int, default=4, help="KV-cache slots for the expected RSS (default: serve's 4)")
-    p.add_argument("--ctx", type=int, help="context per slot for the expected RSS (default: the model's, at most 4096)")
+    p.add_argument("--slots", type=int, default=4, help="KV-cache slots (default: serve's 4)")
+    p.add_argument("--ctx", type=int, help="context per slot (default: the model's, at most 4096)")
+    add_gpu_args(p)
     add_prefix_cache_arg(p)
     p.set_defaults(func=main)
     return p
@@ -31,25 +32,23 @@ def main(args) -> int:
     from hybrid.engine.prefix_cache import DEFAULT_BLOCK
     from hybrid.inject.loader import build
     from hybrid.inject.memory import expected_rss, kv_bytes_per_token
-    from hybrid.inject.plan import format_plan, kv_cache_per_slot, summarize
+    from hybrid.inject.plan import format_plan, kv_cache_by_device, kv_cache_per_slot, placement_of, summarize
 
-    config, module, placements, counts, refs, ruleset, src, meta = build(args.model or default_model_path(), args.rules)
-    plan = summarize(placements, counts, refs, ruleset)
+    assume = dict(args.assume_gpu) or None
+    config, module, placements, counts, refs, ruleset, src, meta = build(args.model or default_model_path(), args.rules,
+                                                                         assume)
+    ctx = args.ctx or min(config.max_position_embeddings, 4096)
+    placement = placement_of(placements, ruleset.dtype)
+    gpu_kv = kv_cache_by_device(module, placement, args.slots, ctx)
+    plan = summarize(placements, counts, refs, ruleset, gpu_kv, args.gpu_reserve)
     plan["model"] = str(src.path)
     plan["kv_cache"] = kv_cache_per_slot(module, placements, config.max_position_embeddings)
-    placed = {p.path: p for p in placements}
-
-    def placement(path):
-        while path not in placed and path:
-            path = path.rpartition(".")[0]
-        return (placed[path].device, placed[path].dtype) if path in placed else ("cpu", ruleset.dtype)
-
-    cpu = sum(d["bytes"] for d in plan["devices"] if d["device"] == "cpu")
-    ctx = args.ctx or min(config.max_position_embeddings, 4096)
+    cpu = sum(d["weight_bytes"] for d in plan["devices"] if d["device"] == "cpu")
     per_token = kv_bytes_per_token(module, placement)
     plan["prefix_cache"] = {"budget_bytes": prefix_cache_bytes(args), "block_tokens": DEFAULT_BLOCK,
                             "kv_bytes_per_token": per_token}
-    plan["expected_rss"] = expected_rss(cpu, per_token, args.slots, ctx, prefix_cache_bytes(args))
+    cpu_per_token = kv_cache_by_device(module, placement, 1, 1).get("cpu", 0)  # a GPU's KV cache is not resident
+    plan["expected_rss"] = expected_rss(cpu, cpu_per_token, args.slots, ctx, prefix_cache_bytes(args))
     print(json.dumps(plan, indent=2) if args.json else f"model: {src.path}\n" + format_plan(plan))
     if not plan["fits"]:
         print("the plan does not fit the memory available", file=sys.stderr)

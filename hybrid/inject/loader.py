@@ -69,26 +69,29 @@ def _heads(cfg: dict, key: str) -> int:
     return cfg.get(key) or cfg["num_attention_heads"]
 
 
-def default_rules(model_type: str) -> str:
-    """The built-in rule file for a family: the GPU hybrid file when CUDA is present."""
+def default_rules(model_type: str, gpu: bool | None = None) -> str:
+    """The built-in rule file for a family: the GPU hybrid file when CUDA is present (or
+    `gpu` says to plan for one)."""
     fam = family_name(model_type)
-    name = f"{fam}-gpu" if torch.cuda.is_available() else f"{fam}-cpu"
-    log.info("rules: %s (chosen for family %s, CUDA %s)", name, fam, "present" if torch.cuda.is_available() else "absent")
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    name = f"{fam}-gpu" if gpu else f"{fam}-cpu"
+    log.info("rules: %s (chosen for family %s, CUDA %s)", name, fam, "present" if gpu else "absent")
     return name
 
 
-def build(source, rules=None):
+def build(source, rules=None, assume: dict[str, int] | None = None):
     """Everything up to reading weights: (config, module on meta with operators swapped in,
-    placements, rule counts, tensor index, ruleset, source, metadata)."""
+    placements, rule counts, tensor index, ruleset, source, metadata). `assume`: GPUs to
+    plan for as if present (see `parse_rules`)."""
     src, cfg_dict, refs, meta = describe(source)
     try:
         fam = family(cfg_dict["model_type"])
         config = fam.Config.from_dict(cfg_dict)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{src.path}: unusable model configuration: {e}") from e
-    ruleset = rules_mod.parse_rules(
-        rules if rules is not None else default_rules(cfg_dict["model_type"]), family=family_name(cfg_dict["model_type"])
-    )
+    if rules is None:
+        rules = default_rules(cfg_dict["model_type"], True if assume else None)
+    ruleset = rules_mod.parse_rules(rules, family=family_name(cfg_dict["model_type"]), assume=assume)
     with torch.device("meta"), _skip_init():
         module = fam.Model(config)
     tied = refs.get("model.embed_tokens.weight") if getattr(config, "tie_word_embeddings", False) else None

@@ -8,6 +8,11 @@ from __future__ import annotations
 # and KV cache (docs/performance.md, "Memory").
 RUNTIME_BYTES = 420 << 20
 
+# GPU memory a plan keeps free of weights and KV cache: activations of a step, torch's
+# caching allocator's slack, cuBLAS workspaces. An estimate (not yet measured here); change
+# it with --gpu-reserve.
+GPU_RESERVE_BYTES = 512 << 20
+
 
 def rss_bytes(pid: int | str = "self") -> int:
     """Resident set size of a process (default: this one), in bytes; 0 where /proc is absent."""

@@ -129,14 +129,14 @@ def _prepare_for_the_gpu(module) -> None:
     - attention leaves cuDNN out (as torch.set_num_threads above, for the whole process):
       cuDNN builds an execution plan for every new key length, i.e. at every decode step,
       3.9 ms of CPU time a call; flash or memory-efficient attention take 60 us;
-    - CPU experts get half the cores unless their rule sets `threads`: the thread that
+    - CPU experts (and the CPU share of split ones) get half the cores unless their rule sets `threads`: the thread that
       launches the GPU work needs a core of its own (8 threads 18.8 ms a step, 15: 23.1)."""
     import numba
 
-    from hybrid.operators import CPUExperts
+    from hybrid.operators import CPUExperts, SplitExperts
 
     torch.backends.cuda.enable_cudnn_sdp(False)
     half = max(1, numba.config.NUMBA_NUM_THREADS // 2)
     for m in module.modules():
-        if isinstance(m, CPUExperts) and m.threads is None:
+        if isinstance(m, (CPUExperts, SplitExperts)) and m.threads is None:
             m.threads = half

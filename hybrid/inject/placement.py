@@ -71,6 +71,7 @@ class RuleSet:
     dtype: torch.dtype = torch.float32
     source: str = "<rules>"
     description: str = ""
+    assumed: dict[str, int] = field(default_factory=dict)  # GPUs planned for without being present: device -> bytes
 
 
 @dataclass
@@ -119,10 +120,19 @@ def resolve_rules_path(spec: str | Path) -> Path:
     raise RuleError(f"rule file {spec}: not found (built-in rule files: {names})")
 
 
-def parse_rules(spec, family: str | None = None) -> RuleSet:
+def device_key(device) -> str:
+    """One spelling per device: 'cuda' is 'cuda:0'."""
+    d = torch.device(device)
+    return f"cuda:{d.index or 0}" if d.type == "cuda" else str(d)
+
+
+def parse_rules(spec, family: str | None = None, assume: dict[str, int] | None = None) -> RuleSet:
     """Parse and check a rule file (path or built-in name), a YAML string, or a list of
     rule dicts. Checks keys, regexes, operators, operator kwargs and devices. `family`
-    (e.g. "mixtral") lets a device error name the CPU rule file to use instead."""
+    (e.g. "mixtral") lets a device error name the CPU rule file to use instead. `assume`
+    (device -> bytes, e.g. {"cuda:0": 8 << 30}): GPUs to plan for as if present (`hybrid
+    rules --assume-gpu`); such a rule set is for planning, not for loading."""
+    assumed = {device_key(d): int(b) for d, b in (assume or {}).items()}
     if isinstance(spec, RuleSet):
         return spec
     if isinstance(spec, (list, dict)):
@@ -155,12 +165,12 @@ def parse_rules(spec, family: str | None = None) -> RuleSet:
 
         family = next((f for f in family_names() if Path(source).name.startswith(f + "-")), None)
     default_device = str(data.get("default_device", "cpu"))
-    _check_device(default_device, f"{source}: default_device", family)
-    rules = [_parse_rule(r, i + 1, source, family) for i, r in enumerate(data["rules"])]
-    return RuleSet(rules, default_device, DTYPES[dtype_name], source, data.get("description", ""))
+    _check_device(default_device, f"{source}: default_device", family, assumed)
+    rules = [_parse_rule(r, i + 1, source, family, assumed) for i, r in enumerate(data["rules"])]
+    return RuleSet(rules, default_device, DTYPES[dtype_name], source, data.get("description", ""), assumed)
 
 
-def _parse_rule(raw, index: int, source: str, family: str | None = None) -> Rule:
+def _parse_rule(raw, index: int, source: str, family: str | None = None, assumed: dict | None = None) -> Rule:
     line = raw.get("__line__", 0) if isinstance(raw, dict) else 0
     where = f"{source}: rule {index} (line {line})"
     if not isinstance(raw, dict):
@@ -195,7 +205,7 @@ def _parse_rule(raw, index: int, source: str, family: str | None = None) -> Rule
         _check_kwargs(rule.operator, kwargs, where)
     for key in ("device", "generate_device", "prefill_device"):
         if key in kwargs:
-            _check_device(str(kwargs[key]), where if key == "device" else f"{where}: {key}", family)
+            _check_device(str(kwargs[key]), where if key == "device" else f"{where}: {key}", family, assumed)
     if "dtype" in kwargs and kwargs["dtype"] not in DTYPES:
         raise RuleError(f"{where}: dtype {kwargs['dtype']!r} is not one of {sorted(DTYPES)}")
     return rule
@@ -246,7 +256,7 @@ def cpu_rules_hint(family: str | None) -> str:
     return "use a CPU rule file instead (--rules <family>-cpu; with no --rules the right one is chosen)"
 
 
-def _check_device(device: str, where: str, family: str | None = None) -> None:
+def _check_device(device: str, where: str, family: str | None = None, assumed: dict | None = None) -> None:
     try:
         d = torch.device(device)
     except RuntimeError as e:
@@ -255,6 +265,10 @@ def _check_device(device: str, where: str, family: str | None = None) -> None:
         return
     if d.type != "cuda":
         raise RuleError(f"{where}: device {device!r} is not supported (cpu, cuda, cuda:N)")
+    if assumed:
+        if device_key(d) not in assumed:
+            raise RuleError(f"{where}: device {device!r} is not among the GPUs assumed ({', '.join(sorted(assumed))})")
+        return
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
         raise RuleError(f"{where}: device {device!r} but this machine has no CUDA device; {cpu_rules_hint(family)}")

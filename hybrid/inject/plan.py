@@ -4,13 +4,15 @@ totals per device against the memory that device has free."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import defaultdict
 
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from hybrid.inject.placement import Placement, RuleSet
+from hybrid.inject.placement import Placement, RuleSet, device_key
+from hybrid.models.common import SlidingKVCache
 
 Q = GGMLQuantizationType
 
@@ -40,6 +42,52 @@ def placement_bytes(p: Placement, refs: dict) -> int:
     return sum(t.numel() * _element_bytes(p.dtype) for t in p.module.parameters(recurse=False))
 
 
+def device_bytes(p: Placement, refs: dict) -> dict[str, int]:
+    """Bytes the module at `p` holds on each device: one device, or those of an operator
+    that splits its weights (`Operator.device_bytes`, e.g. SplitExperts)."""
+    split = getattr(p.operator, "device_bytes", None)
+    if split is not None:
+        prefix = f"{p.path}." if p.path else ""
+        return {device_key(d): n for d, n in split(p.module, lambda n: refs.get(prefix + n), p.kwargs).items()}
+    return {device_key(operator_device(p)): placement_bytes(p, refs)}
+
+
+def operator_device(p: Placement) -> str:
+    """Where the weights of the module at `p` live: an operator whose rule names no device
+    keeps them where its own `device` default says (CPUExperts in a GPU file: host RAM),
+    not on the device it inherited."""
+    if p.operator is None or "device" in p.kwargs or "generate_device" in p.kwargs:
+        return p.device
+    param = inspect.signature(p.operator.__init__).parameters.get("device")
+    return param.default if param is not None and isinstance(param.default, str) else p.device
+
+
+def placement_of(placements: list[Placement], dtype: torch.dtype = torch.float32):
+    """path -> (device, dtype) of the module at `path` or its nearest placed ancestor."""
+    placed = {p.path: p for p in placements}
+
+    def placement(path: str):
+        while path not in placed and path:
+            path = path.rpartition(".")[0]
+        return (placed[path].device, placed[path].dtype) if path in placed else ("cpu", dtype)
+
+    return placement
+
+
+def kv_cache_by_device(module, placement, slots: int, ctx: int) -> dict[str, int]:
+    """Bytes of the KV cache of `slots` sequences of `ctx` tokens on each device, from
+    where each layer's attention is placed (a sliding-window layer keeps its ring)."""
+    out: dict[str, int] = defaultdict(int)
+    for i, layer in enumerate(module.model.layers):
+        device, dtype = placement(f"model.layers.{i}.self_attn")
+        dtype = getattr(layer.self_attn, "kv_dtype", dtype)
+        kv_heads, k_dim, v_dim = layer.self_attn.cache_shape()
+        window = getattr(layer.self_attn, "sliding_window", None)
+        rows = SlidingKVCache.rows(window, ctx) if window else ctx
+        out[device_key(device)] += slots * kv_heads * rows * (k_dim + v_dim) * _element_bytes(dtype)
+    return dict(out)
+
+
 def available_bytes(device: str) -> int:
     d = torch.device(device)
     if d.type == "cuda":
@@ -50,26 +98,36 @@ def available_bytes(device: str) -> int:
     return int(info["MemAvailable"].split()[0]) * 1024
 
 
-def summarize(placements: list[Placement], counts: dict[int, int], refs: dict, ruleset: RuleSet) -> dict:
+def summarize(placements: list[Placement], counts: dict[int, int], refs: dict, ruleset: RuleSet,
+              gpu_kv: dict[str, int] | None = None, gpu_reserve: int = 0) -> dict:
+    """The plan as a dict (see `format_plan`). Each GPU's need is its weights, `gpu_kv`
+    (its KV cache) and `gpu_reserve` (activations, allocator slack); the CPU's is its
+    weights (its KV cache fills as tokens come: see `expected_rss`). A GPU assumed
+    (`ruleset.assumed`) has the memory assumed."""
     groups: dict[tuple, dict] = defaultdict(lambda: {"modules": 0, "bytes": 0, "examples": []})
     for p in placements:
         rule = p.rule.index if p.rule else None
         op = p.operator.__name__ if p.operator else "torch"
-        nbytes = placement_bytes(p, refs)
-        if p.operator is None and nbytes == 0:
-            continue  # containers hold no weights of their own
-        g = groups[(rule, op, str(torch.device(p.device)))]
-        g["modules"] += 1
-        g["bytes"] += nbytes
-        if len(g["examples"]) < 2:
-            g["examples"].append(p.path or "<root>")
-    totals: dict[str, int] = defaultdict(int)
+        for device, nbytes in device_bytes(p, refs).items():
+            if p.operator is None and nbytes == 0:
+                continue  # containers hold no weights of their own
+            g = groups[(rule, op, device)]
+            g["modules"] += 1
+            g["bytes"] += nbytes
+            if len(g["examples"]) < 2:
+                g["examples"].append(p.path or "<root>")
+    weights: dict[str, int] = defaultdict(int)
     for (_, _, device), g in groups.items():
-        totals[device] += g["bytes"]
+        weights[device] += g["bytes"]
+    kv = {d: n for d, n in (gpu_kv or {}).items() if not d.startswith("cpu")}
     devices = []
-    for device, need in sorted(totals.items()):
-        free = available_bytes(device)
-        devices.append({"device": device, "bytes": need, "available": free, "fits": need <= free})
+    for device in sorted(set(weights) | set(kv)):
+        reserve = gpu_reserve if device != "cpu" else 0
+        need = weights[device] + kv.get(device, 0) + reserve
+        free = ruleset.assumed[device] if device in ruleset.assumed else available_bytes(device)
+        devices.append({"device": device, "bytes": need, "weight_bytes": weights[device], "kv_cache_bytes": kv.get(device, 0),
+                        "reserve_bytes": reserve, "available": free, "assumed": device in ruleset.assumed,
+                        "fits": need <= free})
     return {
         "rules_file": ruleset.source,
         "default_device": ruleset.default_device,
@@ -89,7 +147,7 @@ def summarize(placements: list[Placement], counts: dict[int, int], refs: dict, r
             {"rule": rule, "operator": op, "device": device, **g}
             for (rule, op, device), g in sorted(groups.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1], kv[0][2]))
         ],
-        "fallbacks": [{"module": p.path, "device": str(torch.device(p.device)),
+        "fallbacks": [{"module": p.path, "device": device_key(p.device),
                        "operator": p.operator.__name__ if p.operator else "torch", "declined": p.fallback}
                       for p in placements if p.fallback],
         "devices": devices,
@@ -100,13 +158,7 @@ def summarize(placements: list[Placement], counts: dict[int, int], refs: dict, r
 def kv_cache_per_slot(module, placements: list[Placement], context: int) -> dict:
     """Bytes of KV cache one sequence slot of `context` tokens takes (sliding-window layers
     hold only their window), from the model's own `cache_bytes`."""
-    placed = {p.path: (torch.device(p.device), p.dtype) for p in placements}
-
-    def placement(path: str):
-        while path not in placed and path:
-            path = path.rpartition(".")[0]
-        return placed.get(path, (torch.device("cpu"), torch.float32))
-
+    placement = placement_of(placements)
     sliding = sum(1 for layer in module.model.layers if getattr(layer.self_attn, "sliding_window", None))
     return {"context": context, "bytes_per_slot": module.cache_bytes(context, placement), "sliding_layers": sliding,
             "layers": len(module.model.layers)}
@@ -118,6 +170,16 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n}"
+
+
+def format_devices(devices: list[dict]) -> str:
+    """The per-device totals: weights, KV cache and reserve (GPUs), needs against available."""
+    lines = ["device      weights     KV cache      reserve        needs    available  fits"]
+    for d in devices:
+        free = human(d["available"]) + (" (assumed)" if d.get("assumed") else "")
+        lines.append(f"{d['device']:<7} {human(d['weight_bytes']):>11}  {human(d['kv_cache_bytes']):>11}  "
+                     f"{human(d['reserve_bytes']):>11}  {human(d['bytes']):>11}  {free:>11}  {'yes' if d['fits'] else 'NO'}")
+    return "\n".join(lines)
 
 
 def format_plan(plan: dict) -> str:
@@ -150,9 +212,7 @@ def format_plan(plan: dict) -> str:
         for f in plan["fallbacks"]:
             lines.append(f"  {f['module']} -> {f['operator']} on {f['device']}")
             lines += [f"      {reason}" for reason in f["declined"]]
-    lines += ["", "device   needs        available    fits"]
-    for d in plan["devices"]:
-        lines.append(f"{d['device']:<7}  {human(d['bytes']):>11}  {human(d['available']):>11}  {'yes' if d['fits'] else 'NO'}")
+    lines += ["", format_devices(plan["devices"])]
     rss = plan.get("expected_rss")
     if rss:
         lines += ["", f"expected RSS: {human(rss['at_start_bytes'])} at start (runtime {human(rss['runtime_bytes'])} + CPU "

@@ -10,6 +10,7 @@ from .layer import CPUDecoderLayer
 from .linear import CPULinear
 from .mlp import CPUMLP
 from .norm import CPURMSNorm
+from .split import SplitExperts
 
 OPERATORS = {
     "CPULinear": CPULinear,
@@ -19,6 +20,8 @@ OPERATORS = {
     "CPUMLP": CPUMLP,
     "CPURMSNorm": CPURMSNorm,
     "CPUDecoderLayer": CPUDecoderLayer,
+    "SplitExperts": SplitExperts,
 }
 
-__all__ = ["OPERATORS", "CPULinear", "CPUEmbedding", "CPUExperts", "CPUAttention", "CPUMLP", "CPURMSNorm", "CPUDecoderLayer"]
+__all__ = ["OPERATORS", "CPULinear", "CPUEmbedding", "CPUExperts", "CPUAttention", "CPUMLP", "CPURMSNorm", "CPUDecoderLayer",
+           "SplitExperts"]
