@@ -4,8 +4,10 @@ numba thread counts, and show where it goes: the CPU experts (copies and the num
 timed between synchronisations) and, with --profile, torch's profiler table.
 
     python scripts/profile_step.py MODEL.gguf --rules mixtral-gpu --threads 15,8 --profile
+    python scripts/profile_step.py MODEL.gguf --threads 1 --steps 50 --python
 
-Used for the "GPU hybrid" figures in docs/performance.md."""
+--python splits a step between the numba kernels and the Python around them (cProfile).
+Used for the "GPU hybrid" and "Python in a decode step" figures in docs/performance.md."""
 
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=100, help="prompt tokens before the timed steps")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's table for 5 steps")
+    ap.add_argument("--python", action="store_true",
+                    help="split a step's time between the numba kernels and Python (cProfile)")
     a = ap.parse_args()
 
     m = hybrid.load(a.model, rules=a.rules)
@@ -71,12 +75,55 @@ def main() -> None:
     for h in hooks:
         h.remove()
 
+    if a.python:
+        python_time(lambda: timed(a.steps), a.steps)
+
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             timed(5)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+
+def _kernel_sites() -> set[tuple[str, int]]:
+    """(file, first line) of every numba-compiled function of the kernels, as cProfile names them."""
+    import importlib
+    import pkgutil
+
+    import hybrid.operators.kernels as kernels
+
+    sites = set()
+    for info in pkgutil.iter_modules(kernels.__path__):
+        for obj in vars(importlib.import_module(f"{kernels.__name__}.{info.name}")).values():
+            if isinstance(obj, numba.core.dispatcher.Dispatcher):
+                code = obj.py_func.__code__
+                sites.add((code.co_filename, code.co_firstlineno))
+    return sites
+
+
+def python_time(run, steps: int) -> None:
+    """Per step: wall time, the time inside numba-compiled kernels (their own time, as cProfile
+    sees a compiled call: one opaque C call) and what is left, the Python around them (module
+    calls, argument packing, torch glue), with the largest Python items."""
+    import cProfile
+    import pstats
+
+    sites = _kernel_sites()
+    prof = cProfile.Profile()
+    prof.enable()
+    wall = run()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive, tottime, cumtime, callers)
+    own = {key: v[2] * 1e3 / steps for key, v in stats.items()}
+    kernel = sum(t for (f, line, _), t in own.items() if (f, line) in sites)
+    total = sum(own.values())
+    print(f"python profile: {wall:.2f} ms/step under cProfile; numba kernels {kernel:.2f} ms, "
+          f"Python and torch glue {total - kernel:.2f} ms ({(total - kernel) / total:.1%}; cProfile's own "
+          f"cost inflates it)")
+    top = sorted(((t, k) for k, t in own.items() if (k[0], k[1]) not in sites), reverse=True)[:8]
+    for t, (f, line, name) in top:
+        print(f"  {t:6.3f} ms  {name} ({f.rsplit('/', 2)[-1] if '/' in f else f}:{line})")
 
 
 if __name__ == "__main__":
