@@ -3,6 +3,7 @@ speed, 1 and 2 threads, runs interleaved, the ratio hybrid / llama.cpp per cell.
 
     python scripts/bench_vs_llamacpp.py [--model F.gguf ...] [--threads 1,2] [--rounds 3] [--json]
     python scripts/bench_vs_llamacpp.py --isa avx2 --llama-path /opt/llama-avx2 --model F.gguf
+    python scripts/bench_vs_llamacpp.py --model F.gguf --threads 2 --long-context 2000
 
 Each file is loaded once by a hybrid worker process and once by a llama.cpp worker process,
 both kept alive; the parent alternates between them (hybrid, llama.cpp, hybrid, ...) and
@@ -10,6 +11,8 @@ keeps the best of --rounds runs of each measurement. Both decode the same fixed 
 stream (teacher-forced, --decode-tokens steps after a prompt of --decode-after tokens, so
 at the same context lengths) and prefill the same --prompt-tokens prompt; each computes
 the full vocabulary's logits for every decoded token and for the prompt's last one.
+--long-context N decodes the same stream again after N tokens of context and prints what
+the context costs each side (1 - the speed after N / the speed after --decode-after).
 
 --isa avx2 measures the AVX2-only case on a machine with AVX-512: hybrid's kernels are
 compiled for Haswell (NUMBA_CPU_NAME=haswell) and llama.cpp must come from an AVX2-only
@@ -18,7 +21,11 @@ build, given with --llama-path (a directory that holds the llama_cpp package). B
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF" \\
         pip install --no-deps --target /opt/llama-avx2 llama-cpp-python
 
-(the native build: CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" pip install llama-cpp-python).
+(the native build: CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" pip install llama-cpp-python;
+where its AMX kernels fault, as in some VMs, build the CPU's other features explicitly with
+-DGGML_NATIVE=OFF ... -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_INT8=OFF
+into a --target directory, which keeps llama.cpp's repacked weights, rather than
+--llama-plain-buffers).
 llama-cpp-python is a benchmark dependency only, not one of hybrid's."""
 
 from __future__ import annotations
@@ -200,9 +207,11 @@ def bench_file(path: str, args, hyb_env: dict, llama_env: dict) -> dict:
         prompt = rng.integers(0, vocab, args.prompt_tokens).tolist()
         before = rng.integers(0, vocab, args.decode_after).tolist()
         stream = rng.integers(0, vocab, args.decode_tokens).tolist()
+        long_before = rng.integers(0, vocab, args.long_context).tolist() if args.long_context else []
+        ops = ("decode", "prefill") + (("decode_long",) if long_before else ())
         cells = []
         for t in args.threads:
-            times = {(w.kind, op): [] for w in (hyb, llama) for op in ("decode", "prefill")}
+            times = {(w.kind, op): [] for w in (hyb, llama) for op in ops}
             for r in range(args.rounds + 1):  # round 0 warms up (compiles, faults pages in) and is dropped
                 for w in (hyb, llama):
                     w.run(op="prefill", threads=t, tokens=before)
@@ -213,19 +222,33 @@ def bench_file(path: str, args, hyb_env: dict, llama_env: dict) -> dict:
                     s = w.run(op="prefill", threads=t, tokens=prompt)
                     if r:
                         times[(w.kind, "prefill")].append(s)
+                for w in (hyb, llama) if long_before else ():  # the same stream after a long context
+                    w.run(op="prefill", threads=t, tokens=long_before)
+                    s = w.run(op="decode", threads=t, start=len(long_before), tokens=stream)
+                    if r:
+                        times[(w.kind, "decode_long")].append(s)
             cell = {"threads": t}
             for (kind, op), secs in times.items():
-                n = args.decode_tokens if op == "decode" else args.prompt_tokens
+                n = args.prompt_tokens if op == "prefill" else args.decode_tokens
                 cell[f"{kind}_{op}_tok_s"] = n / min(secs)
                 cell[f"{kind}_{op}_tok_s_median"] = n / statistics.median(secs)
             cell["decode_ratio"] = cell["hybrid_decode_tok_s"] / cell["llama_decode_tok_s"]
             cell["prefill_ratio"] = cell["hybrid_prefill_tok_s"] / cell["llama_prefill_tok_s"]
+            if long_before:  # what the long context costs each side: 1 - long-context speed / short's
+                for kind in ("hybrid", "llama"):
+                    cell[f"{kind}_context_cost"] = 1 - cell[f"{kind}_decode_long_tok_s"] / cell[f"{kind}_decode_tok_s"]
+                cell["decode_long_ratio"] = cell["hybrid_decode_long_tok_s"] / cell["llama_decode_long_tok_s"]
             cell["hybrid_decode_gb_s"] = hyb.info["decode_bytes_per_token"] * cell["hybrid_decode_tok_s"] / 1e9
             cells.append(cell)
             print(f"  {os.path.basename(path)} {t} thread(s): decode {cell['hybrid_decode_tok_s']:.1f} / "
                   f"{cell['llama_decode_tok_s']:.1f} tok/s = {cell['decode_ratio']:.2f}x, prefill "
                   f"{cell['hybrid_prefill_tok_s']:.1f} / {cell['llama_prefill_tok_s']:.1f} = {cell['prefill_ratio']:.2f}x",
                   file=sys.stderr)
+            if long_before:
+                print(f"  after {args.long_context} tokens: decode {cell['hybrid_decode_long_tok_s']:.1f} / "
+                      f"{cell['llama_decode_long_tok_s']:.1f} tok/s = {cell['decode_long_ratio']:.2f}x; the context "
+                      f"costs hybrid {cell['hybrid_context_cost']:.0%}, llama.cpp {cell['llama_context_cost']:.0%}",
+                      file=sys.stderr)
         return {"model": path, "file_bytes": os.path.getsize(path), "hybrid": hyb.info, "llama": llama.info, "cells": cells}
     finally:
         hyb.close()
@@ -252,6 +275,14 @@ def format_table(report: dict) -> str:
             lines.append(f"| {os.path.basename(f['model'])} | {c['threads']} | {c['hybrid_decode_tok_s']:.1f} | "
                          f"{c['llama_decode_tok_s']:.1f} | {c['decode_ratio']:.2f}x | {c['hybrid_prefill_tok_s']:.1f} | "
                          f"{c['llama_prefill_tok_s']:.1f} | {c['prefill_ratio']:.2f}x | {c['hybrid_decode_gb_s']:.1f} |")
+    if report["long_context"]:
+        lines += ["", f"| file | threads | hybrid decode after {report['long_context']} tok/s | llama.cpp | ratio "
+                      "| hybrid context cost | llama.cpp context cost |", "|---|---|---|---|---|---|---|"]
+        for f in report["files"]:
+            for c in f["cells"]:
+                lines.append(f"| {os.path.basename(f['model'])} | {c['threads']} | {c['hybrid_decode_long_tok_s']:.1f} | "
+                             f"{c['llama_decode_long_tok_s']:.1f} | {c['decode_long_ratio']:.2f}x | "
+                             f"{c['hybrid_context_cost']:.0%} | {c['llama_context_cost']:.0%} |")
     return "\n".join(lines)
 
 
@@ -274,6 +305,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=512, help="prefill prompt length (default 512)")
     ap.add_argument("--decode-tokens", type=int, default=64, help="decoded tokens per run (default 64)")
     ap.add_argument("--decode-after", type=int, default=16, help="context before the decoded tokens (default 16)")
+    ap.add_argument("--long-context", type=int, default=0, metavar="N",
+                    help="also decode the same tokens after N tokens of context, and print what the context "
+                         "costs each side (the issue's 2,000; default: off)")
     ap.add_argument("--rules", help="hybrid's rules: a rule file, a built-in name or YAML text (default: the family's)")
     ap.add_argument("--isa", choices=("native", "avx2"), default="native",
                     help="avx2: hybrid compiled for Haswell, llama.cpp from --llama-path (must be AVX2-only)")
@@ -298,7 +332,9 @@ def main() -> None:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.isa == "avx2" and not args.llama_path:
         ap.error("--isa avx2 needs --llama-path: a directory with an AVX2-only llama-cpp-python (see --help)")
-    args.ctx = max(args.prompt_tokens, args.decode_after + args.decode_tokens) + 16
+    if args.long_context < 0:
+        ap.error(f"--long-context must be 0 (off) or a token count, got {args.long_context}")
+    args.ctx = max(args.prompt_tokens, max(args.decode_after, args.long_context) + args.decode_tokens) + 16
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     pythonpath = [p for p in (os.environ.get("PYTHONPATH"), repo) if p]
     hyb_env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)}
@@ -315,6 +351,7 @@ def main() -> None:
         "prompt_tokens": args.prompt_tokens,
         "decode_tokens": args.decode_tokens,
         "decode_after": args.decode_after,
+        "long_context": args.long_context,
         "files": [bench_file(m, args, hyb_env, llama_env) for m in models],
     }
     print(json.dumps(report, indent=1) if args.json else format_table(report))
