@@ -5,8 +5,10 @@ timed between synchronisations) and, with --profile, torch's profiler table.
 
     python scripts/profile_step.py MODEL.gguf --rules mixtral-gpu --threads 15,8 --profile
     python scripts/profile_step.py MODEL.gguf --threads 1 --steps 50 --python
+    python scripts/profile_step.py MODEL.gguf --threads 1 --prefill 512
 
---python splits a step between the numba kernels and the Python around them (cProfile).
+--python splits a step between the numba kernels and the Python around them (cProfile);
+--prefill N times a prefill of N tokens per operator (forward hooks).
 Used for the "GPU hybrid" and "Python in a decode step" figures in docs/performance.md."""
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=100, help="prompt tokens before the timed steps")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's table for 5 steps")
+    ap.add_argument("--prefill", type=int, default=0, metavar="N",
+                    help="also time a prefill of N tokens per operator class and module name (forward hooks)")
     ap.add_argument("--python", action="store_true",
                     help="split a step's time between the numba kernels and Python (cProfile)")
     a = ap.parse_args()
@@ -54,6 +58,7 @@ def main() -> None:
         for e in experts:  # the operators' own setting wins over numba's thread-local one
             e.threads = th
         numba.set_num_threads(min(th, numba.config.NUMBA_NUM_THREADS))
+        torch.set_num_threads(th)
         timed(3)
         print(f"threads {th}: {timed(a.steps):.2f} ms/step", flush=True)
 
@@ -78,12 +83,47 @@ def main() -> None:
     if a.python:
         python_time(lambda: timed(a.steps), a.steps)
 
+    if a.prefill:
+        prefill_profile(m, a.prefill)
+
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             timed(5)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+
+def prefill_profile(m, n: int) -> None:
+    """One prefill of n tokens (after one untimed), the time of each operator summed by its
+    class and last name (`CPUExperts experts`, `CPULinear q_proj`, ...) over the layers; an
+    operator's time includes its children's."""
+    import collections
+
+    cache = m.new_cache(1, n + 16)
+    ids = torch.randint(0, m.config.vocab_size, (1, n))
+    m.forward(ids, [0], [0], cache, keep=[n - 1])
+    spent = collections.Counter()
+
+    def before(mod, args):
+        mod._t0 = time.perf_counter()
+
+    def after(mod, args, out):
+        spent[f"{type(mod).__name__} {mod._profile_name}"] += time.perf_counter() - mod._t0
+
+    hooks = []
+    for name, mod in m.module.named_modules():
+        if name.count(".") >= 3 or name.endswith(("lm_head", "norm", "embed_tokens")):  # inside a layer, or the ends
+            mod._profile_name = name.rsplit(".", 1)[-1]
+            hooks += [mod.register_forward_pre_hook(before), mod.register_forward_hook(after)]
+    t = time.perf_counter()
+    m.forward(ids, [0], [0], cache, keep=[n - 1])
+    wall = time.perf_counter() - t
+    for h in hooks:
+        h.remove()
+    print(f"prefill of {n} tokens: {wall:.2f} s, {n / wall:.1f} tok/s; by operator (children counted in their parents):")
+    for what, secs in spent.most_common(12):
+        print(f"  {secs:7.2f} s {secs / wall:6.1%}  {what}")
 
 
 def _kernel_sites() -> set[tuple[str, int]]:
