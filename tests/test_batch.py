@@ -5,11 +5,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as Q
 
 from hybrid.engine.scheduler import prefill_groups
 from hybrid.operators import kernels
-from hybrid.operators.kernels import activations, batch, formats, policy
+from hybrid.operators.kernels import activations, batch, formats, moe, policy
 from hybrid.operators.kernels.formats import as_blocks
 from hybrid.operators.kernels.intrinsics import HAS_VNNI
 
@@ -120,16 +121,24 @@ def test_fused_moe_shared_experts(types, tokens):
 def test_moe_by_expert_path(monkeypatch):
     """Inputs above MOE_FUSED_MAX_TOKENS go expert by expert through BLAS."""
     monkeypatch.setattr(policy, "MOE_FUSED_MAX_TOKENS", 16)
+    calls = []
+    by_expert = moe._moe_by_expert
+    monkeypatch.setattr(moe, "_moe_by_expert", lambda *a: calls.append(1) or by_expert(*a))
     y, ref, _ = run_moe(MOE_TYPES[0], experts=8, top_k=3, tokens=40)
+    assert calls == [1]  # the threshold is read at each call
     assert_close(y, ref)
 
 
 def test_matmul_blas_path(monkeypatch):
     """Inputs above TILE_MAX_TOKENS tokens go through dequantized tiles and BLAS."""
     monkeypatch.setattr(policy, "TILE_MAX_TOKENS", 16)
+    calls = []
+    blas = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda *a, **k: calls.append(1) or blas(*a, **k))
     w = make_weight(Q.Q4_K, (37, 512))
     x = np.random.default_rng(9).standard_normal((40, 512), dtype=np.float32)
     assert_close(kernels.matmul(Q.Q4_K, w, x), x @ reference(Q.Q4_K, w).T)
+    assert calls  # the threshold is read at each call
 
 
 def test_prefill_groups():
