@@ -14,13 +14,16 @@ import numba
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
-from hybrid.operators.kernels import formats
+from hybrid.operators.kernels.activations import quantize_rows
+from hybrid.operators.kernels.formats import as_blocks
+from hybrid.operators.kernels.intrinsics import HAS_AVX2, HAS_VNNI
+from hybrid.operators.kernels.rows import gemv_rows
 
 
 @numba.njit(nogil=True)
 def _run(t, w, xa, y, reps):
     for _ in range(reps):
-        formats.gemv_rows(t, w, xa, 0, 0, w.shape[0], y)
+        gemv_rows(t, w, xa, 0, 0, w.shape[0], y)
 
 
 def random_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
@@ -34,18 +37,18 @@ def random_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
 
 def main() -> None:
     rng = np.random.default_rng(0)
-    print(f"VNNI kernels: {formats.HAS_VNNI}, AVX2 kernels: {formats.HAS_AVX2}, numba CPU: {numba.config.CPU_NAME or 'host'}")
+    print(f"VNNI kernels: {HAS_VNNI}, AVX2 kernels: {HAS_AVX2}, numba CPU: {numba.config.CPU_NAME or 'host'}")
     print(f"{'format':<6} {'rows x cols':>11}  " + "  ".join(f"{n:>6}" for n in ("float", "int16", "split", "int8")))
     for qtype in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K):
         for rows, cols, reps in ((512, 1024, 400), (4096, 4096, 8)):
-            t, w, _ = formats.as_blocks(qtype, random_blocks(qtype, rows, cols, rng))
+            t, w, _ = as_blocks(qtype, random_blocks(qtype, rows, cols, rng))
             x = rng.standard_normal((1, cols), dtype=np.float32)
             y = np.zeros(rows, np.float32)
             forms = {
-                "float": formats.quantize_rows(x, False),
-                "int16": formats.quantize_rows(x, True, False),
-                "split": formats.quantize_rows(x, True, True) if formats.HAS_VNNI else None,
-                "int8": formats.quantize_rows(x, True, False, True),
+                "float": quantize_rows(x, False),
+                "int16": quantize_rows(x, True, False),
+                "split": quantize_rows(x, True, True) if HAS_VNNI else None,
+                "int8": quantize_rows(x, True, False, True),
             }
             speed = {}
             for _ in range(5):  # rounds, the forms interleaved

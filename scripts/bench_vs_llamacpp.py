@@ -56,7 +56,7 @@ class HybridWorker:
 
         import hybrid
         from hybrid.cli import measure as bench
-        from hybrid.operators.kernels import formats
+        from hybrid.operators.kernels.intrinsics import HAS_VNNI
 
         self.torch, self.numba = torch, numba
         self.model = hybrid.load(path, rules=rules)
@@ -64,7 +64,7 @@ class HybridWorker:
         self.info = {
             "rules": self.model.ruleset.source if self.model.ruleset else None,
             "numba_cpu_name": numba.config.CPU_NAME or "host",
-            "vnni_kernels": bool(formats.HAS_VNNI),
+            "vnni_kernels": bool(HAS_VNNI),
             "decode_bytes_per_token": bench.decode_bytes_per_token(self.model),
             "vocab": self.model.config.vocab_size,
         }

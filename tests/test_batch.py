@@ -5,12 +5,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as Q
 
 from hybrid.engine.scheduler import prefill_groups
 from hybrid.operators import kernels
-from hybrid.operators.kernels import batch, formats, linear, moe
+from hybrid.operators.kernels import activations, batch, formats, moe, policy
 from hybrid.operators.kernels.formats import as_blocks
+from hybrid.operators.kernels.intrinsics import HAS_VNNI
 
 from .test_kernels import FORMATS, MOE_TYPES, assert_close, cols_for, make_weight, reference, run_moe, seen
 
@@ -33,7 +35,7 @@ def test_small_batch_matches_gguf(qtype, tokens):
     w = make_weight(qtype, (37, cols_for(qtype, 3)))
     x = np.random.default_rng(tokens).standard_normal((tokens, cols_for(qtype, 3)), dtype=np.float32)
     # with VNNI, up to GEMM_TOKENS tokens of MULTI_TYPES take the integer rows (x rounded)
-    rounded = tokens <= formats.GEMM_TOKENS and int(qtype) in formats.MULTI_TYPES
+    rounded = tokens <= policy.GEMM_TOKENS and int(qtype) in formats.MULTI_TYPES
     assert_close(kernels.matmul(qtype, w, x), (seen(qtype, x) if rounded else x) @ reference(qtype, w).T)
 
 
@@ -74,21 +76,21 @@ def test_integer_rows_are_the_gemv_in_any_company(qtype, acts):
     GEMM_TOKENS tokens (a batched decode step) gives each token bitwise what its GEMV alone
     gives, for a matmul and for the fused MoE: a request decodes the same whatever other
     requests share its steps."""
-    if acts == "int16" and not formats.HAS_VNNI:
+    if acts == "int16" and not HAS_VNNI:
         pytest.skip("this CPU has no VNNI")
-    a = formats.ACTIVATIONS[acts]
+    a = activations.ACTIVATIONS[acts]
     w = make_weight(qtype, (37, 224))
-    x = np.random.default_rng(11).standard_normal((formats.GEMM_TOKENS, 224), dtype=np.float32)
+    x = np.random.default_rng(11).standard_normal((policy.GEMM_TOKENS, 224), dtype=np.float32)
     alone = np.stack([kernels.gemv(qtype, w, v, acts=a) for v in x])
-    for pick in ([0, 1], [5, 2, 2], [3, 0, 6, 1, 4], list(range(formats.GEMM_TOKENS))):
+    for pick in ([0, 1], [5, 2, 2], [3, 0, 6, 1, 4], list(range(policy.GEMM_TOKENS))):
         np.testing.assert_array_equal(kernels.matmul(qtype, w, x[pick], acts=a), alone[pick])
     gate, up = (make_weight(qtype, (3, 64, 224), seed) for seed in (1, 2))
     down = make_weight(qtype, (3, 224, 64), 3)
-    ids = np.random.default_rng(12).integers(0, 3, (formats.GEMM_TOKENS, 2))
+    ids = np.random.default_rng(12).integers(0, 3, (policy.GEMM_TOKENS, 2))
     ids[:, 1] = (ids[:, 0] + 1) % 3  # two different experts per token: 2-8 tokens an expert
     weights = np.random.default_rng(13).random(ids.shape, dtype=np.float32)
     batched = kernels.moe_forward(qtype, gate, qtype, up, qtype, down, x, ids, weights, acts=a)
-    for n in range(formats.GEMM_TOKENS):
+    for n in range(policy.GEMM_TOKENS):
         one = kernels.moe_forward(qtype, gate, qtype, up, qtype, down, x[n:n + 1], ids[n:n + 1], weights[n:n + 1], acts=a)
         np.testing.assert_array_equal(batched[n], one[0])
 
@@ -117,18 +119,26 @@ def test_fused_moe_shared_experts(types, tokens):
 
 
 def test_moe_by_expert_path(monkeypatch):
-    """Inputs above FUSED_MAX_TOKENS go expert by expert through BLAS."""
-    monkeypatch.setattr(moe, "FUSED_MAX_TOKENS", 16)
+    """Inputs above MOE_FUSED_MAX_TOKENS go expert by expert through BLAS."""
+    monkeypatch.setattr(policy, "MOE_FUSED_MAX_TOKENS", 16)
+    calls = []
+    by_expert = moe._moe_by_expert
+    monkeypatch.setattr(moe, "_moe_by_expert", lambda *a: calls.append(1) or by_expert(*a))
     y, ref, _ = run_moe(MOE_TYPES[0], experts=8, top_k=3, tokens=40)
+    assert calls == [1]  # the threshold is read at each call
     assert_close(y, ref)
 
 
 def test_matmul_blas_path(monkeypatch):
-    """Inputs above SMALL_BATCH tokens go through dequantized tiles and BLAS."""
-    monkeypatch.setattr(linear, "SMALL_BATCH", 16)
+    """Inputs above TILE_MAX_TOKENS tokens go through dequantized tiles and BLAS."""
+    monkeypatch.setattr(policy, "TILE_MAX_TOKENS", 16)
+    calls = []
+    blas = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda *a, **k: calls.append(1) or blas(*a, **k))
     w = make_weight(Q.Q4_K, (37, 512))
     x = np.random.default_rng(9).standard_normal((40, 512), dtype=np.float32)
     assert_close(kernels.matmul(Q.Q4_K, w, x), x @ reference(Q.Q4_K, w).T)
+    assert calls  # the threshold is read at each call
 
 
 def test_prefill_groups():

@@ -17,9 +17,10 @@ from hybrid.cli.measure import decode_bytes_per_token
 from hybrid.models.common import MLP, Attention, KVCache, RMSNorm, Rotary, Step
 from hybrid.inject.placement import RuleError, parse_rules
 from hybrid.operators import CPUAttention, CPUDecoderLayer, CPUMLP, CPURMSNorm
-from hybrid.operators.kernels import decode, formats
+from hybrid.operators.kernels import decode
 from hybrid.operators.kernels import layer as layer_kernels
 from hybrid.operators.layer import DecodeStack
+from hybrid.operators.kernels.activations import ACT_INT16
 from hybrid.operators.kernels.formats import as_blocks
 from hybrid.operators.kernels.linear import dequantize
 
@@ -214,7 +215,7 @@ def test_mlp_step_on_k_quants(qtype):
     """The fused MLP kernel on formats no rule quantizes to (random K-quant blocks)."""
     weights = [make_weight(qtype, shape, seed) for seed, shape in enumerate([(512, 256), (512, 256), (256, 512)])]
     x = np.random.default_rng(0).standard_normal((3, 256), dtype=np.float32)
-    y = decode.mlp_step(x, *(a for w in weights for a in as_blocks(qtype, w)[:2]), formats.ACT_INT16, numba.get_num_threads())
+    y = decode.mlp_step(x, *(a for w in weights for a in as_blocks(qtype, w)[:2]), ACT_INT16, numba.get_num_threads())
     g, u, d = (torch.from_numpy(dequantize(qtype, w)) for w in weights)
     xt = torch.from_numpy(x)
     want = (torch.nn.functional.silu(xt @ g.T) * (xt @ u.T)) @ d.T

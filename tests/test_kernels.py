@@ -13,8 +13,11 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from hybrid.operators import kernels
-from hybrid.operators.kernels import formats, moe
-from hybrid.operators.kernels.formats import INT_TYPES, quantize_rows
+from hybrid.operators.kernels import formats, policy
+from hybrid.operators.kernels.activations import quantize_rows
+from hybrid.operators.kernels.formats import INT_TYPES
+from hybrid.operators.kernels.intrinsics import HAS_VNNI
+from hybrid.operators.kernels.rows import gemm_rows, gemm_takes, gemv_rows
 from hybrid.operators.quantize import QUANTIZABLE, RELATIVE_RMS_ERROR, quantize
 
 QUANTIZED = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
@@ -85,7 +88,7 @@ def test_matmul(qtype, tokens):
     y = kernels.matmul(qtype, w, x)
     # one token takes the GEMV (integer path for some formats), a few with VNNI the integer
     # rows against several tokens (gemm_rows), more the float kernels
-    rounded = tokens == 1 or (tokens <= formats.GEMM_TOKENS and int(qtype) in formats.MULTI_TYPES)
+    rounded = tokens == 1 or (tokens <= policy.GEMM_TOKENS and int(qtype) in formats.MULTI_TYPES)
     assert_close(y, (seen(qtype, x) if rounded else x) @ reference(qtype, w).T)
 
 
@@ -144,9 +147,9 @@ def run_moe(types, experts, top_k, tokens, hidden=256, inter=512, seed=0, x=None
     multi["up"] = multi["gate"]
 
     def rounded(p, e):
-        if tokens > moe.FUSED_MAX_TOKENS:
+        if tokens > policy.MOE_FUSED_MAX_TOKENS:
             return False
-        return count[e] <= moe.GEMV_TOKENS or (multi[p] and count[e] <= formats.GEMM_TOKENS)
+        return count[e] <= policy.EXPERT_GEMV_TOKENS or (multi[p] and count[e] <= policy.GEMM_TOKENS)
 
     see = lambda p, e, v: torch.from_numpy(seen(proj[p], v.numpy())) if rounded(p, e) else v  # noqa: E731
     ref = torch_moe(as_t(tg, gate), as_t(tu, up), as_t(td, down), torch.from_numpy(x).double(),
@@ -256,7 +259,7 @@ def test_int8_path_is_the_dot_with_rounded_x(qtype, blocks):
     t, rows, _ = formats.as_blocks(qtype, w)
     got = np.zeros(9, np.float32)
     xa = quantize_rows(x, True, False, True)
-    formats.gemv_rows(t, rows, xa, 0, 0, 9, got)
+    gemv_rows(t, rows, xa, 0, 0, 9, got)
     ref = reference(qtype, w)
     assert_close(got, ref @ as_int8(x)[0], rtol=3e-6)
     bound = (np.abs(ref).reshape(9, -1, 32).sum(-1) * xa[2][0] / 2).sum(-1)
@@ -295,7 +298,7 @@ def test_int_path_shapes(qtype, blocks):
     assert_close(kernels.gemv(qtype, w, x, threads=2), reference(qtype, w) @ seen(qtype, x))
 
 
-@pytest.mark.skipif(not formats.HAS_VNNI, reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.skipif(not HAS_VNNI, reason="this CPU has no AVX-512 VNNI")
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K], ids=lambda t: t.name)
 def test_vnni_path_is_the_int16_dot(qtype):
     """Where the CPU has VNNI, Q8_0/Q4_0/Q4_1/Q4_K rows take vpdpbusd: the same integer dots
@@ -305,11 +308,11 @@ def test_vnni_path_is_the_int16_dot(qtype):
     x = np.random.default_rng(4).standard_normal((1, cols), dtype=np.float32)
     t, blocks, _ = formats.as_blocks(qtype, w)
     got, other = np.zeros(9, np.float32), np.zeros(9, np.float32)
-    formats.gemv_rows(t, blocks, quantize_rows(x, True, True), 0, 0, 9, got)
+    gemv_rows(t, blocks, quantize_rows(x, True, True), 0, 0, 9, got)
     if qtype == Q.Q4_1:
-        formats.gemv_rows(t, blocks, quantize_rows(seen(qtype, x).astype(np.float32), False), 0, 0, 9, other)
+        gemv_rows(t, blocks, quantize_rows(seen(qtype, x).astype(np.float32), False), 0, 0, 9, other)
     else:
-        formats.gemv_rows(t, blocks, quantize_rows(x, True, False), 0, 0, 9, other)
+        gemv_rows(t, blocks, quantize_rows(x, True, False), 0, 0, 9, other)
     assert_close(got, other, rtol=2e-6)
     assert_close(got, reference(qtype, w) @ seen(qtype, x)[0])
 
@@ -322,22 +325,22 @@ def test_gemm_rows_is_the_gemv_per_token(qtype, blocks, form):
     CPU) or the VNNI one: each token, picked by ix (repeats and any order) and written to
     row iy of y, gets its own GEMV's dot; rows outside lo..hi and unlisted rows of y stay as
     they were; a NaN token spoils only itself."""
-    if form == "split" and not formats.HAS_VNNI:
+    if form == "split" and not HAS_VNNI:
         pytest.skip("this CPU has no VNNI")
     cols, rows = 32 * blocks, 11
     t, w, _ = formats.as_blocks(qtype, make_weight(qtype, (rows, cols), seed=blocks))
     x = np.random.default_rng(blocks).standard_normal((6, cols), dtype=np.float32)
     x[4, 3] = np.nan
     xa = quantize_rows(x, True, form == "split", form == "int8")
-    assert formats.gemm_takes(xa, t)
+    assert gemm_takes(xa, t)
     single = np.zeros((6, rows), np.float32)
     for n in range(6):
-        formats.gemv_rows(t, w, xa, n, 0, rows, single[n])
+        gemv_rows(t, w, xa, n, 0, rows, single[n])
     for count in range(1, 10):
         ix = np.random.default_rng(count).integers(0, 6, count)
         iy = np.random.default_rng(count).permutation(12)[:count]
         y = np.full((12, rows), 7.0, np.float32)
-        formats.gemm_rows(t, w, xa, ix, iy, count, 2, rows - 1, y)
+        gemm_rows(t, w, xa, ix, iy, count, 2, rows - 1, y)
         got, want = y[iy, 2:rows - 1], single[ix, 2:rows - 1]
         ok = ix != 4
         np.testing.assert_array_equal(got[ok], want[ok])  # bit for bit

@@ -11,7 +11,7 @@ from hybrid.models.common import Attention, KVCache, RMSNorm, Step
 
 from .base import Operator, check_cpu, check_quant
 from .kernels import decode
-from .kernels.formats import DEFAULT_ACTIVATIONS, check_activations
+from .kernels.activations import DEFAULT_ACTIVATIONS, check_activations
 from .linear import CPULinear
 
 KV_DTYPES = {"float32": torch.float32, "float16": torch.float16}

@@ -9,7 +9,7 @@ from hybrid.models.common import Experts
 
 from . import kernels, offload
 from .base import Operator, check_quant, weight_array
-from .kernels.formats import DEFAULT_ACTIVATIONS, check_activations
+from .kernels.activations import DEFAULT_ACTIVATIONS, check_activations
 
 
 class CPUExperts(Operator):

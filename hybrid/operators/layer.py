@@ -14,8 +14,9 @@ from hybrid.models.common import MLP, Attention, Block
 from .attention import CPUAttention
 from .base import Operator, check_cpu, check_quant
 from .experts import CPUExperts
-from .kernels import decode, layer, moe
-from .kernels.formats import DEFAULT_ACTIVATIONS, as_blocks, check_activations
+from .kernels import decode, layer, policy
+from .kernels.activations import DEFAULT_ACTIVATIONS, check_activations
+from .kernels.formats import as_blocks
 from .kernels.linear import gemv_chunks
 from .linear import CPULinear
 from .mlp import CPUMLP
@@ -131,7 +132,7 @@ class CPUDecoderLayer(Operator):
     def takes(x: torch.Tensor) -> bool:
         """Whether a forward of x runs the decode kernel (else the block's torch code)."""
         B, T, _ = x.shape
-        return T == 1 and B <= moe.FUSED_MAX_TOKENS and x.device.type == "cpu" and x.dtype == torch.float32
+        return T == 1 and B <= policy.MOE_FUSED_MAX_TOKENS and x.device.type == "cpu" and x.dtype == torch.float32
 
     def forward(self, x: torch.Tensor, rope, step, cache) -> torch.Tensor:
         B, T, C = x.shape

@@ -7,13 +7,13 @@ from torch import nn
 
 from . import kernels, offload
 from .base import Operator, check_quant, weight_array
-from .kernels.formats import DEFAULT_ACTIVATIONS, check_activations
+from .kernels.activations import DEFAULT_ACTIVATIONS, check_activations
 
 
 class CPULinear(Operator):
     """Replaces nn.Linear. Weight [out, in] stays in its stored GGUF form (raw blocks);
     `quant` quantizes float checkpoints at load (q8_0, q4_0, ...); `activations` (int8,
-    int16 or float) is the form x takes in the quantized dot products (`kernels.formats`)."""
+    int16 or float) is the form x takes in the quantized dot products (`kernels.activations`)."""
 
     replaces = (nn.Linear,)
 

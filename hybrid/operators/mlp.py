@@ -8,21 +8,14 @@ import torch
 from hybrid.models.common import MLP
 
 from .base import Operator, check_cpu, check_quant
-from .kernels import decode
-from .kernels.formats import DEFAULT_ACTIVATIONS, check_activations
+from .kernels import decode, policy
+from .kernels.activations import DEFAULT_ACTIVATIONS, check_activations
 from .linear import CPULinear
-
-
-# Up to this many tokens (decode of a batch of sequences) the MLP is one numba call: one
-# token takes the integer GEMV, two or more the projections' decoded L1 tiles (batch.py),
-# which reuse each weight row for every token. Longer calls (prefill) go projection by
-# projection through CPULinear.
-FUSED_MAX_TOKENS = 16
 
 
 class CPUMLP(Operator):
     """Replaces `MLP`: forward(x [..., hidden]) -> [..., hidden]. Calls of up to
-    FUSED_MAX_TOKENS tokens are one numba call for gate, up, SiLU and down; longer calls
+    policy.MLP_FUSED_MAX_TOKENS tokens are one numba call for gate, up, SiLU and down; longer calls
     run the module's own code with the projections on the numba kernels."""
 
     replaces = (MLP,)
@@ -52,7 +45,7 @@ class CPUMLP(Operator):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, C = x.shape[:-1], x.shape[-1]
-        if lead.numel() > FUSED_MAX_TOKENS or x.device.type != "cpu" or x.dtype != torch.float32:
+        if lead.numel() > policy.MLP_FUSED_MAX_TOKENS or x.device.type != "cpu" or x.dtype != torch.float32:
             return MLP.forward(self, x)
         y = decode.mlp_step(x.reshape(-1, C).contiguous().numpy(), *self.args, numba.get_num_threads())
         return torch.from_numpy(y).view(*lead, C)

@@ -16,11 +16,10 @@ import torch
 from hybrid.models.common import routed_sum
 
 from . import kernels
+from .kernels import policy
 
 # llama.cpp's threshold for the same trade: below it the copy costs more than it saves.
 PREFILL_MIN_TOKENS = 32
-# fp32 weight bytes per copy to the device: bounds the host and device memory a call adds.
-TILE_BYTES = 64 << 20
 
 
 def check_devices(op: str, device, generate_device, prefill_device, prefill_min_tokens) -> None:
@@ -63,7 +62,7 @@ def linear(qtype, w: np.ndarray, x: torch.Tensor) -> torch.Tensor:
     """x [N, cols] float32 on the prefill device -> x @ W.T [N, rows] there; W [rows, row
     bytes] stays in host RAM and crosses over one tile of rows at a time."""
     rows, cols = w.shape[0], x.shape[1]
-    tile = max(1, TILE_BYTES // (4 * cols))
+    tile = max(1, policy.OFFLOAD_TILE_BYTES // (4 * cols))
     out = torch.empty(x.shape[0], rows, dtype=torch.float32, device=x.device)
     for r0 in range(0, rows, tile):
         r1 = min(rows, r0 + tile)

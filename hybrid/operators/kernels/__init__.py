@@ -4,6 +4,13 @@ Weights stay in the GGUF form: a quantized [rows, cols] matrix is uint8 [rows, r
 (one row of blocks per output row), stacked experts [E, rows, row_bytes]; F32/F16/BF16
 weights are float32/float16/uint16 (bf16 bits) arrays [rows, cols].
 
+The modules, from the bottom up: intrinsics.py (the target CPU's features and the LLVM IR
+building blocks), blocks.py (every block layout and its decoders, per path), formats.py (one
+record per format, from which the type lists and dispatch derive), activations.py (x
+rounded to integers), policy.py (the dispatch thresholds), batch.py (decoded L1 tiles),
+rows.py (the row loops: GEMV, several tokens per row), then the kernels operators call:
+linear.py, moe.py, decode.py, layer.py.
+
 Compiled kernels are cached on disk under a directory named by a hash of this package's
 sources: numba's own cache checks only the file that defines a kernel, so an edit to a
 helper it inlines from another file would otherwise run stale machine code.

@@ -6,12 +6,12 @@ A GEMV spends its time decoding blocks, not multiplying; decoding a row once per
 a register-blocked float32 product runs over it: 4 rows x 2 tokens per pass over the
 columns (8 accumulator vectors, 6 loads per 8 FMAs).
 
-`decode_row` is the project's one row dequantizer (`kernels.dequantize` uses it too). Its
-loops run to a trip count LLVM cannot see (`_opaque`): numba runs LLVM without the SLP
-vectorizer, and LLVM fully unrolls a block loop of constant trip count (32) before the loop
-vectorizer sees it, so per-block decoders (formats.py's former `_deq_<fmt>`) decoded one
-weight at a time (Q8_0 7.6 GB/s, 2 threads); these are vectorized: 25 GB/s for Q8_0 and
-Q4_0.
+`decode_row` is the project's one row dequantizer (`kernels.dequantize` uses it too), over
+the row decoders of blocks.py (`_row_<fmt>`). Their loops run to a trip count LLVM cannot
+see (`_opaque`): numba runs LLVM without the SLP vectorizer, and LLVM fully unrolls a block
+loop of constant trip count (32) before the loop vectorizer sees it, so per-block decoders
+decoded one weight at a time (Q8_0 7.6 GB/s, 2 threads); these are vectorized: 25 GB/s for
+Q8_0 and Q4_0.
 """
 
 import numba
@@ -20,13 +20,13 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic
 
-from .formats import (BF16, F16, F32, FASTMATH, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, _bf2f, _bits,
-                      _f16, _h2f, _i, _k_scale_min, _q6, _u32)
+from .blocks import _row_q4, _row_q5, _row_q6_k, _row_q8_0, _row_qk
+from .formats import BF16, F16, F32, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
+from .intrinsics import FASTMATH, _bf2f, _h2f
+from .policy import TILE_X_BYTES
 
 # Rows decoded per tile (the row count of the register block).
 ROWS = 4
-# Activations read per tile pass stay within this (the 1 MB L2 of this machine's cores, half).
-X_BYTES = 512 << 10
 
 
 @intrinsic
@@ -41,98 +41,6 @@ def _opaque(typingctx, n):
         asm = ir.InlineAsm(ir.FunctionType(ty, [ty]), "", "=r,0", side_effect=False)
         return builder.call(asm, [args[0]])
     return types.int64(n), codegen
-
-
-# --- per format: decode one row (uint8 bytes) into out (float32[cols]); n16 == 16, opaque.
-# Bit layouts as documented in formats.py.
-
-@numba.njit(inline="always", fastmath=FASTMATH)
-def _row_q8_0(row, out, n16):
-    v = row.view(np.int8)
-    for b in range(row.size // 34):
-        o, w = 34 * b, 32 * b
-        d = _f16(row, o)
-        for j in range(2 * n16):
-            out[w + j] = d * np.float32(v[o + 2 + j])
-
-
-@numba.njit(inline="always", fastmath=FASTMATH)
-def _row_q4(row, out, n16, block_bytes, has_min):
-    """Q4_0 (d | qs, w = d*(q-8)) and Q4_1 (d | m | qs, w = d*q + m)."""
-    for b in range(row.size // block_bytes):
-        o, w = block_bytes * b, 32 * b
-        d = _f16(row, o)
-        m = _f16(row, o + 2) if has_min else np.float32(-8) * d
-        q0 = o + block_bytes - 16
-        for j in range(n16):
-            q = row[q0 + j]
-            out[w + j] = d * _i(q & 15) + m
-            out[w + 16 + j] = d * _i(q >> 4) + m
-
-
-@numba.njit(inline="always", fastmath=FASTMATH)
-def _row_q5(row, out, n16, block_bytes, has_min):
-    """Q5_0 (d | qh | qs, w = d*(q-16)) and Q5_1 (d | m | qh | qs, w = d*q + m)."""
-    for b in range(row.size // block_bytes):
-        o, w = block_bytes * b, 32 * b
-        d = _f16(row, o)
-        m = _f16(row, o + 2) if has_min else np.float32(-16) * d
-        q0 = o + block_bytes - 16
-        qh = _u32(row, q0 - 4)
-        for j in range(n16):
-            q = row[q0 + j]
-            out[w + j] = d * _bits(q, 0, 15, qh, j, 1, 4, 0) + m
-            out[w + 16 + j] = d * _bits(q, 4, 15, qh, j + 16, 1, 4, 0) + m
-
-
-@numba.njit(inline="always", fastmath=FASTMATH)
-def _row_qk(row, out, n16, block_bytes):
-    """Q4_K (d | dmin | scales | qs) and Q5_K (d | dmin | scales | qh | qs): group 2c is the
-    low nibbles of 32 qs bytes, group 2c+1 the high ones; w = d*sc*q - dmin*m."""
-    five = block_bytes == 176
-    for b in range(row.size // block_bytes):
-        o, w = block_bytes * b, 256 * b
-        d = _f16(row, o)
-        dmin = _f16(row, o + 2)
-        for c in range(4):
-            sc0, m0 = _k_scale_min(row, o + 4, 2 * c)
-            sc1, m1 = _k_scale_min(row, o + 4, 2 * c + 1)
-            d0, n0, d1, n1 = d * sc0, -dmin * m0, d * sc1, -dmin * m1
-            q0 = o + (48 if five else 16) + 32 * c
-            wc = w + 64 * c
-            if five:
-                for j in range(2 * n16):
-                    q, h = row[q0 + j], row[o + 16 + j]
-                    out[wc + j] = d0 * _bits(q, 0, 15, h, 2 * c, 1, 4, 0) + n0
-                    out[wc + 32 + j] = d1 * _bits(q, 4, 15, h, 2 * c + 1, 1, 4, 0) + n1
-            else:
-                for j in range(2 * n16):
-                    q = row[q0 + j]
-                    out[wc + j] = d0 * _i(q & 15) + n0
-                    out[wc + 32 + j] = d1 * _i(q >> 4) + n1
-
-
-@numba.njit(inline="always", fastmath=FASTMATH)
-def _row_q6_k(row, out, n16):
-    """Q6_K: weight 128h + 32k + 16s + j takes scale v[192 + 8h + 2k + s] (see formats.py)."""
-    v = row.view(np.int8)
-    for b in range(row.size // 210):
-        o, w = 210 * b, 256 * b
-        d = _f16(row, o + 208)
-        for h in range(2):
-            for s in range(2):
-                sc = o + 192 + 8 * h + s
-                d0, d1, d2, d3 = (d * np.float32(v[sc]), d * np.float32(v[sc + 2]),
-                                  d * np.float32(v[sc + 4]), d * np.float32(v[sc + 6]))
-                ql = o + 64 * h + 16 * s
-                qh = o + 128 + 32 * h + 16 * s
-                wh = w + 128 * h + 16 * s
-                for j in range(n16):
-                    l0, l1, m = row[ql + j], row[ql + 32 + j], row[qh + j]
-                    out[wh + j] = d0 * _q6(l0, 0, m)
-                    out[wh + 32 + j] = d1 * _q6(l1, 1, m)
-                    out[wh + 64 + j] = d2 * _q6(l0, 2, m)
-                    out[wh + 96 + j] = d3 * _q6(l1, 3, m)
 
 
 @numba.njit(nogil=True, fastmath=FASTMATH)
@@ -216,7 +124,7 @@ def matmul_small(t, w, x, y, chunks):
     block of tokens whose x fits in L2 (one block up to 128 tokens of 1024 columns)."""
     rows = w.shape[0]
     n_tok, cols = x.shape
-    per_block = max(2, X_BYTES // (4 * cols))
+    per_block = max(2, TILE_X_BYTES // (4 * cols))
     for c in prange(chunks):
         lo = c * rows // chunks
         hi = (c + 1) * rows // chunks

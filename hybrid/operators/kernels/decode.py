@@ -13,8 +13,9 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic, overload
 
-from .batch import ROWS, tile_rows
-from .formats import FASTMATH, GEMM_TOKENS, _h2f, _stack_f32, act_mode, gemm_rows, gemm_takes, gemv_rows, rows_input
+from .activations import act_mode, rows_input
+from .intrinsics import FASTMATH, _h2f, _stack_f32
+from .rows import token_rows
 
 
 @intrinsic
@@ -50,24 +51,6 @@ def _store_impl(a, i, value):
     def store(a, i, value):
         a[i] = value
     return store
-
-
-@numba.njit(inline="always", fastmath=FASTMATH)
-def _rows(t, w, xa, y, lo, hi):
-    """y[b, r] = w[r] . x[b] for rows lo..hi-1 and every token b; xa: the tokens x as
-    `quantize_rows` gives them. One token: `gemv_rows`, as `_gemv`. Two to GEMM_TOKENS
-    where `gemm_takes` the format: `gemm_rows`. Otherwise rows decoded once into L1 tiles for all
-    tokens (a per-token dot decodes every row B times: a batch-8 MoE attention took 6.7x
-    batch 1)."""
-    x = xa[0]
-    B = x.shape[0]
-    if B == 1:
-        gemv_rows(t, w, xa, 0, lo, hi, y[0])
-    elif B <= GEMM_TOKENS and gemm_takes(xa, t):
-        tokens = np.arange(B)
-        gemm_rows(t, w, xa, tokens, tokens, B, lo, hi, y)
-    else:
-        tile_rows(t, w, x, y, lo, hi, 0, B, np.empty((ROWS, x.shape[1]), np.float32))
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
@@ -204,7 +187,7 @@ def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, ep
     wq, wk, wv, wo: uint8 blocks [rows, row_bytes], type codes tq, tk, tv, to;
     bq, bk, bv, bo: float32 [rows] biases, or [0] for none;
     qn, kn: float32 [D] q/k RMSNorm weights, or [0] for none (eps: their epsilon);
-    acts: the activation form the projections ask for (formats.ACT_*);
+    acts: the activation form the projections ask for (activations.ACT_*);
     cos, sin: float32 [B, D] rotary tables at each token's position (scale included);
     kc, vc: float32, or uint16 float16 bits, [slots, Hkv, max_len, D], written at (slots[b], :, pos[b]);
     slots, pos: int64 [B] cache slot and position of each token (it attends to keys 0..pos[b]);
@@ -224,10 +207,10 @@ def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, ep
     xa = rows_input(x, max(act_mode(acts, tq), act_mode(acts, tk), act_mode(acts, tv)))
     for c in prange(threads):
         lo, hi = _share(H * D, c, threads)
-        _rows(tq, wq, xa, q, lo, hi)
+        token_rows(tq, wq, xa, q, lo, hi)
         lo, hi = _share(Hkv * D, c, threads)
-        _rows(tk, wk, xa, k, lo, hi)
-        _rows(tv, wv, xa, v, lo, hi)
+        token_rows(tk, wk, xa, k, lo, hi)
+        token_rows(tv, wv, xa, v, lo, hi)
 
     # bias, q/k norm, rotary; k and v go into the cache.
     for b in range(B):
@@ -302,7 +285,7 @@ def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, ep
     atta = rows_input(att, act_mode(acts, to))
     for c in prange(threads):
         lo, hi = _share(wo.shape[0], c, threads)
-        _rows(to, wo, atta, y, lo, hi)
+        token_rows(to, wo, atta, y, lo, hi)
     if bo.size:
         for b in range(B):
             y[b] += bo
@@ -314,7 +297,7 @@ def mlp_step(x, tg, wg, tu, wu, td, wd, acts, threads):
     """down(silu(gate x) * up x) for a few tokens; returns float32 [N, hidden].
 
     x: float32 [N, hidden]; wg, wu: uint8 blocks [I, row_bytes]; wd: [hidden, row_bytes];
-    tg, tu, td: their type codes; acts: the activation form asked for (formats.ACT_*);
+    tg, tu, td: their type codes; acts: the activation form asked for (activations.ACT_*);
     threads: numba's thread count.
     """
     N, I = x.shape[0], wg.shape[0]
@@ -323,9 +306,9 @@ def mlp_step(x, tg, wg, tu, wu, td, wd, acts, threads):
     xa = rows_input(x, max(act_mode(acts, tg), act_mode(acts, tu)))
     for c in prange(threads):
         lo, hi = _share(I, c, threads)
-        # gate's rows, then the same rows of up (as `_rows`: GEMVs, or decoded tiles)
-        _rows(tg, wg, xa, act, lo, hi)
-        _rows(tu, wu, xa, up, lo, hi)
+        # gate's rows, then the same rows of up (as `token_rows`: GEMVs, or decoded tiles)
+        token_rows(tg, wg, xa, act, lo, hi)
+        token_rows(tu, wu, xa, up, lo, hi)
         for n in range(N):
             for r in range(lo, hi):
                 g = act[n, r]
@@ -334,7 +317,7 @@ def mlp_step(x, tg, wg, tu, wu, td, wd, acts, threads):
     acta = rows_input(act, act_mode(acts, td))
     for c in prange(threads):
         lo, hi = _share(wd.shape[0], c, threads)
-        _rows(td, wd, acta, y, lo, hi)
+        token_rows(td, wd, acta, y, lo, hi)
     return y
 
 

@@ -9,7 +9,7 @@ attn = (tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, qk_eps, acts) as
 mlp = (tg, wg, tu, wu, td, wd, acts) as `decode.mlp_step`;
 router = (tr, wr, top_k, normalize); experts = (tg, gate, tu, up, td, down, acts) as
 `moe._moe_fused`; shared = None, or Qwen2-MoE's shared expert and its gate:
-(tg, wg, tu, wu, td, wd, acts, tsg, wsg). acts: the activation form (formats.ACT_*); the
+(tg, wg, tu, wu, td, wd, acts, tsg, wsg). acts: the activation form (activations.ACT_*); the
 router and the shared expert's gate take int16 activations whatever it is (a router's
 ranking decides which experts run).
 """
@@ -17,9 +17,11 @@ ranking decides which experts run).
 import numba
 import numpy as np
 
-from .decode import _rows, attention_step, mlp_step, rms_norm, rows_input
-from .formats import ACT_INT16, FASTMATH, act_mode
+from .activations import ACT_INT16, act_mode, rows_input
+from .decode import attention_step, mlp_step, rms_norm
+from .intrinsics import FASTMATH
 from .moe import _moe_fused
+from .rows import token_rows
 
 
 @numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
@@ -78,7 +80,7 @@ def softmax_topk(logits, k, normalize):
 @numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
 def _router(x, tr, wr, top_k, normalize):
     logits = np.empty((x.shape[0], wr.shape[0]), np.float32)
-    _rows(tr, wr, rows_input(x, act_mode(ACT_INT16, tr)), logits, 0, wr.shape[0])
+    token_rows(tr, wr, rows_input(x, act_mode(ACT_INT16, tr)), logits, 0, wr.shape[0])
     return softmax_topk(logits, top_k, normalize)
 
 
@@ -124,7 +126,7 @@ def _add_shared_expert(h, shared, out, threads):
     tg, wg, tu, wu, td, wd, acts, tsg, wsg = shared
     y = mlp_step(h, tg, wg, tu, wu, td, wd, acts, threads)
     gate = np.empty((h.shape[0], 1), np.float32)
-    _rows(tsg, wsg, rows_input(h, act_mode(ACT_INT16, tsg)), gate, 0, 1)
+    token_rows(tsg, wsg, rows_input(h, act_mode(ACT_INT16, tsg)), gate, 0, 1)
     for b in range(h.shape[0]):
         g = np.float32(1) / (np.float32(1) + np.exp(-gate[b, 0]))
         for i in range(h.shape[1]):

@@ -1,7 +1,8 @@
-"""y = W @ x on GGUF blocks: GEMV for one token, VNNI rows against a few tokens at once
-(`formats.gemm_rows`) up to GEMM_TOKENS, decoded L1 tiles (batch.py) up to SMALL_BATCH
-tokens, and tile dequantization + BLAS above (weights are read once per batch in every
-case)."""
+"""y = W @ x on GGUF blocks: GEMV for one token, rows against a few tokens at once
+(`rows.token_rows`: `gemm_rows` where it takes the format, else decoded L1 tiles) up to
+GEMM_TOKENS, decoded L1 tiles (batch.py) up to TILE_MAX_TOKENS tokens, and tile
+dequantization + BLAS above (weights are read once per batch in every case; the
+thresholds are policy.py's)."""
 
 from contextlib import contextmanager
 
@@ -10,20 +11,13 @@ import numpy as np
 import torch
 from numba import prange
 
+from . import policy
+from .activations import ACT_INT16, act_mode, rows_input
 from .batch import decode_row, matmul_small
-from .formats import (
-    ACT_FLOAT, ACT_INT8, ACT_INT16, FASTMATH, GEMM_TOKENS, MULTI8_TYPES, MULTI_TYPES, act_mode, as_blocks, gemm_rows, gemv_rows,
-    rows_input,
-)
-
-# Up to this many tokens, decode each group of 4 weight rows once into L1 and multiply it
-# there with every token (batch.py); above, decode a tile of rows and hand it to BLAS.
-# The L1 path measured 2-3.5x faster than BLAS (torch, one thread beside numba's) at every
-# size tried, 32..2048 tokens (docs/performance.md, "Server").
-SMALL_BATCH = 4096
-# fp32 rows dequantized per BLAS call. Large on purpose: switching between numba's and
-# BLAS's thread pools costs milliseconds (both spin), far more than the cache misses.
-TILE_BYTES = 256 << 20
+from .formats import as_blocks
+from .intrinsics import FASTMATH
+from .policy import GEMM_TOKENS
+from .rows import gemv_rows, token_rows
 
 
 @contextmanager
@@ -44,7 +38,7 @@ def num_threads(threads):
 def _gemv(t, w, x, y, chunks, acts):
     """w: uint8 [rows, row_bytes]; x: float32 [cols]; y: float32 [rows]; rows split in
     chunks (one per thread: more, shorter streams read slower); acts: the activation form
-    asked for (formats.ACT_*)."""
+    asked for (activations.ACT_*)."""
     rows = w.shape[0]
     xa = rows_input(x.reshape(1, x.size), act_mode(acts, t))
     for c in prange(chunks):
@@ -54,17 +48,16 @@ def _gemv(t, w, x, y, chunks, acts):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
-def _gemm(t, w, x, y, chunks, acts):
-    """As `_gemv` for 2..GEMM_TOKENS tokens where `gemm_takes` the format in the activation
-    form `acts` asks for: x float32 [N, cols], y float32 [N, rows]; each row read once for
-    all tokens (`gemm_rows`)."""
+def _few(t, w, x, y, chunks, acts):
+    """As `_gemv` for 2..GEMM_TOKENS tokens: x float32 [N, cols], y float32 [N, rows]; each
+    row read once for all tokens (`token_rows`: `gemm_rows` where it takes the format in the
+    activation form `acts` asks for, else a decoded tile)."""
     rows = w.shape[0]
     xa = rows_input(x, act_mode(acts, t))
-    tokens = np.arange(x.shape[0])
     for c in prange(chunks):
         lo = c * rows // chunks
         hi = (c + 1) * rows // chunks
-        gemm_rows(t, w, xa, tokens, tokens, x.shape[0], lo, hi, y)
+        token_rows(t, w, xa, y, lo, hi)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
@@ -72,11 +65,6 @@ def _dequantize(t, w, out):
     """w: uint8 [rows, row_bytes]; out: float32 [rows, cols]."""
     for r in prange(w.shape[0]):
         decode_row(t, w[r], out[r])
-
-
-def _gemm_path(t: int, acts: int) -> bool:
-    """Whether a few tokens take `gemm_rows` (as `formats.gemm_takes` decides inside numba)."""
-    return (acts == ACT_INT8 and t in MULTI8_TYPES) or (acts != ACT_FLOAT and t in MULTI_TYPES)
 
 
 def gemv_chunks(rows):
@@ -113,9 +101,9 @@ def gemv(qtype, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, thr
     """y = W @ x.
 
     w: [rows, row_bytes] uint8 GGUF blocks (or [rows, cols] float32/float16/uint16-bf16);
-    x: float32 [cols]; out: optional float32 [rows]; acts: the activation form (formats.ACT_*):
+    x: float32 [cols]; out: optional float32 [rows]; acts: the activation form (activations.ACT_*):
     by default, Q8_0, Q4_0, Q4_K and Q6_K weights take x rounded to int16 per 32 values
-    (`formats.quantize_rows`: ~2e-5 relative error).
+    (`activations.quantize_rows`: ~2e-5 relative error).
     """
     t, w, cols = as_blocks(qtype, w)
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -143,13 +131,13 @@ def matmul(qtype, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, t
     with num_threads(threads):
         if n == 1:
             _gemv(t, w, x[0], y[0], gemv_chunks(rows), acts)
-        elif n <= GEMM_TOKENS and _gemm_path(t, acts):
-            _gemm(t, w, x, y, gemv_chunks(rows), acts)
-        elif n <= SMALL_BATCH:
+        elif n <= GEMM_TOKENS:
+            _few(t, w, x, y, gemv_chunks(rows), acts)
+        elif n <= policy.TILE_MAX_TOKENS:
             matmul_small(t, w, x, y, gemv_chunks(rows))
         else:
             # yT[r0:r1] = tile @ x.T keeps every BLAS output contiguous.
-            tile_rows = max(16, TILE_BYTES // (4 * cols))
+            tile_rows = max(16, policy.BLAS_TILE_BYTES // (4 * cols))
             tile = np.empty((min(tile_rows, rows), cols), np.float32)
             yt = np.empty((rows, n), np.float32)
             xt = torch.from_numpy(x).T

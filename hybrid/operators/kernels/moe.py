@@ -1,9 +1,9 @@
 """Fused MoE experts: out[n] = sum_k w[n,k] * down[e] @ (silu(gate[e] @ x[n]) * (up[e] @ x[n])).
 
-Up to FUSED_MAX_TOKENS tokens (decode, batches, prefill chunks) run as one numba call:
-tokens are grouped by expert, then one parallel pass computes every (expert, chunk of rows)
-of gate/up and a second every chunk of output rows of down, so each expert row is read
-from memory, and decoded, once per call (an expert with several tokens multiplies them
+Up to MOE_FUSED_MAX_TOKENS tokens (decode, batches, prefill chunks; policy.py) run as one
+numba call: tokens are grouped by expert, then one parallel pass computes every (expert,
+chunk of rows) of gate/up and a second every chunk of output rows of down, so each expert
+row is read from memory, and decoded, once per call (an expert with several tokens multiplies them
 all with a decoded tile: batch.py). Longer inputs go expert by expert through `matmul`.
 """
 
@@ -11,20 +11,14 @@ import numba
 import numpy as np
 from numba import prange
 
+from . import policy
+from .activations import ACT_FLOAT, ACT_INT8, ACT_INT16, act_mode, quantize_rows
 from .batch import ROWS, decode_tile, tile_dot
-from .formats import ACT_FLOAT, ACT_INT8, ACT_INT16, FASTMATH, GEMM_TOKENS, act_mode, as_blocks, gemm_rows, gemm_takes, gemv_rows, quantize_rows
+from .formats import as_blocks
+from .intrinsics import FASTMATH
 from .linear import gemv_chunks, matmul, num_threads
-
-# Up to this many tokens the fused kernel runs (measured 3x faster than going expert by
-# expert through BLAS from 128 to 2048 tokens, top-4 of 32 experts); above, expert by expert,
-# which keeps the [N*K, I] buffer of the fused kernel bounded.
-FUSED_MAX_TOKENS = 2048
-# An expert with up to this many tokens runs a GEMV per token (the integer path, its rows
-# re-read from L2 for the next token); more, a decoded tile. A batch-8 decode step of the
-# synthetic Q8_0 MoE, 1 -> 4: 40-42.5 ms -> 33-35 ms (5-8 tokens measured the same as 4).
-# With VNNI, an expert with 2 to GEMM_TOKENS tokens takes `gemm_rows` instead: each row
-# against all of them, each token's result bitwise its GEMV's.
-GEMV_TOKENS = 4
+from .policy import EXPERT_GEMV_TOKENS, GEMM_TOKENS
+from .rows import gemm_rows, gemm_takes, gemv_rows
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
@@ -72,7 +66,7 @@ def _experts_input(x, mode):
 def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks):
     """gate, up: uint8 [E, I, H-row-bytes]; down: uint8 [E, H, I-row-bytes]; x: float32
     [N, H]; ids: int64 [N, K]; weights: float32 [N, K]; out: float32 [N, H] (overwritten);
-    acts: the activation form asked for (formats.ACT_*);
+    acts: the activation form asked for (activations.ACT_*);
     the rows of each matrix are split in `chunks` (one per thread)."""
     n_tok, k_top = ids.shape
     inter = gate.shape[1]
@@ -84,9 +78,9 @@ def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks):
 
     # silu(gate @ x) * (up @ x) for every (expert, chunk of rows) in use. A task reads its
     # rows of gate, then the same rows of up: interleaving gate and up row by row halved
-    # the DRAM read speed. An expert with up to GEMV_TOKENS (token, slot) pairs runs a GEMV
-    # per pair; with more, each row is decoded once into a tile and multiplied there with
-    # every pair (batch.py).
+    # the DRAM read speed. An expert with up to EXPERT_GEMV_TOKENS (token, slot) pairs runs a
+    # GEMV per pair; with more, each row is decoded once into a tile and multiplied there
+    # with every pair (batch.py).
     for task in prange(used.size * chunks):
         g = task // chunks
         e = used[g]
@@ -103,7 +97,7 @@ def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks):
                 for r in range(lo, hi):
                     h[p, r] = _silu(h[p, r]) * u[j, r]
             continue
-        if j1 - j0 <= GEMV_TOKENS:
+        if j1 - j0 <= EXPERT_GEMV_TOKENS:
             u = np.empty(inter, np.float32)
             for j in range(j0, j1):
                 p = pairs[j]
@@ -155,7 +149,7 @@ def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks):
                     for r in range(lo, hi):
                         out[n, r] += wk * ys[j, r]
                 continue
-            if j1 - j0 <= GEMV_TOKENS:
+            if j1 - j0 <= EXPERT_GEMV_TOKENS:
                 for j in range(j0, j1):
                     p = pairs[j]
                     n = p // k_top
@@ -184,7 +178,7 @@ def moe_forward(qtype_gate, gate, qtype_up, up, qtype_down, down, x, topk_ids, t
     gate, up: [E, I, H-row-bytes] GGUF blocks (logical [E, I, H]; or float [E, I, H]);
     down: [E, H, I-row-bytes] (logical [E, H, I]); x: float32 [N, H];
     topk_ids: int [N, K], -1 = skip; topk_weights: float32 [N, K]; returns float32 [N, H];
-    acts: the activation form asked for (formats.ACT_*).
+    acts: the activation form asked for (activations.ACT_*).
     """
     weights_in = (qtype_gate, gate, qtype_up, up, qtype_down, down)
     tg, gate, hidden = as_blocks(qtype_gate, gate)
@@ -202,7 +196,7 @@ def moe_forward(qtype_gate, gate, qtype_up, up, qtype_down, down, x, topk_ids, t
         raise ValueError(f"expert id {ids.max()} out of range for {experts} experts")
     y = np.empty_like(x) if out is None else out
     with num_threads(threads):
-        if x.shape[0] <= FUSED_MAX_TOKENS:
+        if x.shape[0] <= policy.MOE_FUSED_MAX_TOKENS:
             _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, y, gemv_chunks(min(inter, hidden)))
         else:
             _moe_by_expert(*weights_in, x, ids, weights, y, acts)

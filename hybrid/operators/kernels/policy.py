@@ -1,0 +1,54 @@
+"""Where the kernels switch from one way of computing to another: every dispatch threshold,
+each with the measurement that set it. Numbers read inside numba kernels are compiled in
+(a change means a fresh compile, which the source-keyed cache gives); the ones read from
+Python are read at each call.
+
+Tokens per call, from one up, for a weight matrix (`linear.matmul`, the decode kernels):
+1 a GEMV; up to GEMM_TOKENS `gemm_rows` where it takes the format (else L1 tiles); up to
+TILE_MAX_TOKENS L1 tiles; above, dequantized tiles of BLAS_TILE_BYTES and BLAS.
+"""
+
+# Up to this many tokens, formats `gemm_rows` takes (formats.MULTI_TYPES, MULTI8_TYPES) go
+# each row against all tokens at once, else L1 tiles. One core, 512 x 1024 in L2, G
+# weight-tokens/s, Q8_0 at 2, 4, 8 tokens: `gemm_rows` 24, 33, 32, tiles 14, 22, 28 (Q4_0
+# at 8: 30 against 32); below 8 `gemm_rows` is up to 1.5x faster, at 8 the tiles come close
+# or ahead and gain with every further token (docs/performance.md, "Several tokens per row").
+GEMM_TOKENS = 8
+
+# Up to this many tokens, decode each group of 4 weight rows once into L1 and multiply it
+# there with every token (batch.py); above, decode a tile of rows and hand it to BLAS.
+# The L1 path measured 2-3.5x faster than BLAS (torch, one thread beside numba's) at every
+# size tried, 32..2048 tokens (docs/performance.md, "Server").
+TILE_MAX_TOKENS = 4096
+
+# fp32 rows dequantized per BLAS call above TILE_MAX_TOKENS. Large on purpose: switching
+# between numba's and BLAS's thread pools costs milliseconds (both spin), far more than
+# the cache misses.
+BLAS_TILE_BYTES = 256 << 20
+
+# Activations read per pass of an L1 tile (batch.py) stay within this: half the 1 MB L2
+# of this machine's cores, so the tokens are read from L2 for every tile.
+TILE_X_BYTES = 512 << 10
+
+# Up to this many tokens the fused MoE kernel runs (measured 3x faster than going expert by
+# expert through BLAS from 128 to 2048 tokens, top-4 of 32 experts); above, expert by
+# expert, which keeps the [N*K, I] buffer of the fused kernel bounded. The fused decoder
+# layer (kernels/layer.py) runs this kernel, so it takes no more tokens either.
+MOE_FUSED_MAX_TOKENS = 2048
+
+# In the fused MoE, an expert with up to this many tokens runs a GEMV per token (the
+# integer path, its rows re-read from L2 for the next token); more, a decoded tile. A
+# batch-8 decode step of the synthetic Q8_0 MoE, 1 -> 4: 40-42.5 ms -> 33-35 ms (5-8 tokens
+# measured the same as 4). With `gemm_rows` for the format, an expert with 2 to
+# GEMM_TOKENS tokens takes it instead: each row against all of them.
+EXPERT_GEMV_TOKENS = 4
+
+# Up to this many tokens (decode of a batch of sequences) a CPU MLP is one numba call
+# (decode.mlp_step): one token takes the integer GEMV, two or more the projections'
+# decoded L1 tiles, which reuse each weight row for every token. Longer calls (prefill) go
+# projection by projection through `linear.matmul`, whose BLAS path wins there.
+MLP_FUSED_MAX_TOKENS = 16
+
+# fp32 weight bytes per copy to a prefill device (operators/offload.py): bounds the host
+# and device memory a call adds.
+OFFLOAD_TILE_BYTES = 64 << 20
