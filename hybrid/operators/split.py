@@ -15,7 +15,7 @@ from hybrid.models.common import Experts, routed_sum
 
 from . import kernels, offload
 from .base import Operator, check_quant, weight_array
-from .kernels.formats import DEFAULT_ACTIVATIONS, check_activations
+from .kernels.activations import DEFAULT_ACTIVATIONS, check_activations
 
 Q = GGMLQuantizationType
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
