@@ -183,3 +183,27 @@ def test_run_with_an_empty_kernel_cache_answers_on_torch(smollm_path, tmp_path):
     assert pid is not None
     assert "reading and dequantizing weights" in r.stderr   # the torch tier's load, by stage
     assert not any(tmp_path.glob("ready-*.json"))             # nothing compiled by the answer itself
+
+
+def test_the_marker_decides_between_a_direct_and_a_tiered_start(smollm_path, tmp_path, monkeypatch, cpu_machine):
+    """No marker: --wait-for-kernels (tiered=False) compiles here and writes it; then a start
+    loads the kernel model directly; without it again, the start is tiered."""
+    monkeypatch.setattr(tiered, "_cache_dir", lambda: tmp_path)   # markers here; numba's cache as it is
+    assert not tiered.kernels_ready(smollm_path, "llama-cpu")
+    seen = []
+    progress = Progress()
+    progress.listen(lambda s: seen.append(s["stage"]))
+    model, tiers = tiered.load_tiered(smollm_path, None, progress=progress, tiered=False)
+    assert tiers is None and model.runs_kernels
+    assert "Q4_1, Q8_0 kernels ready" in seen
+    assert tiered.kernels_ready(smollm_path, "llama-cpu")   # None chose the family's CPU rules
+    model, tiers = tiered.load_tiered(smollm_path, None)
+    assert tiers is None and model.runs_kernels
+    for ready in tmp_path.glob("ready-*.json"):
+        ready.unlink()
+    model, tiers = tiered.load_tiered(smollm_path, None)
+    try:
+        assert tiers is not None and not model.runs_kernels and tiers.process.poll() is None
+    finally:
+        os.killpg(tiers.process.pid, signal.SIGTERM)
+        tiers.process.wait(60)

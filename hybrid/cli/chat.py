@@ -63,6 +63,8 @@ def main(args) -> int:
         except ImportError:
             pass
     engine = Engine(model, slots=1, ctx=args.ctx, prefix_cache=prefix_cache_bytes(args)).start()
+    tokenizer, name = model.tokenizer, model.name
+    del model   # after a tiered start's swap nothing else keeps the torch tier's float32 weights
     said = None   # the kernels' state last told (a tiered start)
     if tiers is not None:
         tiers.attach(engine)
@@ -70,7 +72,7 @@ def main(args) -> int:
         print(tiers_note(tiers), file=sys.stderr, flush=True)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
-    print(f"{model.name}: type a message, /help for commands, /exit to leave.", flush=True)
+    print(f"{name}: type a message, /help for commands, /exit to leave.", flush=True)
     try:
         while True:
             try:
@@ -95,7 +97,7 @@ def main(args) -> int:
                 continue
             history.append({"role": "user", "content": text})
             try:
-                ids = _fit(model.tokenizer, system, history, params.max_tokens, engine.ctx, chat_prompt_ids)
+                ids = _fit(tokenizer, system, history, params.max_tokens, engine.ctx, chat_prompt_ids)
                 stream = engine.submit(ids, params)
             except ContextLengthExceeded as e:
                 history.pop()

@@ -44,6 +44,7 @@ def main(args) -> int:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         ids = chat_prompt_ids(tok, messages + [{"role": "user", "content": prompt}])
     engine = Engine(model, slots=1, ctx=args.ctx, prefix_cache=prefix_cache_bytes(args)).start()
+    del model   # after a tiered start's swap nothing else keeps the torch tier's float32 weights
     if tiers is not None:
         tiers.attach(engine)
         print(tiers_note(tiers), file=sys.stderr, flush=True)

@@ -186,7 +186,7 @@ def _load(app, args, url: str, loaded: dict, stop: threading.Event) -> None:
     try:
         model, tiers = load_for_engine(args, progress=state.progress)
         if tiers is None:
-            warm_up(model, state.progress)  # the kernels, loaded from the cache (or compiled: --wait-for-kernels)
+            warm_up(model, state.progress)  # every kernel path loaded from the cache before /health says ok
         engine = Engine(model, slots=args.slots, ctx=args.ctx, max_queue=args.max_queue,
                         prefix_cache=prefix_cache_bytes(args)).start()
         loaded["engine"] = engine
@@ -194,6 +194,7 @@ def _load(app, args, url: str, loaded: dict, stop: threading.Event) -> None:
             state.tiers = tiers
             tiers.progress.listen(line)
             tiers.attach(engine)
+        del model   # after a tiered start's swap nothing else keeps the torch tier's float32 weights
         be = state.attach(engine)
     except Exception as e:
         if isinstance(e, (ValueError, OSError)):   # bad input (path, rule file, --ctx): one line, status 2

@@ -181,21 +181,45 @@ class Tiers:
 
 
 def load_tiered(source, rules=None, *, progress=None, tiered: bool | None = None):
-    """(model, tiers): the model under `rules` when its kernels are cached, it uses none, or
-    its float32 copy would not fit in memory (tiers None), else the model under torch-cpu
-    and a started `Tiers` to `attach` to the engine. `tiered`: True forces a tiered start,
-    False never tiers (kernels compile on first use)."""
-    from hybrid.inject.loader import default_rules, describe, load
+    """(model, tiers) for an engine.
 
-    if tiered is not False:
-        _, cfg, refs, _ = describe(source)
-        rules = rules if rules is not None else default_rules(cfg["model_type"])
-        if tiered is None:
-            tiered = uses_kernels(rules) and not kernels_ready(source, rules) and float32_fits(refs)
-    if not tiered:
-        return load(source, rules, progress=progress), None
-    tiers = Tiers(source, rules).start_compiler()
-    return load(source, TORCH_RULES, progress=progress), tiers
+    - The kernels of this model, rules and CPU are in the cache, or the rules use none:
+      the model under `rules`, tiers None.
+    - Else, by default (`tiered` None) or with `tiered` True: the model under torch-cpu and
+      a started `Tiers` to `attach` to the engine, unless the float32 copy would not fit
+      in memory (`float32_fits`).
+    - Else (`tiered` False, or too large for torch): the model under `rules`, its kernels
+      compiled here before it is returned (with `progress`), tiers None.
+    progress: a `Progress`, or True for a status line on stderr."""
+    from hybrid.inject.loader import default_rules, describe, load
+    from hybrid.inject.progress import StatusLine
+
+    _, cfg, refs, _ = describe(source)
+    rules = rules if rules is not None else default_rules(cfg["model_type"])
+    cold = uses_kernels(rules) and not kernels_ready(source, rules)
+    if tiered or (tiered is None and cold and float32_fits(refs)):
+        tiers = Tiers(source, rules).start_compiler()
+        return load(source, TORCH_RULES, progress=progress), tiers
+    line = None
+    if progress is True:
+        progress, line = Progress(), StatusLine()
+        progress.listen(line)
+    try:
+        model = load(source, rules, progress=progress)
+        if cold:
+            compile_here(model, source, rules, progress)
+    finally:
+        if line is not None:
+            line.close()
+    return model, None
+
+
+def compile_here(model, source, rules, progress: Progress | None = None) -> None:
+    """Compile (or load) the kernels `model` uses in this process, then write the marker."""
+    warm_up(model, progress)
+    path = marker(source, rules)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"source": str(source), "rules": str(rules), "formats": model.kernel_formats()}))
 
 
 def warm_up(model, progress: Progress | None = None) -> None:
@@ -284,8 +308,7 @@ def compile_kernels(source, rules) -> None:
         model = load(source, rules)
         progress = Progress()
         progress.listen(lambda snap: _emit({k: snap[k] for k in ("stage", "done", "total", "unit", "detail")}))
-        warm_up(model, progress)
-        path.write_text(json.dumps({"source": str(source), "rules": str(rules), "formats": model.kernel_formats()}))
+        compile_here(model, source, rules, progress)
 
 
 def main(argv=None) -> int:
