@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,6 +205,10 @@ def test_the_marker_decides_between_a_direct_and_a_tiered_start(smollm_path, tmp
     model, tiers = tiered.load_tiered(smollm_path, None)
     try:
         assert tiers is not None and not model.runs_kernels and tiers.process.poll() is None
+        # it runs where this hybrid was imported from: `-m` in a checkout's directory would
+        # import the checkout's instead (and its kernel cache)
+        root = Path(hybrid.__file__).resolve().parents[1]
+        assert Path(os.readlink(f"/proc/{tiers.process.pid}/cwd")) == root
     finally:
         os.killpg(tiers.process.pid, signal.SIGTERM)
         tiers.process.wait(60)

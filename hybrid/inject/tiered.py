@@ -61,8 +61,18 @@ def variant_key(source, rules) -> str:
     files = [Path(p) for p in (src.gguf_files or src.safetensors_files or [src.path])]
     stats = [(str(p.resolve()), p.stat().st_size, int(p.stat().st_mtime)) for p in files]
     cpu = (numba.config.CPU_NAME or llvm.get_host_cpu_name(), numba.config.CPU_FEATURES or "")
-    text = json.dumps([stats, str(rules), cpu])
+    text = json.dumps([stats, _rules_arg(rules), cpu])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _rules_arg(rules) -> str:
+    """A rule file as an absolute path (the compiler runs elsewhere), a name or YAML text as given."""
+    try:
+        if Path(str(rules)).is_file():
+            return str(Path(str(rules)).resolve())
+    except OSError:  # YAML text too long for a file name
+        pass
+    return str(rules)
 
 
 def marker(source, rules) -> Path:
@@ -112,12 +122,16 @@ class Tiers:
         log_path = _cache_dir() / "compile.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, NUMBA_NUM_THREADS="1", NUMBA_CACHE_DIR=str(_cache_dir()))
+        # The same hybrid as this process's: run from the directory it was imported from
+        # (`-m` puts the working directory first on sys.path).
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        cmd = [sys.executable, "-m", "hybrid.inject.tiered", self.source, "--rules", str(self.rules)]
+        source = str(Path(self.source).resolve()) if Path(self.source).exists() else self.source
+        cmd = [sys.executable, "-m", "hybrid.inject.tiered", source, "--rules", _rules_arg(self.rules)]
         with open(log_path, "ab") as err:
             # its own session: it keeps filling the cache if this process ends first
-            self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, start_new_session=True)
+            self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, cwd=root,
+                                            start_new_session=True)
         self.progress.stage("compiling kernels in the background", detail="starting the compiler")
         return self
 
