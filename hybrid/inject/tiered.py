@@ -153,6 +153,8 @@ class Tiers:
             status = self.process.wait()
             if status != 0:
                 raise RuntimeError(f"the kernel compiler exited with status {status} (see {_cache_dir() / 'compile.log'})")
+            if self._engine is None:  # stopped: the cache is filled, nobody to hand the kernels to
+                return
             self.state = "loading"
             from hybrid.inject.loader import load
 
@@ -164,7 +166,9 @@ class Tiers:
                 model.set_torch_threads()
                 warm_up(model, self.progress)
 
-            self._engine.replace_model(model, prepare=prepare, on_swapped=self._swapped)
+            engine = self._engine
+            if engine is not None:
+                engine.replace_model(model, prepare=prepare, on_swapped=self._swapped)
         except Exception as e:
             log.warning("kernels unavailable, staying on torch: %s", e)
             self._fail(e)
