@@ -181,7 +181,7 @@ def _load(app, args, url: str, loaded: dict, stop: threading.Event) -> None:
 
     state = app.extensions["hybrid"]
     t0 = time.perf_counter()
-    line = StatusLine(sys.stdout, "hybrid serve")
+    line = StatusLine(sys.stderr, "hybrid serve")   # stdout keeps listening / ready / shutdown
     state.progress.listen(line)
     try:
         model, tiers = load_for_engine(args, progress=state.progress)
@@ -206,6 +206,8 @@ def _load(app, args, url: str, loaded: dict, stop: threading.Event) -> None:
         print(f"hybrid serve: could not load the model: {e}", file=sys.stderr, flush=True)
         stop.set()
         return
-    line.say(f"ready at {url} (model {be.name!r}, ctx {be.ctx}, {args.slots} slots, "
+    line.close()
+    print(f"hybrid serve: ready at {url} (model {be.name!r}, ctx {be.ctx}, {args.slots} slots, "
              f"loaded in {time.perf_counter() - t0:.1f}s)" + (f"; answering on torch while the kernels compile "
-                                                             f"in the background (pid {tiers.process.pid})" if tiers else ""))
+                                                             f"in the background (pid {tiers.process.pid})" if tiers else ""),
+          flush=True)
