@@ -14,13 +14,14 @@ Ctrl-C stops the current answer."""
 
 
 def add_parser(subparsers):
-    from hybrid.cli.defaults import add_model_args, add_prefix_cache_arg, add_sampling_args
+    from hybrid.cli.defaults import add_model_args, add_prefix_cache_arg, add_sampling_args, add_start_arg
 
     p = subparsers.add_parser("chat", help=HELP, description=HELP + ". Keeps the conversation, streams the "
                               "answers and shows the speed after each.\n\n" + COMMANDS,
                               formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("--system", metavar="TEXT", help="system message")
     add_model_args(p)
+    add_start_arg(p)
     add_prefix_cache_arg(p)
     add_sampling_args(p)
     p.set_defaults(func=main)
@@ -48,12 +49,12 @@ def read_message(read=input):
 
 def main(args) -> int:
     from hybrid.cli.run import format_stats
-    from hybrid.cli.defaults import load_from_args, prefix_cache_bytes, sampling_from_args
+    from hybrid.cli.defaults import load_for_engine, prefix_cache_bytes, sampling_from_args, tiers_note
     from hybrid.engine.scheduler import Engine
     from hybrid.engine.generate import ContextLengthExceeded, chat_prompt_ids
 
     params = sampling_from_args(args)
-    model = load_from_args(args)
+    model, tiers = load_for_engine(args)
     if model.tokenizer is None:
         raise ValueError(f"{model.name} has no tokenizer")
     if sys.stdin.isatty():
@@ -62,9 +63,16 @@ def main(args) -> int:
         except ImportError:
             pass
     engine = Engine(model, slots=1, ctx=args.ctx, prefix_cache=prefix_cache_bytes(args)).start()
+    tokenizer, name = model.tokenizer, model.name
+    del model   # after a tiered start's swap nothing else keeps the torch tier's float32 weights
+    said = None   # the kernels' state last told (a tiered start)
+    if tiers is not None:
+        tiers.attach(engine)
+        said = tiers.state
+        print(tiers_note(tiers), file=sys.stderr, flush=True)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
-    print(f"{model.name}: type a message, /help for commands, /exit to leave.", flush=True)
+    print(f"{name}: type a message, /help for commands, /exit to leave.", flush=True)
     try:
         while True:
             try:
@@ -89,7 +97,7 @@ def main(args) -> int:
                 continue
             history.append({"role": "user", "content": text})
             try:
-                ids = _fit(model.tokenizer, system, history, params.max_tokens, engine.ctx, chat_prompt_ids)
+                ids = _fit(tokenizer, system, history, params.max_tokens, engine.ctx, chat_prompt_ids)
                 stream = engine.submit(ids, params)
             except ContextLengthExceeded as e:
                 history.pop()
@@ -110,9 +118,14 @@ def main(args) -> int:
                     print(f"error: {last.error}", file=sys.stderr, flush=True)
                 elif last is not None:
                     print(f"[{format_stats(last)}]", file=sys.stderr, flush=True)
+            if tiers is not None and tiers.state != said and tiers.done.is_set():
+                said = tiers.state
+                print(tiers_note(tiers), file=sys.stderr, flush=True)
             history.append({"role": "assistant", "content": "".join(answer)})
     finally:
         engine.stop()
+        if tiers is not None:
+            tiers.stop()
 
 
 def _fit(tokenizer, system, history, max_tokens, ctx, render):

@@ -44,6 +44,13 @@ def add_model_args(parser: argparse.ArgumentParser, ctx: bool = True) -> None:
                        help="context size in tokens (default: the model's, at most 4096)")
 
 
+def add_start_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait-for-kernels", action="store_true",
+                        help="on a first start, when this model's numba kernels are not compiled yet (minutes), "
+                             "compile them before answering; by default hybrid answers at once on torch "
+                             "(slower) while they compile in the background, then switches to them")
+
+
 PREFIX_CACHE_MB = 256
 
 
@@ -136,6 +143,16 @@ def load_from_args(args):
     return load(args.model or default_model_path(), rules=args.rules, progress=True)
 
 
+def load_for_engine(args, progress=True):
+    """(model, tiers) for run, chat and serve: see `hybrid.inject.tiered.load_tiered`; tiers
+    is None unless the start is tiered (then attach it to the engine). progress: a
+    `Progress`, or True for a status line on stderr."""
+    from hybrid.inject.tiered import load_tiered
+
+    return load_tiered(args.model or default_model_path(), args.rules, progress=progress,
+                       tiered=False if getattr(args, "wait_for_kernels", False) else None)
+
+
 def _context_size(text: str) -> int:
     try:
         value = int(text)
@@ -144,3 +161,14 @@ def _context_size(text: str) -> int:
     if value < 2:
         raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
     return value
+
+
+def tiers_note(tiers) -> str:
+    """One line on what a tiered start's kernels are doing, for stderr."""
+    if tiers.state == "ready":
+        return "hybrid: switched to the compiled kernels"
+    if tiers.state == "failed":
+        return f"hybrid: the kernels are unavailable, answering on torch: {tiers.error}"
+    pid = tiers.process.pid if tiers.process is not None else "?"
+    return (f"hybrid: answering on torch while the kernels compile in the background (pid {pid}; "
+            f"{tiers.progress.snapshot()['message']}); later starts use them")

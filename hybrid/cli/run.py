@@ -8,7 +8,7 @@ HELP = "generate one answer for a prompt and stream it to stdout"
 
 
 def add_parser(subparsers):
-    from hybrid.cli.defaults import add_model_args, add_prefix_cache_arg, add_sampling_args
+    from hybrid.cli.defaults import add_model_args, add_prefix_cache_arg, add_sampling_args, add_start_arg
 
     p = subparsers.add_parser("run", help=HELP, description=HELP + ". The prompt is chat-formatted with the "
                               "model's template unless --raw is given. Progress goes to stderr.")
@@ -18,6 +18,7 @@ def add_parser(subparsers):
     p.add_argument("--json", action="store_true", help="constrain the output to a JSON object or array")
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr at the end")
     add_model_args(p)
+    add_start_arg(p)
     add_prefix_cache_arg(p)
     add_sampling_args(p)
     p.set_defaults(func=main)
@@ -25,7 +26,7 @@ def add_parser(subparsers):
 
 
 def main(args) -> int:
-    from hybrid.cli.defaults import load_from_args, prefix_cache_bytes, sampling_from_args
+    from hybrid.cli.defaults import load_for_engine, prefix_cache_bytes, sampling_from_args, tiers_note
     from hybrid.engine.scheduler import Engine
     from hybrid.engine.generate import chat_prompt_ids
 
@@ -33,7 +34,7 @@ def main(args) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if args.raw and args.system:
         raise ValueError("--system needs the chat format; drop --raw")
-    model = load_from_args(args)
+    model, tiers = load_for_engine(args)
     tok = model.tokenizer
     if tok is None:
         raise ValueError(f"{model.name} has no tokenizer")
@@ -43,6 +44,10 @@ def main(args) -> int:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         ids = chat_prompt_ids(tok, messages + [{"role": "user", "content": prompt}])
     engine = Engine(model, slots=1, ctx=args.ctx, prefix_cache=prefix_cache_bytes(args)).start()
+    del model   # after a tiered start's swap nothing else keeps the torch tier's float32 weights
+    if tiers is not None:
+        tiers.attach(engine)
+        print(tiers_note(tiers), file=sys.stderr, flush=True)
     try:
         stream = engine.submit(ids, params, json_mode=args.json)
         try:
@@ -55,6 +60,9 @@ def main(args) -> int:
         sys.stdout.flush()
     finally:
         engine.stop()
+        if tiers is not None:
+            tiers.stop()
+            print(tiers_note(tiers), file=sys.stderr, flush=True)
     if ev.error:
         print(f"hybrid run: error: {ev.error}", file=sys.stderr)
         return 1

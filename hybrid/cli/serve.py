@@ -56,10 +56,11 @@ def _seconds(text: str) -> float:
 
 
 def add_parser(subparsers):
-    from hybrid.cli.defaults import add_model_args, add_prefix_cache_arg
+    from hybrid.cli.defaults import add_model_args, add_prefix_cache_arg, add_start_arg
 
     p = subparsers.add_parser("serve", help=HELP, description=HELP + ". See docs/api.md.")
     add_model_args(p)
+    add_start_arg(p)
     add_prefix_cache_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=_int_in(0, 65535, "the port"), default=8000,
@@ -173,17 +174,27 @@ def _flush(server, deadline: float) -> None:
 def _load(app, args, url: str, loaded: dict, stop: threading.Event) -> None:
     """Load the model and start the engine; on failure say why and stop the server (status 2
     for bad input, as the other commands, 1 for anything else)."""
-    from hybrid.cli.defaults import load_from_args, prefix_cache_bytes
+    from hybrid.cli.defaults import load_for_engine, prefix_cache_bytes
     from hybrid.engine.scheduler import Engine
+    from hybrid.inject.progress import StatusLine
+    from hybrid.inject.tiered import warm_up
 
     state = app.extensions["hybrid"]
     t0 = time.perf_counter()
+    line = StatusLine(sys.stderr, "hybrid serve")   # stdout keeps listening / ready / shutdown
+    state.progress.listen(line)
     try:
-        model = load_from_args(args)
-        model.warm_up()
+        model, tiers = load_for_engine(args, progress=state.progress)
+        if tiers is None:
+            warm_up(model, state.progress)  # every kernel path loaded from the cache before /health says ok
         engine = Engine(model, slots=args.slots, ctx=args.ctx, max_queue=args.max_queue,
                         prefix_cache=prefix_cache_bytes(args)).start()
         loaded["engine"] = engine
+        if tiers is not None:
+            state.tiers = tiers
+            tiers.progress.listen(line)
+            tiers.attach(engine)
+        del model   # after a tiered start's swap nothing else keeps the torch tier's float32 weights
         be = state.attach(engine)
     except Exception as e:
         if isinstance(e, (ValueError, OSError)):   # bad input (path, rule file, --ctx): one line, status 2
@@ -195,5 +206,8 @@ def _load(app, args, url: str, loaded: dict, stop: threading.Event) -> None:
         print(f"hybrid serve: could not load the model: {e}", file=sys.stderr, flush=True)
         stop.set()
         return
+    line.close()
     print(f"hybrid serve: ready at {url} (model {be.name!r}, ctx {be.ctx}, {args.slots} slots, "
-          f"loaded in {time.perf_counter() - t0:.1f}s)", flush=True)
+             f"loaded in {time.perf_counter() - t0:.1f}s)" + (f"; answering on torch while the kernels compile "
+                                                             f"in the background (pid {tiers.process.pid})" if tiers else ""),
+          flush=True)

@@ -9,7 +9,11 @@ decode step reads the same dense weights as a batch-1 step, so throughput grows 
 batch. Events go to a per-request queue read by that request's `Stream`.
 
 The API other code uses: `submit` (a `Stream`), `cancel(stream)`, `stats()`, `describe()`,
-`start()` and `stop()`; nothing outside reads the queues or the model's modules.
+`start()`, `stop()` and `replace_model()`; nothing outside reads the queues or the model's modules.
+
+`replace_model` hands the engine a faster tier of the same weights (the numba kernels once
+they are compiled, after a start on torch): the engine thread prepares it and swaps it in
+between two steps, so the kernels only ever run on the thread that owns the model.
 
 Either `start()` a background thread (a server), or leave it stopped and let each
 `Stream` drive `step()` from the thread that iterates it (scripts, the CLI in a pinch).
@@ -53,6 +57,13 @@ def prefill_groups(seqs: list[Sequence], chunk: int, ctx: int) -> list[list[Sequ
         groups.append(group)
         todo = rest
     return groups
+
+
+def _cache_layout(model) -> list | None:
+    """What must match for a KV cache made by one model to serve another: per layer, the
+    cache's kind, heads, head sizes, dtype and device (None: unknown, never matches)."""
+    layout = getattr(model, "cache_layout", None)
+    return layout() if layout is not None else None
 
 
 class QueueFull(RuntimeError):
@@ -155,6 +166,8 @@ class Engine:
         self._stopping = False
         self._stop_reason = "cancelled"
         self._description: dict | None = None
+        self._pending: tuple | None = None  # (model, prepare, on_swapped) waiting for replace_model
+        self.swaps = 0
 
     # -- any thread
 
@@ -206,6 +219,18 @@ class Engine:
             self._description = {"name": m.name, "tokenizer": self.tokenizer, "ctx": self.ctx,
                                  "source": getattr(m, "source", None), "info": describe(m, self.ctx)}
         return self._description
+
+    def replace_model(self, model, prepare=None, on_swapped=None) -> None:
+        """From the next step on, run `model` (the same weights through other operators).
+
+        The engine thread calls prepare() first (e.g. `model.warm_up`: the kernels' first
+        calls, loaded or compiled, on the thread that will run them), then swaps between
+        two steps and calls on_swapped(error or None). The KV cache (and prefix cache) are
+        kept when the new model's cache has the same layout, so sequences in flight go on
+        on the new model; otherwise the swap waits until no sequence holds a slot. If
+        prepare() raises, the current model stays and on_swapped gets the exception."""
+        self._pending = (model, prepare, on_swapped)
+        self.wake()
 
     def wake(self) -> None:
         self._wake.set()
@@ -259,6 +284,8 @@ class Engine:
     def step(self) -> bool:
         """Admit, prefill one chunk each, decode one token each. False when there was nothing to do."""
         with self._lock:
+            if self._pending is not None:
+                self._swap()
             self._drop_cancelled()
             self._admit()
             if not (self.prefilling or self.running):
@@ -268,6 +295,32 @@ class Engine:
             if self.running:
                 self._decode()
             return True
+
+    def _swap(self) -> None:
+        model, prepare, on_swapped = self._pending
+        layout = _cache_layout(model)
+        same = layout is not None and layout == _cache_layout(self.model)
+        if not same and (self.prefilling or self.running):
+            return  # after the sequences holding slots are done
+        self._pending = None
+        try:
+            if prepare is not None:
+                prepare()
+        except Exception as e:
+            log.exception("the new model could not be prepared; the engine keeps the current one")
+            if on_swapped is not None:
+                on_swapped(e)
+            return
+        if not same:
+            self.cache = model.new_cache(self.slots, self.ctx)
+            self.prefix = PrefixCache(self.prefix.budget, self.prefix.block)
+        if getattr(self.model, "_engine", None) is self:
+            del self.model._engine
+            model._engine = self
+        self.model, self.swaps = model, self.swaps + 1
+        log.info("engine: now running %s", getattr(model, "ruleset", None) and model.ruleset.source)
+        if on_swapped is not None:
+            on_swapped(None)
 
     def _admit(self) -> None:
         while self.free:

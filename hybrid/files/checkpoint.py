@@ -171,6 +171,9 @@ _MAX_DIMS = 4                  # GGML_MAX_DIMS
 _MAX_ARRAY_NESTING = 8
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Corrupt(Exception):
     """A header field that cannot be right: `field` names it, the message says why."""
 
@@ -216,6 +219,25 @@ class _Cursor:
         self.pos = start + n
         return self.buf[start : self.pos].decode("utf-8", errors="replace")
 
+    def strings(self, field: str, count: int) -> list[str]:
+        """An array of `count` strings (a vocabulary: 50-150k of them). One tight loop; on a
+        string that does not fit, the checked reads again from the array's start, for their
+        message naming the item."""
+        buf, pos, size, out = self.buf, self.pos, self.size, []
+        length = _U64.unpack_from
+        for _ in range(count):
+            if pos + 8 > size:
+                break
+            (n,) = length(buf, pos)
+            if n > size - pos - 8:
+                break
+            out.append(buf[pos + 8 : pos + 8 + n].decode("utf-8", errors="replace"))
+            pos += 8 + n
+        else:
+            self.pos = pos
+            return out
+        return [self.string(f"{field}[{i}]") for i in range(count)]
+
     def type_code(self, field: str) -> int:
         code = self.scalar(4, field)
         if code not in _SCALARS and code not in (_STRING, _ARRAY):
@@ -232,7 +254,7 @@ class _Cursor:
             size = 12 if item == _ARRAY else 8 if item == _STRING else struct.calcsize(_SCALARS[item])
             count = self.count(f"{field} (array length)", size)
             if item == _STRING:
-                return [self.string(f"{field}[{i}]") for i in range(count)]
+                return self.strings(field, count)
             if item == _ARRAY:
                 return [self.value(_ARRAY, f"{field}[{i}]", depth + 1) for i in range(count)]
             dt = np.dtype("<" + _SCALARS[item])

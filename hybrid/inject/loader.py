@@ -125,6 +125,7 @@ class _Tensors:
 
     def __init__(self, refs: dict, tied: bool):
         self.refs, self.taken = refs, set()
+        self.bytes, self._counted = 0, set()  # stored bytes of the tensors handed out so far (tied ones once)
         if tied and "lm_head.weight" not in refs and "model.embed_tokens.weight" in refs:
             self.refs = dict(refs, **{"lm_head.weight": refs["model.embed_tokens.weight"]})
 
@@ -135,6 +136,9 @@ class _Tensors:
         if tuple(ref.shape) != tuple(shape):
             raise CheckpointError(f"tensor {name} has shape {list(ref.shape)}, the model expects {list(shape)}")
         self.taken.add(name)
+        if id(ref) not in self._counted:
+            self._counted.add(id(ref))
+            self.bytes += ref.nbytes
         return ref
 
     def check_all_taken(self) -> None:
@@ -145,6 +149,7 @@ class _Tensors:
 
 
 def load_weights(module: nn.Module, placements, tensors: _Tensors, progress=None) -> None:
+    """progress: a `Progress` whose count (MB) follows the bytes read."""
     for p in placements:
         prefix = f"{p.path}." if p.path else ""
         if p.operator is not None:
@@ -155,7 +160,7 @@ def load_weights(module: nn.Module, placements, tensors: _Tensors, progress=None
                 ref = tensors.get(prefix + name, param.shape)
                 p.module._parameters[name] = nn.Parameter(ref.tensor(p.dtype, p.device), requires_grad=False)
         if progress is not None:
-            progress.update(1)
+            progress.update(done=tensors.bytes / 1e6)
     tensors.check_all_taken()
     leftover = [n for n, t in module.named_parameters() if t.is_meta]
     if leftover:
@@ -176,27 +181,38 @@ def _tokenizer(src: Source, meta: dict):
     return None
 
 
-def load(source, rules=None, *, progress: bool = False):
+def load(source, rules=None, *, progress=None):
     """Load a model from a .gguf file (or the first of a split set), a directory holding
     one, or a Hugging Face checkpoint directory. `rules`: a rule file path, a built-in
-    rule file name, YAML text, or None to pick the built-in file for the family."""
+    rule file name, YAML text, or None to pick the built-in file for the family.
+    `progress`: a `hybrid.inject.progress.Progress` to report the stages to, or True for a
+    status line on stderr."""
     from hybrid.inject.model import Model
+    from hybrid.inject.progress import Progress, StatusLine
 
-    config, module, placements, _, refs, ruleset, src, meta = build(source, rules)
-    rules_mod.swap(module, placements, config, ruleset.source)
-    tensors = _Tensors(refs, getattr(config, "tie_word_embeddings", False))
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(placements), desc=f"loading {src.path.name}", unit="module", leave=False)
+    line = None
+    if progress is True:
+        progress, line = Progress(), StatusLine()
+        progress.listen(line)
     try:
-        load_weights(module, placements, tensors, bar)
+        if progress:
+            progress.stage("reading the model's description", detail=str(source))
+        config, module, placements, _, refs, ruleset, src, meta = build(source, rules)
+        rules_mod.swap(module, placements, config, ruleset.source)
+        tensors = _Tensors(refs, getattr(config, "tie_word_embeddings", False))
+        if progress:
+            kept = any(p.operator is not None for p in placements)
+            total = sum(ref.nbytes for ref in refs.values()) / 1e6
+            progress.stage("mapping weights" if kept else "reading and dequantizing weights", total, "MB",
+                           src.path.name)
+        load_weights(module, placements, tensors, progress or None)
+        rules_mod.add_device_hooks(module, placements)
+        module.eval()
+        if progress:
+            progress.stage("reading the tokenizer")
+        tokenizer = _tokenizer(src, meta)
     finally:
-        if bar is not None:
-            bar.close()
-    rules_mod.add_device_hooks(module, placements)
-    module.eval()
-    tokenizer = _tokenizer(src, meta)
+        if line is not None:
+            line.close()
     name = meta.get("general.name") or re.sub(r"\.gguf$", "", src.path.name)
     return Model(config, module, tokenizer, placements=placements, ruleset=ruleset, source=src, name=name)

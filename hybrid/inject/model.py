@@ -7,6 +7,7 @@ import mmap
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as Q
 
 from hybrid.models.common import KVCache, Step
 
@@ -21,14 +22,29 @@ class Model:
         self.config, self.module, self.tokenizer = config, module, tokenizer
         self.placements, self.ruleset, self.source, self.name = list(placements), ruleset, source, name
         self._placed = {p.path: p for p in self.placements}
-        if any(p.operator is not None and torch.device(p.device).type == "cpu" for p in self.placements):
-            # The numba kernels keep the cores busy; torch's own thread pool only runs the small
-            # ops between them, and two spinning OpenMP pools on the same cores slow both
-            # down several times over.
-            torch.set_num_threads(1)
+        self.set_torch_threads()
         if any(torch.device(p.device).type == "cuda" for p in self.placements):
             _prepare_for_the_gpu(module)
         _stack_decoder_layers(module)
+
+    @property
+    def runs_kernels(self) -> bool:
+        """Whether any module runs on the numba CPU kernels."""
+        return any(p.operator is not None and torch.device(p.device).type == "cpu" for p in self.placements)
+
+    def set_torch_threads(self) -> None:
+        """With numba kernels, torch gets one thread (call again from the thread that runs
+        the model when another thread built it): the kernels keep the cores busy, torch's
+        pool only runs the small ops between them, and two OpenMP pools on the same cores
+        slow both down several times over."""
+        if self.runs_kernels:
+            torch.set_num_threads(1)
+
+    def cache_layout(self) -> list[tuple]:
+        """Per layer, what a KV cache made by this model is (kind, heads, head sizes, dtype,
+        device): two models with the same layout can share one cache."""
+        return [(type(c).__name__, c.k.shape[1], c.k.shape[3], c.v.shape[3], c.k.dtype, c.k.device)
+                for c in self.new_cache(1, 1)]
 
     def placement(self, path: str) -> tuple[torch.device, torch.dtype]:
         """(device, dtype) the rules gave the module at `path` (or its nearest placed ancestor)."""
@@ -71,15 +87,34 @@ class Model:
         step = Step.make(list(slots), list(starts), tokens.shape[1], self.input_device)
         return self.module(tokens.to(self.input_device), step, cache, keep)
 
+    # What `warm_up` runs, in order: (what it exercises, tokens of the forward).
+    WARM_UP = (("prompt processing", 32), ("batched decode", 4), ("decode", 1))
+
     @torch.inference_mode()
-    def warm_up(self) -> None:
-        """Run every kernel path once (decode, small batch, prefill tiles) so the first
-        request does not pay for compiling or loading them."""
+    def warm_up(self, on_step=None) -> None:
+        """Run every kernel path once (prefill tiles, small batch, decode) so the first
+        request does not pay for compiling or loading them. on_step(i, what) before each of
+        the `WARM_UP` forwards."""
         cache = self.new_cache(1, 40)
         ids = torch.zeros(1, 32, dtype=torch.long)
-        self.forward(ids, [0], [0], cache)
-        self.forward(ids[:, :4], [32], [0], cache)
-        self.forward(ids[:, :1], [36], [0], cache)
+        start = 0
+        for i, (what, tokens) in enumerate(self.WARM_UP):
+            if on_step is not None:
+                on_step(i, what)
+            self.forward(ids[:, :tokens], [start], [0], cache)
+            start += tokens
+
+    def kernel_formats(self) -> list[str]:
+        """The weight formats the numba kernels run for this model, e.g. ['Q4_1', 'Q8_0']."""
+        found = set()
+        for m in self.module.modules():
+            if getattr(m, "qtype", None) is not None:
+                found.add(Q(m.qtype).name)
+            for name in ("gate", "up", "down"):  # CPUExperts: (type, blocks) per projection
+                pair = getattr(m, name, None)
+                if isinstance(pair, tuple) and len(pair) == 2:
+                    found.add(Q(pair[0]).name)
+        return sorted(found)
 
     @torch.inference_mode()
     def logits(self, token_ids, chunk: int = 512) -> torch.Tensor:

@@ -74,10 +74,13 @@ def create_app(model_or_engine=None, *, api_key: str | None = None, served_model
         if be is not None and be.draining:
             return {"status": "draining", "model": be.name}, 503, {"Retry-After": "5"}
         if be is not None:
-            return {"status": "ok", "model": be.name}
+            body = {"status": "ok", "model": be.name}
+            if state.tiers is not None:  # answering on torch while the kernels compile, or swapped since
+                body["kernels"] = state.tiers.snapshot()
+            return body
         if state.load_error:
             return {"status": "error", "error": state.load_error}, 503
-        return {"status": "loading"}, 503, {"Retry-After": "2"}
+        return {"status": "loading", "progress": state.progress.snapshot()}, 503, {"Retry-After": "2"}
 
     @app.get("/openapi.json")
     def openapi():

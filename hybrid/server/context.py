@@ -7,6 +7,8 @@ import threading
 
 from flask import current_app, request
 
+from hybrid.inject.progress import Progress
+
 from .backend import Backend
 from .body import parse as parse_body
 from .errors import invalid, loading
@@ -21,6 +23,8 @@ class ServerState:
         self.metrics = Metrics()
         self.backend: Backend | None = None
         self.load_error: str | None = None
+        self.progress = Progress()   # the start's stages, shown by /health until the model answers
+        self.tiers = None            # a tiered start's kernel tier (hybrid.inject.tiered.Tiers), or None
         self._backend_kwargs = backend_kwargs
         self._lock = threading.Lock()
 
