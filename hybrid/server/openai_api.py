@@ -43,10 +43,10 @@ def chat_completions():
     gen = be.submit([prompt], req.params, n=req.n, grammar=grammar, client_gone=client_gone())
     shape = R.OpenAIShape("chatcmpl", be.name, be.fingerprint)
     tool_fmt = be.tool_format if req.tools and req.tool_choice != "none" else None
-    thinking = be.opens_thinking(prompt)
+    thinking, harmony = be.opens_thinking(prompt), be.harmony
 
     def output():
-        return ChatOutput(thinking, req.reasoning_format, tool_fmt)
+        return ChatOutput(thinking, req.reasoning_format, tool_fmt, harmony)
 
     if req.stream:
         return event_stream(_chat_stream(gen, shape, req, be.tokenizer, len(prompt), output), gen)
