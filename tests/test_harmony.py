@@ -319,7 +319,7 @@ def test_template_reaches_the_prompt(harmony_model):
 
 
 def test_ollama_and_anthropic_routes(harmony_model):
-    show = _client(harmony_model, "").post("/api/show", json={"model": "m"}).json
+    show = _client(harmony_model, "").post("/api/show", json={"model": "default"}).json
     assert {"tools", "thinking"} <= set(show["capabilities"])
     body = _client(harmony_model, ANSWER).post("/api/chat", json={"model": "m", "messages": ASK, "stream": False}).json
     assert body["message"]["content"] == "It is 21 C in Paris."
@@ -341,3 +341,31 @@ def test_ollama_and_anthropic_routes(harmony_model):
     deltas = [json.loads(ln[len("data: "):]) for ln in streamed.splitlines() if ln.startswith("data: ")]
     assert "".join(d["delta"]["text"] for d in deltas if d.get("type") == "content_block_delta") == \
         "It is 21 C in Paris."
+
+
+@pytest.mark.parametrize("forced", ["get_weather", "required"])
+def test_forced_call_from_the_built_in_model(harmony_model, forced):
+    """Constrained decoding makes even the 135M model write a harmony call whose arguments
+    satisfy the tool's schema, which the parser reads back."""
+    jsonschema = pytest.importorskip("jsonschema")
+    tok = harmony_model.tokenizer
+    out = harmony_model.chat(ASK, tools=TOOLS, grammar=call_grammar(HARMONY, TOOLS, forced, tokenizer=tok),
+                             max_tokens=60, temperature=0)
+    assert out.text.startswith("<|channel|>commentary to=functions.")
+    content, calls = parse_tool_calls(out.text, HARMONY)
+    assert content == "" and len(calls) == 1
+    if forced != "required":
+        assert calls[0].name == forced
+    schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == calls[0].name)
+    jsonschema.validate(json.loads(calls[0].arguments), schema)
+
+
+def test_a_gpt_oss_checkpoint_without_a_template_gets_the_built_in_one(tmp_path):
+    import hybrid
+    from tests.tiny import add_byte_tokenizer, make_tiny
+
+    make_tiny("gpt_oss", tmp_path)
+    add_byte_tokenizer(tmp_path)
+    model = hybrid.load(tmp_path, rules="torch-cpu")
+    assert model.tokenizer.chat_template == builtin_template("gpt_oss")
+    assert "<|start|>user<|message|>Hi<|end|>" in model.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
