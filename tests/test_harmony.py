@@ -369,3 +369,25 @@ def test_a_gpt_oss_checkpoint_without_a_template_gets_the_built_in_one(tmp_path)
     model = hybrid.load(tmp_path, rules="torch-cpu")
     assert model.tokenizer.chat_template == builtin_template("gpt_oss")
     assert "<|start|>user<|message|>Hi<|end|>" in model.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+
+
+def test_reasoning_effort_reaches_the_template(harmony_model):
+    from hybrid.engine.generate import Event
+    from hybrid.server import create_app
+    from tests.test_server import _Engine
+
+    prompts = []
+
+    class Recording(_Engine):
+        def submit(self, ids, params, grammar=None):
+            prompts.append(ids)
+            return super().submit(ids, params, grammar)
+
+    done = Event(finish_reason="stop", usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2})
+    c = create_app(Recording(harmony_model, [Event(text="Hi", token=1), done])).test_client()
+    assert c.post("/v1/chat/completions", json={"messages": ASK, "reasoning_effort": "high"}).status_code == 200
+    assert "\nReasoning: high\n" in harmony_model.tokenizer.decode(prompts[-1])
+    c.post("/v1/chat/completions", json={"messages": ASK})
+    assert "\nReasoning: medium\n" in harmony_model.tokenizer.decode(prompts[-1])
+    bad = c.post("/v1/chat/completions", json={"messages": ASK, "reasoning_effort": "extreme"})
+    assert bad.status_code == 400 and bad.json["error"]["param"] == "reasoning_effort"

@@ -36,7 +36,7 @@ def chat_completions():
     req = parse_chat(json_body())
     be = backend()
     be.check_model(req.model)
-    prompt = be.chat_prompt(req.messages, req.tools)
+    prompt = be.chat_prompt(req.messages, req.tools, **req.template_vars)
     grammar = req.grammar
     if req.forced_call:
         grammar = be.call_grammar(req.tools, req.forced_call, req.parallel_tool_calls)
