@@ -14,6 +14,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from hybrid.files.harmony_template import HARMONY
+
 # Used when a model has no template of its own.
 CHATML = (
     "{% for message in messages %}"
@@ -21,6 +23,14 @@ CHATML = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+
+def builtin_template(family: str | None) -> str | None:
+    """The chat template hybrid uses for a family whose files may carry none (None: no
+    such template; generation then needs one from the file)."""
+    return {"gpt_oss": HARMONY}.get(family)
+
 
 # Names a message's reasoning may come under; templates read one or another (as in transformers).
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")

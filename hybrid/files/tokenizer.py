@@ -23,6 +23,8 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 # Tokens that end an assistant turn (stop tokens besides EOS).
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>",
                "<|endoftext|>", "<|end_of_text|>", "<｜end▁of▁sentence｜>", "</s>")
+# A vocabulary with both is harmony's (gpt-oss): they end its turns, and <|end|> does not.
+HARMONY_STOPS = ("<|return|>", "<|call|>")
 
 
 # ---------------------------------------------------------------- GGUF metadata
@@ -232,6 +234,10 @@ class Tokenizer:
         eot = {self._ids[t] for t in END_OF_TURN
                if t in self._ids and (t in (chat_template or "") or self._ids[t] in special)}
         self.stop_ids = {i for i in (eos_id, *extra_stop_ids) if i is not None} | eot
+        if all(t in self._ids for t in HARMONY_STOPS):
+            # harmony (gpt-oss): <|end|> closes a message inside the turn (analysis, then the
+            # answer follows); the turn ends at <|return|> (answer) or <|call|> (tool call)
+            self.stop_ids = (self.stop_ids - {self._ids["<|end|>"]}) | {self._ids[t] for t in HARMONY_STOPS}
 
     # -- construction
 

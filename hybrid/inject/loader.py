@@ -167,18 +167,24 @@ def load_weights(module: nn.Module, placements, tensors: _Tensors, progress=None
         raise CheckpointError(f"no weights were loaded for: {', '.join(leftover[:8])}")
 
 
-def _tokenizer(src: Source, meta: dict):
+def _tokenizer(src: Source, meta: dict, family: str | None):
     """The model's tokenizer, or None (with a warning) when the source ships none: logits
-    still work, generation says what is missing."""
+    still work, generation says what is missing. A file without a chat template gets its
+    family's built-in one where there is one (gpt-oss: harmony)."""
+    from hybrid.files.chat_template import builtin_template
     from hybrid.files.tokenizer import Tokenizer
 
+    tok = None
     if src.is_gguf:
         if "tokenizer.ggml.model" in meta:
-            return Tokenizer.from_gguf(meta)
+            tok = Tokenizer.from_gguf(meta)
     elif any((src.path / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
-        return Tokenizer.from_pretrained(src.path)
-    log.warning("%s has no tokenizer; only logits() is available", src.path)
-    return None
+        tok = Tokenizer.from_pretrained(src.path)
+    if tok is None:
+        log.warning("%s has no tokenizer; only logits() is available", src.path)
+    elif tok.chat_template is None:
+        tok.chat_template = builtin_template(family)
+    return tok
 
 
 def load(source, rules=None, *, progress=None):
@@ -210,7 +216,7 @@ def load(source, rules=None, *, progress=None):
         module.eval()
         if progress:
             progress.stage("reading the tokenizer")
-        tokenizer = _tokenizer(src, meta)
+        tokenizer = _tokenizer(src, meta, getattr(config, "model_type", None))
     finally:
         if line is not None:
             line.close()

@@ -28,7 +28,8 @@ from .backend import ClientGone, failure
 from .errors import APIError, internal, invalid
 from .requests import GREEDY_BELOW
 from .schema import validate
-from .tools import ToolStream, parse_tool_calls
+from .chat_output import ChatOutput
+from .tools import HARMONY, HarmonyToolStream, ToolStream, parse_tool_calls
 from hybrid.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ def messages():
     gen = be.submit([prompt], call.params, grammar=grammar, client_gone=client_gone())
     head = {"id": new_id("msg"), "type": "message", "role": "assistant", "model": be.name}
     if call.stream:
-        return _event_stream(_events(gen, head, fmt, len(prompt)), gen)
+        return _event_stream(_events(gen, head, fmt, len(prompt), be.harmony), gen)
     parts, last = [], None
     for _, ev in gen:
         err = failure(ev)
@@ -204,7 +205,10 @@ def messages():
         parts.append(ev.text or "")
         last = ev
     text, calls = "".join(parts), []
-    if fmt is not None:
+    if be.harmony:      # the analysis channel is reasoning, never part of the text
+        out = ChatOutput(reasoning_format="hidden", tools=fmt, harmony=True).whole(text)
+        text, calls = out.content, _as_tool_use(out.calls)
+    elif fmt is not None:
         text, found = parse_tool_calls(text, fmt)
         calls = _as_tool_use(found)
     content = ([{"type": "text", "text": text}] if text or not calls else []) + [_tool_use(c) for c in calls]
@@ -218,11 +222,13 @@ def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def _events(gen, head: dict, fmt, prompt_tokens: int):
+def _events(gen, head: dict, fmt, prompt_tokens: int, harmony: bool = False):
     """message_start (once the prompt is in: its usage counts the cached tokens), ping, a
     text block as text comes, tool_use blocks at the end (the input in one input_json_delta),
-    message_delta (stop_reason, usage), message_stop."""
-    calls_stream = ToolStream(fmt) if fmt is not None else None
+    message_delta (stop_reason, usage), message_stop. Harmony output is always read by
+    message, so its analysis channel stays out of the text."""
+    calls_stream = (HarmonyToolStream(HARMONY, calls=fmt is not None) if harmony
+                    else ToolStream(fmt) if fmt is not None else None)
     index, text_open, started, last, calls = 0, False, False, None, []
     for _, ev in gen:
         err = failure(ev)

@@ -279,6 +279,13 @@ class Backend:
 
         return tool_format(self.tokenizer.chat_template, self.model_info().get("family"))
 
+    @property
+    def harmony(self) -> bool:
+        """The model writes harmony (gpt-oss): reasoning, answer and calls in headed messages."""
+        from .tools import HARMONY
+
+        return self.tool_format is HARMONY
+
     def call_grammar(self, tools: list[dict], forced: str, parallel: bool) -> str:
         """The grammar forcing a call (tool_choice required or a function); 400 naming the
         tool whose parameters cannot compile."""

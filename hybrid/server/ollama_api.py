@@ -51,7 +51,8 @@ def show():
 
 
 def _capabilities(template: str) -> list[str]:
-    return ["completion"] + ["tools"] * ("tools" in template) + ["thinking"] * ("<think>" in template)
+    thinks = "<think>" in template or "<|channel|>analysis" in template     # harmony's analysis channel
+    return ["completion"] + ["tools"] * ("tools" in template) + ["thinking"] * thinks
 
 
 @bp.post("/generate")
@@ -72,10 +73,10 @@ def generate():
     gen = be.submit([prompt], req.params, grammar=req.grammar, ctx=req.num_ctx, param="prompt",
                     client_gone=client_gone())
     received = g.received
-    thinking = not req.raw and be.opens_thinking(prompt)
+    thinking, harmony = not req.raw and be.opens_thinking(prompt), not req.raw and be.harmony
 
     def split():
-        return ChatOutput(thinking, _reasoning_format(req.think))
+        return ChatOutput(thinking, _reasoning_format(req.think), harmony=harmony)
 
     def piece(parts, samples):
         out = {"model": model, "created_at": R.created_at(), "response": parts.content, "done": False}
@@ -106,11 +107,11 @@ def chat():
     prompt = be.chat_prompt(req.messages, req.tools, **extra)
     gen = be.submit([prompt], req.params, grammar=req.grammar, ctx=req.num_ctx, client_gone=client_gone())
     received = g.received
-    thinking = be.opens_thinking(prompt)
+    thinking, harmony = be.opens_thinking(prompt), be.harmony
     tool_fmt = be.tool_format if req.tools else None
 
     def split():
-        return ChatOutput(thinking, _reasoning_format(req.think), tool_fmt)
+        return ChatOutput(thinking, _reasoning_format(req.think), tool_fmt, harmony)
 
     def piece(parts, samples):
         message = {"role": "assistant", "content": parts.content}

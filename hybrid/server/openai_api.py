@@ -36,17 +36,17 @@ def chat_completions():
     req = parse_chat(json_body())
     be = backend()
     be.check_model(req.model)
-    prompt = be.chat_prompt(req.messages, req.tools)
+    prompt = be.chat_prompt(req.messages, req.tools, **req.template_vars)
     grammar = req.grammar
     if req.forced_call:
         grammar = be.call_grammar(req.tools, req.forced_call, req.parallel_tool_calls)
     gen = be.submit([prompt], req.params, n=req.n, grammar=grammar, client_gone=client_gone())
     shape = R.OpenAIShape("chatcmpl", be.name, be.fingerprint)
     tool_fmt = be.tool_format if req.tools and req.tool_choice != "none" else None
-    thinking = be.opens_thinking(prompt)
+    thinking, harmony = be.opens_thinking(prompt), be.harmony
 
     def output():
-        return ChatOutput(thinking, req.reasoning_format, tool_fmt)
+        return ChatOutput(thinking, req.reasoning_format, tool_fmt, harmony)
 
     if req.stream:
         return event_stream(_chat_stream(gen, shape, req, be.tokenizer, len(prompt), output), gen)

@@ -67,6 +67,7 @@ class ChatRequest(OpenAIRequest):
     tool_choice: str | None = None                       # None (auto), "none", "required" or a function's name
     parallel_tool_calls: bool = True
     reasoning_format: str = "deepseek"
+    template_vars: dict = field(default_factory=dict)     # more chat template variables (reasoning_effort)
 
     @property
     def forced_call(self) -> str | None:
@@ -142,7 +143,8 @@ def parse_chat(body: dict) -> ChatRequest:
                        messages=[_message(m, i) for i, m in enumerate(b.messages)], tools=tools or None,
                        tool_choice=None if choice == "auto" else choice,
                        parallel_tool_calls=_or(b.parallel_tool_calls, True),
-                       reasoning_format=_or(b.reasoning_format, "deepseek"))
+                       reasoning_format=_or(b.reasoning_format, "deepseek"),
+                       template_vars={"reasoning_effort": b.reasoning_effort} if b.reasoning_effort else {})
 
 
 def _message(m: S.ChatMessage, i: int) -> dict:

@@ -153,6 +153,9 @@ class ChatCompletionRequest(OpenAISampling):
     reasoning_format: Literal["deepseek", "none", "hidden"] | None = Field(
         None, description="<think> blocks: deepseek (default): in message.reasoning_content; none: left in "
                           "content as generated; hidden: dropped")
+    reasoning_effort: Literal["low", "medium", "high"] | None = Field(
+        None, description="passed to the chat template as reasoning_effort (gpt-oss's harmony template "
+                          "writes it into its system message)")
 
 
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from hybrid.engine.grammar import JSON_OPTIONS, lark_grammar
 
+from .harmony import MESSAGE, HarmonySplit, Message, split_harmony
+
 
 @dataclass
 class ToolCall:
@@ -44,12 +46,17 @@ class ToolFormat:
         at = self.find_start(text)
         if at < 0:
             return text, []
+        if self.name == "harmony":     # the answer may come between (and after) the calls
+            return _harmony_parse(self, text)
         calls = _PARSERS[self.name](self, text[at:])
         if calls is None:
             return text, []
         return text[:at].rstrip(), calls
 
     def find_start(self, text: str) -> int:
+        if self.name == "harmony":     # the header of the first message with a recipient
+            m = _HARMONY_CALL.search(text)
+            return m.start() if m else -1
         if self.name == "llama3":      # bare JSON: a call object at the start of the output
             m = re.match(r"\s*(<\|python_tag\|>|\{\s*\"(name|type)\")", text)
             return m.start(1) if m else -1
@@ -60,22 +67,29 @@ HERMES = ToolFormat("hermes", "<tool_call>")
 LLAMA3 = ToolFormat("llama3", "<|python_tag|>", args_key="parameters")
 MISTRAL = ToolFormat("mistral", "[TOOL_CALLS]")
 DEEPSEEK_V3 = ToolFormat("deepseek_v3", "<｜tool▁calls▁begin｜>")
-FORMATS = {f.name: f for f in (HERMES, LLAMA3, MISTRAL, DEEPSEEK_V3)}
+HARMONY = ToolFormat("harmony", "<|channel|>")   # gpt-oss: a message whose header names a recipient
+FORMATS = {f.name: f for f in (HERMES, LLAMA3, MISTRAL, DEEPSEEK_V3, HARMONY)}
 
 # the markers a chat template writes when it renders calls, in the order they are tried
-_TEMPLATE_MARKERS = [("tool▁calls▁begin", DEEPSEEK_V3), ("[TOOL_CALLS]", MISTRAL), ("<tool_call>", HERMES),
-                     ("<|python_tag|>", LLAMA3), ("ipython", LLAMA3)]
+_TEMPLATE_MARKERS = [("<|channel|>", HARMONY), ("tool▁calls▁begin", DEEPSEEK_V3), ("[TOOL_CALLS]", MISTRAL),
+                     ("<tool_call>", HERMES), ("<|python_tag|>", LLAMA3), ("ipython", LLAMA3)]
 _FAMILIES = {"mistral": MISTRAL, "mixtral": MISTRAL, "deepseek_v3": DEEPSEEK_V3, "llama": LLAMA3,
-             "qwen2": HERMES, "qwen3": HERMES, "qwen2_moe": HERMES, "qwen3_moe": HERMES}
+             "qwen2": HERMES, "qwen3": HERMES, "qwen2_moe": HERMES, "qwen3_moe": HERMES, "gpt_oss": HARMONY}
+# a harmony message header that names a recipient (before or after its channel), up to <|message|>
+_HARMONY_CALL = re.compile(r"(?:<\|start\|>[^<]*?)?(?:<\|channel\|>[^<]*?)?\bto=[^\s<]+"
+                           r"(?=[^<]*(?:<\|(?:channel|constrain)\|>[^<]*)*<\|message\|>)")
 
 
 def tool_format(template: str | None, family: str | None = None) -> ToolFormat:
     """The call syntax of a model: from its chat template's markers, else its family (only
-    when the template renders tools at all), else Hermes."""
+    when the template renders tools at all, or the family has one format whatever it
+    renders: gpt-oss), else Hermes."""
     template = template or ""
     for marker, fmt in _TEMPLATE_MARKERS:
         if marker in template:
             return fmt
+    if family == "gpt_oss":
+        return HARMONY
     if "tools" in template and family in _FAMILIES:
         return _FAMILIES[family]
     return HERMES
@@ -169,6 +183,20 @@ def _parse_deepseek(fmt, text):
     return calls if calls and all(calls) else None
 
 
+def _harmony_parse(fmt, text):
+    """(the answer's text, calls): the bodies of the messages that are neither calls nor
+    reasoning, and each call message's body as its arguments; the whole text stays
+    content if a call's arguments are not a JSON object."""
+    content, calls = "", []
+    for m, body in split_harmony(text):
+        if m.kind == "call":
+            values = _json_objects(body.strip())
+            calls.append(_call({"name": m.tool_name, "arguments": values[0]}, fmt) if values else None)
+        elif m.kind == "content":
+            content += body
+    return (content.strip(), calls) if all(calls) else (text, [])
+
+
 _PARSERS = {"hermes": _parse_hermes, "llama3": _parse_llama3, "mistral": _parse_mistral,
             "deepseek_v3": _parse_deepseek}
 
@@ -198,6 +226,10 @@ def call_grammar(fmt: ToolFormat, tools: list[dict], forced: str, parallel: bool
         return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
 
     any_call = {"anyOf": [obj(f, fmt.args_key) for f in chosen]}
+    if fmt is HARMONY:      # <|call|> ends the assistant's turn (a stop token), so one call
+        heads = " | ".join(json.dumps(f"commentary to=functions.{f['name']} ") + " " + lit("<|constrain|>")
+                           + ' "json" ' + lit(MESSAGE) + " " + js(params(f)) for f in chosen)
+        return lark_grammar(f'start: {lit("<|channel|>")} call\ncall: {heads}\n')
     if fmt is MISTRAL:
         arr = {"type": "array", "items": any_call, "minItems": 1, **({} if many else {"maxItems": 1})}
         return lark_grammar(f"start: {lit(fmt.start)} {js(arr)}\n")
@@ -258,7 +290,11 @@ class ToolStream:
     """Feed generated text piece by piece: content goes out as soon as it cannot be the
     start of a call; once the calls' marker is seen, calls are emitted as each one is
     complete (hermes, deepseek) or at the end (the rest). `deltas()` gives the streamed
-    form: Hermes arguments as they grow, the other formats' calls whole once complete."""
+    form: Hermes arguments as they grow, the other formats' calls whole once complete.
+    Harmony output is read message by message instead (`HarmonyToolStream`)."""
+
+    def __new__(cls, fmt: ToolFormat | None = None, *args, **kwargs):
+        return super().__new__(HarmonyToolStream if cls is ToolStream and fmt is HARMONY else cls)
 
     def __init__(self, fmt: ToolFormat):
         self.fmt = fmt
@@ -355,3 +391,62 @@ class ToolStream:
             if buf.endswith(start[:n]):
                 return n
         return 0
+
+
+class HarmonyToolStream(ToolStream):
+    """ToolStream for harmony output: a call's head (id, name) goes out once its header is
+    read, its arguments as the body arrives, the call itself when its message ends. The
+    answer's messages are content; analysis is reasoning, kept apart in `reasoning` for
+    the caller to take (see chat_output). `calls=False` (tool_choice none, no tools):
+    call messages are left in the content as generated."""
+
+    def __init__(self, fmt: ToolFormat = HARMONY, calls: bool = True):
+        super().__init__(fmt)
+        self.parse_calls = calls
+        self.split = HarmonySplit()
+        self.reasoning = ""
+        self._pending: list[CallDelta] = []
+        self._args: dict[int, str] = {}         # call index -> the arguments' text so far
+        self._index: dict[int, int] = {}        # message index -> call index (-1: left in the content)
+
+    def push(self, text: str) -> tuple[str, list[ToolCall]]:
+        return self._read(self.split.push(text))
+
+    def flush(self) -> tuple[str, list[ToolCall]]:
+        return self._read(self.split.flush())
+
+    def deltas(self) -> list[CallDelta]:
+        out, self._pending = self._pending, []
+        return out
+
+    def _read(self, pieces: list[tuple[Message, str, bool]]) -> tuple[str, list[ToolCall]]:
+        content, done = "", []
+        for msg, text, ended in pieces:
+            if msg.kind == "reasoning":
+                self.reasoning += text
+            elif msg.kind == "content":
+                content += text
+            elif not self.parse_calls:
+                content += (msg.header + MESSAGE if msg.index not in self._index else "") + text
+                self._index[msg.index] = -1
+            else:
+                k = self._index.get(msg.index)
+                if k is None:
+                    k = self._index[msg.index] = len(self._args)
+                    self._ids[k] = f"call_{uuid.uuid4().hex[:24]}"
+                    self._args[k] = ""
+                    self._pending.append(CallDelta(k, "", self._ids[k], msg.tool_name))
+                self._args[k] += text
+                if text:
+                    self._pending.append(CallDelta(k, text))
+                if ended:
+                    done.append(self._finish(k, msg.tool_name))
+        return content, done
+
+    def _finish(self, k: int, name: str) -> ToolCall:
+        """The completed call; arguments that are not a JSON object go out as written."""
+        raw = self._args[k].strip()
+        call = _call({"name": name, "arguments": raw}, self.fmt) or ToolCall(name, raw)
+        call.id = self._ids[k]
+        self.calls.append(call)
+        return call
