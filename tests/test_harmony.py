@@ -12,6 +12,7 @@ from hybrid.files.chat_template import builtin_template, render
 from hybrid.server.chat_output import ChatOutput
 from hybrid.server.harmony import HarmonySplit, split_harmony
 from hybrid.server.tools import HARMONY, HERMES, ToolStream, call_grammar, parse_tool_calls, tool_format
+from tests.test_tools import _accepts, tok  # noqa: F401  (tok: the built-in tokenizer's fixture)
 
 W = {"city": "Paris", "unit": "celsius"}
 T = {"tz": "Europe/Paris"}
@@ -141,18 +142,6 @@ def test_format_from_the_template_or_family(template, family, fmt):
     assert tool_format(template, family) is fmt
 
 
-@pytest.fixture(scope="module")
-def tok(smollm_path):
-    from hybrid.files.tokenizer import Tokenizer, gguf_metadata
-
-    return Tokenizer.from_gguf(gguf_metadata(smollm_path))
-
-
-def _accepts(tok, grammar, text) -> bool:
-    from hybrid.engine.grammar import Constraint
-
-    c = Constraint(tok, grammar)
-    return all(c.matcher.consume_token(t) for t in tok.encode(text)) and c.matcher.is_accepting()
 
 
 def test_call_grammar_writes_one_harmony_call_within_the_schema(tok):

@@ -12,7 +12,6 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from hybrid.inject.placement import Placement, RuleSet, device_key
-from hybrid.models.common import SlidingKVCache
 
 Q = GGMLQuantizationType
 
@@ -78,13 +77,9 @@ def kv_cache_by_device(module, placement, slots: int, ctx: int) -> dict[str, int
     """Bytes of the KV cache of `slots` sequences of `ctx` tokens on each device, from
     where each layer's attention is placed (a sliding-window layer keeps its ring)."""
     out: dict[str, int] = defaultdict(int)
-    for i, layer in enumerate(module.model.layers):
-        device, dtype = placement(f"model.layers.{i}.self_attn")
-        dtype = getattr(layer.self_attn, "kv_dtype", dtype)
-        kv_heads, k_dim, v_dim = layer.self_attn.cache_shape()
-        window = getattr(layer.self_attn, "sliding_window", None)
-        rows = SlidingKVCache.rows(window, ctx) if window else ctx
-        out[device_key(device)] += slots * kv_heads * rows * (k_dim + v_dim) * _element_bytes(dtype)
+    for i, nbytes in enumerate(module.layer_cache_bytes(ctx, placement)):
+        device, _ = placement(f"model.layers.{i}.self_attn")
+        out[device_key(device)] += slots * nbytes
     return dict(out)
 
 

@@ -427,17 +427,21 @@ class CausalLM(nn.Module):
             caches.append(SlidingKVCache(slots, max_len, window, *shape) if window else KVCache(slots, max_len, *shape))
         return caches
 
-    def cache_bytes(self, max_len: int, placement) -> int:
-        """Bytes of the KV cache of one slot of `max_len` tokens, without allocating it."""
-        total = 0
+    def layer_cache_bytes(self, max_len: int, placement) -> list[int]:
+        """Bytes of each layer's KV cache for one slot of `max_len` tokens, without allocating it."""
+        out = []
         for i, layer in enumerate(self.model.layers):
             _, dtype = placement(f"model.layers.{i}.self_attn")
             dtype = getattr(layer.self_attn, "kv_dtype", dtype)
             kv_heads, k_dim, v_dim = layer.self_attn.cache_shape()
             window = getattr(layer.self_attn, "sliding_window", None)
             rows = SlidingKVCache.rows(window, max_len) if window else max_len
-            total += kv_heads * rows * (k_dim + v_dim) * torch.finfo(dtype).bits // 8
-        return total
+            out.append(kv_heads * rows * (k_dim + v_dim) * torch.finfo(dtype).bits // 8)
+        return out
+
+    def cache_bytes(self, max_len: int, placement) -> int:
+        """Bytes of the KV cache of one slot of `max_len` tokens, without allocating it."""
+        return sum(self.layer_cache_bytes(max_len, placement))
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(tokens)
