@@ -4,7 +4,7 @@ Up to MOE_FUSED_MAX_TOKENS tokens (decode, batches, prefill chunks; policy.py) r
 numba call: tokens are grouped by expert, then one parallel pass computes every (expert,
 chunk of rows) of gate/up and a second every chunk of output rows of down, so each expert
 row is read from memory, and decoded, once per call (an expert with several tokens multiplies them
-all with a decoded tile: batch.py). Longer inputs go expert by expert through `matmul`.
+all with each row: `gemm_rows`, panels.py or a decoded tile, batch.py). Longer inputs go expert by expert through `matmul`.
 """
 
 import numba
@@ -18,6 +18,7 @@ from .formats import as_blocks
 from .intrinsics import FASTMATH
 from .linear import gemv_chunks, matmul, num_threads
 from .policy import EXPERT_GEMV_TOKENS, GEMM_TOKENS
+from .panels import panel_rows, panel_takes
 from .rows import gemm_rows, gemm_takes, gemv_rows
 
 
@@ -75,23 +76,31 @@ def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks):
     h = np.empty((n_tok * k_top, inter), np.float32)
     xa = _experts_input(x, max(act_mode(acts, tg), act_mode(acts, tu)))  # the form gemv_rows takes
     multi = gemm_takes(xa, tg) and gemm_takes(xa, tu)
+    panel = panel_takes(xa, tg) and panel_takes(xa, tu)
 
     # silu(gate @ x) * (up @ x) for every (expert, chunk of rows) in use. A task reads its
     # rows of gate, then the same rows of up: interleaving gate and up row by row halved
     # the DRAM read speed. An expert with up to EXPERT_GEMV_TOKENS (token, slot) pairs runs a
-    # GEMV per pair; with more, each row is decoded once into a tile and multiplied there
-    # with every pair (batch.py).
+    # GEMV per pair (2 to GEMM_TOKENS: `gemm_rows`, where it takes the format); with more,
+    # 16-row panels in 8-bit dot products (panels.py) where they take the format and x's
+    # form, else each row is decoded once into a tile and multiplied there with every pair
+    # (batch.py).
     for task in prange(used.size * chunks):
         g = task // chunks
         e = used[g]
         lo = (task % chunks) * inter // chunks
         hi = (task % chunks + 1) * inter // chunks
         j0, j1 = first[g], first[g + 1]
-        if 2 <= j1 - j0 <= GEMM_TOKENS and multi:
+        few = 2 <= j1 - j0 <= GEMM_TOKENS and multi
+        if few or (j1 - j0 > EXPERT_GEMV_TOKENS and panel):
             ps = pairs[j0:j1]
             u = np.empty((j1 - j0, inter), np.float32)
-            gemm_rows(tg, gate[e], xa, ps // k_top, ps, j1 - j0, lo, hi, h)
-            gemm_rows(tu, up[e], xa, ps // k_top, np.arange(j1 - j0), j1 - j0, lo, hi, u)
+            if few:
+                gemm_rows(tg, gate[e], xa, ps // k_top, ps, j1 - j0, lo, hi, h)
+                gemm_rows(tu, up[e], xa, ps // k_top, np.arange(j1 - j0), j1 - j0, lo, hi, u)
+            else:
+                panel_rows(tg, gate[e], xa, ps // k_top, ps, j1 - j0, lo, hi, h)
+                panel_rows(tu, up[e], xa, ps // k_top, np.arange(j1 - j0), j1 - j0, lo, hi, u)
             for j in range(j1 - j0):
                 p = ps[j]
                 for r in range(lo, hi):
@@ -130,19 +139,27 @@ def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks):
     # read expert by expert, as above.
     ha = _experts_input(h, act_mode(acts, td))
     multi = gemm_takes(ha, td)
+    panel = panel_takes(ha, td)
+    most = GEMM_TOKENS  # the most pairs of one expert that go to gemm_rows or panels
+    for g in range(used.size):
+        most = max(most, first[g + 1] - first[g]) if panel else most
     for c in prange(chunks):
         lo = c * hidden // chunks
         hi = (c + 1) * hidden // chunks
         out[:, lo:hi] = 0
         tile = np.empty((ROWS, inter), np.float32)
         y = np.empty(hidden, np.float32)
-        ys = np.empty((GEMM_TOKENS, hidden), np.float32)
+        ys = np.empty((most, hidden), np.float32)
         for g in range(used.size):
             e = used[g]
             j0, j1 = first[g], first[g + 1]
-            if 2 <= j1 - j0 <= GEMM_TOKENS and multi:
+            few = 2 <= j1 - j0 <= GEMM_TOKENS and multi
+            if few or (j1 - j0 > EXPERT_GEMV_TOKENS and panel):
                 ps = pairs[j0:j1]
-                gemm_rows(td, down[e], ha, ps, np.arange(j1 - j0), j1 - j0, lo, hi, ys)
+                if few:
+                    gemm_rows(td, down[e], ha, ps, np.arange(j1 - j0), j1 - j0, lo, hi, ys)
+                else:
+                    panel_rows(td, down[e], ha, ps, np.arange(j1 - j0), j1 - j0, lo, hi, ys)
                 for j in range(j1 - j0):
                     n = ps[j] // k_top
                     wk = weights[n, ps[j] % k_top]
