@@ -181,7 +181,8 @@ def format_devices(devices: list[dict]) -> str:
 
 
 def format_plan(plan: dict) -> str:
-    cudnn = {None: "", True: ", cuDNN attention on (process-wide)", False: ", cuDNN attention off (process-wide)"}[plan["cudnn_attention"]]
+    on = plan["cudnn_attention"]
+    cudnn = "" if on is None else f", cuDNN attention {'on' if on else 'off'} (process-wide)"
     lines = [f"rules: {plan['rules_file']} (default device {plan['default_device']}, dtype {plan['dtype']}{cudnn})", ""]
     lines.append("rule  line  matches  replace         match")
     for r in plan["rules"]:
