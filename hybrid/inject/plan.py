@@ -184,16 +184,16 @@ def format_plan(plan: dict) -> str:
     on = plan["cudnn_attention"]
     cudnn = "" if on is None else f", cuDNN attention {'on' if on else 'off'} (process-wide)"
     lines = [f"rules: {plan['rules_file']} (default device {plan['default_device']}, dtype {plan['dtype']}{cudnn})", ""]
-    lines.append("rule  line  matches  replace         match")
+    lines.append("rule  line  matches  replace          match")
     for r in plan["rules"]:
         match = " ".join(f"{k}={v}" for k, v in r["match"].items())
         warn = "   <- matches nothing" if r["matches"] == 0 else ""
-        lines.append(f"{r['rule']:>4}  {r['line']:>4}  {r['matches']:>7}  {r['replace']:<14}  {match}{warn}")
-    lines += ["", "rule      operator        device   modules        bytes  e.g."]
+        lines.append(f"{r['rule']:>4}  {r['line']:>4}  {r['matches']:>7}  {r['replace']:<15}  {match}{warn}")
+    lines += ["", "rule      operator         device   modules        bytes  e.g."]
     for g in plan["groups"]:
         rule = str(g["rule"]) if g["rule"] is not None else "inherit"
         lines.append(
-            f"{rule:<8}  {g['operator']:<14}  {g['device']:<7}  {g['modules']:>7}  {human(g['bytes']):>11}  {', '.join(g['examples'])}"
+            f"{rule:<8}  {g['operator']:<15}  {g['device']:<7}  {g['modules']:>7}  {human(g['bytes']):>11}  {', '.join(g['examples'])}"
         )
     if "kv_cache" in plan:
         kv = plan["kv_cache"]
