@@ -3,23 +3,25 @@ torch modules they replace: several sequences at different lengths decoded in on
 a float16 KV cache, NaN propagation."""
 
 import copy
+from pathlib import Path
 from types import SimpleNamespace
 
 import numba
 import numpy as np
 import pytest
 import torch
+import yaml
 from gguf import GGMLQuantizationType as Q
 from torch import nn
 
 import hybrid
 from hybrid.cli.measure import decode_bytes_per_token
-from hybrid.models.common import MLP, Attention, KVCache, RMSNorm, Rotary, Step
+from hybrid.models.common import MLP, Attention, KVCache, Layers, RMSNorm, Rotary, Step
 from hybrid.inject.placement import RuleError, parse_rules
 from hybrid.operators import CPUAttention, CPUDecoderLayer, CPUMLP, CPURMSNorm
 from hybrid.operators.kernels import decode
 from hybrid.operators.kernels import layer as layer_kernels
-from hybrid.operators.layer import DecodeStack
+from hybrid.operators.layer import CPUDecoderStack
 from hybrid.operators.kernels.activations import ACT_INT16
 from hybrid.operators.kernels.formats import as_blocks
 from hybrid.operators.kernels.linear import dequantize
@@ -264,14 +266,24 @@ def _count_calls(monkeypatch, owner, name: str) -> list:
     return calls
 
 
+def _without_stack(model) -> dict:
+    """The rule file `model` was loaded with, less its rule placing `CPUDecoderStack`."""
+    data = yaml.safe_load(Path(model.ruleset.source).read_text())
+    kept = [r for r in data["rules"] if r["replace"]["class"] != "CPUDecoderStack"]
+    assert len(kept) == len(data["rules"]) - 1
+    return {**data, "rules": kept}
+
+
 def test_decode_steps_run_the_layers_as_one_call(tiny_dir, monkeypatch):
-    """A decode step goes through `DecodeStack`: one kernel call for all the layers, no
-    per-layer forward, and bitwise the logits of the per-layer calls."""
+    """With the family's CPU file a decode step goes through `CPUDecoderStack`: one kernel
+    call for all the layers, no per-layer forward, and bitwise the logits of the same file
+    without the stack rule (a call per layer)."""
     model = hybrid.load(tiny_dir)
-    assert isinstance(model.module.decode_stack, DecodeStack)
-    stack, model.module.decode_stack = model.module.decode_stack, None
-    per_layer = decode_logits(model)
-    model.module.decode_stack = stack
+    assert isinstance(model.module.model.layers, CPUDecoderStack)
+    per_layer_model = hybrid.load(tiny_dir, rules=_without_stack(model))
+    assert type(per_layer_model.module.model.layers) is Layers
+    assert all(isinstance(layer, CPUDecoderLayer) for layer in per_layer_model.module.model.layers)
+    per_layer = decode_logits(per_layer_model)
     kernels = _count_calls(monkeypatch, layer_kernels, "dense_stack_step")
     moe_kernels = _count_calls(monkeypatch, layer_kernels, "moe_stack_step")
     forwards = _count_calls(monkeypatch, CPUDecoderLayer, "forward")
@@ -293,9 +305,8 @@ def test_layers_with_hooks_or_of_another_kind_split_the_runs(tmp_path, monkeypat
     torch.manual_seed(0)
     transformers.Qwen3MoeForCausalLM(cfg).eval().save_pretrained(tmp_path)
     model = hybrid.load(tmp_path)
-    stack, model.module.decode_stack = model.module.decode_stack, None
-    per_layer = decode_logits(model)
-    model.module.decode_stack = stack
+    per_layer = decode_logits(hybrid.load(tmp_path, rules=_without_stack(model)))
+    stack = model.module.model.layers
     fired = []
     model.module.model.layers[3].register_forward_hook(lambda mod, args, out: fired.append(args[0].shape))
     dense, sparse = (_count_calls(monkeypatch, layer_kernels, k) for k in ("dense_stack_step", "moe_stack_step"))

@@ -107,6 +107,8 @@ def test_written_file_round_trips_through_the_rule_engine(models, tmp_path, caps
     assert "routed experts:" in printed and "split" in printed and "wrote" in printed
     ruleset = parse_rules(str(out), assume={"cuda:0": budget})
     assert [r.replace for r in ruleset.rules][:3] == ["default", "SplitExperts", "CPUExperts"]
+    # what the -gpu file declares for a GPU next to CPU experts carries over
+    assert ruleset.cudnn_attention is False and ruleset.rules[1].kwargs["threads"] == "half"
     if not torch.cuda.is_available():
         with pytest.raises(RuleError, match="no CUDA device"):
             parse_rules(str(out))  # a GPU file: on a machine without one, only with --assume-gpu
@@ -132,7 +134,7 @@ def test_fitted_file_loads_and_computes_the_model(models, tmp_path):
     layer = 3 * 8 * 256 * 256 * 2  # one layer's experts in bfloat16
     f = fit(models["mixtral"], fit(models["mixtral"], 1 << 40, slots=1, ctx=64).minimum + layer * 3 // 2, slots=1, ctx=64)
     assert f.whole_layers and f.split and f.cpu_layers
-    rules = f.rules_yaml.replace("'cuda:0'", "cpu").replace("bfloat16", "float32")
+    rules = f.rules_yaml.replace("'cuda:0'", "cpu").replace("bfloat16", "float32").replace("cudnn_attention: false\n", "")
     m = hybrid.load(models["mixtral"], rules=rules)
     layers = m.module.model.layers
     assert type(layers[f.split[0]].block_sparse_moe.experts) is SplitExperts

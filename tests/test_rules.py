@@ -102,6 +102,11 @@ def test_unmatched_rule_warns(caplog):
         ("rules: {}\n", "expected a mapping with a 'rules' list"),
         ("rulez: []\n", "expected a mapping with a 'rules' list"),
         ("default_device: cpu\ndtype: float8\nrules: []\n", "dtype 'float8'"),
+        ("cudnn_attention: off-ish\nrules: []\n", "cudnn_attention must be true or false, not 'off-ish'"),
+        ("rules:\n  - match: {name: a}\n    replace: {class: CPUExperts, kwargs: {threads: quarter}}\n",
+         "rule 1 (line 2): CPUExperts: threads must be a positive integer or 'half', not 'quarter'"),
+        ("rules:\n  - match: {name: a}\n    replace: {class: CPUDecoderStack, kwargs: {device: 'cuda:0'}}\n",
+         "rule 1 (line 2): CPUDecoderStack runs on the CPU"),
     ],
 )
 def test_validation_errors_name_rule_and_line(text, message):
@@ -172,7 +177,9 @@ def test_rules_command_plan_and_byte_totals(tiny_llama):
     matches = {x["replace"]: x["matches"] for x in out["rules"]}
     # two layers as whole-layer operators (their norms, attention and MLP inside), the final
     # norm; lm_head is the one Linear left
-    assert matches == {"CPUDecoderLayer": 2, "CPUEmbedding": 1, "CPURMSNorm": 1, "CPULinear": 1}
+    assert matches == {"CPUDecoderStack": 1, "CPUDecoderLayer": 2, "CPUEmbedding": 1, "CPURMSNorm": 1, "CPULinear": 1}
+    stack = next(g for g in out["groups"] if g["operator"] == "CPUDecoderStack")
+    assert stack["examples"] == ["model.layers"] and stack["bytes"] == 0  # the layers' bytes are theirs
     params = sum(t.numel() for t in __import__("safetensors.torch").torch.load_file(str(tiny_llama / "model.safetensors")).values())
     assert out["devices"][0]["device"] == "cpu" and out["devices"][0]["bytes"] == params * 4  # float32 checkpoint
     assert out["fits"] is True
@@ -302,19 +309,69 @@ def test_prefill_device_is_for_operators_only():
         parse_rules("rules:\n  - match: {name: a}\n    replace: {class: default, kwargs: {prefill_device: cpu}}\n")
 
 
-def test_a_model_on_a_gpu_prepares_the_process_for_it(tiny_moe_gguf):
-    """What loading a model with modules on CUDA does, checked without a GPU: cuDNN
-    attention off, CPU experts on half the cores unless their rule sets `threads`."""
+STACK_RULE = "  - match: {name: 'model\\.layers', class: Layers}\n    replace: {class: CPUDecoderStack}\n"
+
+
+def test_the_decode_stack_is_there_only_where_a_rule_places_it(tiny_llama):
+    """The layer list becomes a `CPUDecoderStack` only under a rule that says so; the stack
+    keeps the layers as its children (built after them, wherever its rule stands in the
+    file), so their names, operators and prefill logits are those of a file without it."""
+    from hybrid.models.common import Layers
+    from hybrid.operators import CPUDecoderLayer, CPUDecoderStack
+
+    text = (builtin_rules_dir() / "llama-cpu.yaml").read_text()
+    assert STACK_RULE in text
+    without = text.replace(STACK_RULE, "")
+    models = {name: hybrid.load(tiny_llama, rules=rules) for name, rules in
+              [("first", text), ("last", without + STACK_RULE), ("without", without)]}
+    operators = {name: {p.path: p.operator for p in m.placements if p.operator} for name, m in models.items()}
+    for name in ("first", "last"):
+        assert type(models[name].module.model.layers) is CPUDecoderStack
+        assert operators[name] == {**operators["without"], "model.layers": CPUDecoderStack}
+    assert type(models["without"].module.model.layers) is Layers and "model.layers" not in operators["without"]
+    names = [n for n, _ in models["without"].module.named_modules()]
+    ids = [1, 5, 9, 200, 17, 3]
+    for m in models.values():
+        assert all(type(layer) is CPUDecoderLayer for layer in m.module.model.layers)
+        assert [n for n, _ in m.module.named_modules()] == names  # model.layers.0.mlp... as before
+        assert torch.equal(m.logits(ids), models["without"].logits(ids))
+
+
+def test_a_gpu_rule_file_declares_what_the_gpu_needs(tiny_moe_gguf):
+    """mixtral-gpu, built with a GPU assumed (on meta, no CUDA needed): the CPU experts take
+    half the cores because their rule says `threads: half` (the thread that launches GPU
+    work keeps cores of its own), and building the model changes no process-wide setting;
+    the file's `cudnn_attention: false` is applied only when a model is loaded under it,
+    and the plan says so."""
     import numba
 
-    from hybrid.inject.model import _prepare_for_the_gpu
+    from hybrid.inject.loader import build
+    from hybrid.inject.model import Model
+    from hybrid.inject.placement import swap
+    from hybrid.inject.plan import format_plan, summarize
+    from hybrid.operators import CPUExperts
 
-    m = hybrid.load(tiny_moe_gguf, rules="mixtral-cpu")
-    experts = [mod for name, mod in m.module.named_modules() if name.endswith(".experts")]
-    experts[0].threads = 3  # as a rule's `threads: 3` would set it
+    before = torch.backends.cuda.cudnn_sdp_enabled(), torch.get_num_threads()
+    config, module, placements, counts, refs, ruleset, _, _ = build(tiny_moe_gguf, "mixtral-gpu", {"cuda:0": 8 << 30})
+    swap(module, placements, config, ruleset.source)
+    Model(config, module, None, placements=placements, ruleset=ruleset)
+    assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.get_num_threads()) == before
+    experts = [p.module for p in placements if p.operator is CPUExperts]
+    assert len(experts) == config.num_hidden_layers
+    assert {e.threads for e in experts} == {max(1, numba.config.NUMBA_NUM_THREADS // 2)}
+    assert ruleset.cudnn_attention is False
+    assert "cuDNN attention off (process-wide)" in format_plan(summarize(placements, counts, refs, ruleset))
+
+
+def test_only_a_rule_file_that_says_so_changes_cudnn_attention(tiny_moe_gguf):
+    text = (builtin_rules_dir() / "mixtral-cpu.yaml").read_text()
+    assert "cudnn_attention" not in text
+    before = torch.backends.cuda.cudnn_sdp_enabled()
     try:
-        _prepare_for_the_gpu(m.module)
-        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        hybrid.load(tiny_moe_gguf, rules=text)
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
+        flipped = text.replace("dtype: float32\n", f"dtype: float32\ncudnn_attention: {str(not before).lower()}\n")
+        hybrid.load(tiny_moe_gguf, rules=flipped)
+        assert torch.backends.cuda.cudnn_sdp_enabled() == (not before)
     finally:
-        torch.backends.cuda.enable_cudnn_sdp(True)
-    assert [e.threads for e in experts] == [3] + [max(1, numba.config.NUMBA_NUM_THREADS // 2)] * (len(experts) - 1)
+        torch.backends.cuda.enable_cudnn_sdp(before)

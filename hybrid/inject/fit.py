@@ -188,6 +188,8 @@ def _dump(data: dict) -> str:
     if data.get("description"):
         lines += ["description: >"] + [f"  {line}" for line in _wrap(data["description"])]
     lines += [f"default_device: {_scalar(data.get('default_device', 'cpu'))}", f"dtype: {data.get('dtype', 'float32')}"]
+    if data.get("cudnn_attention") is not None:
+        lines.append(f"cudnn_attention: {_scalar(data['cudnn_attention'])}")
     lines.append("rules:" if data["rules"] else "rules: []")
     for rule in data["rules"]:
         lines.append(f"  - match: {_scalar(rule['match'])}")

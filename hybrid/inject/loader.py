@@ -152,6 +152,8 @@ def load_weights(module: nn.Module, placements, tensors: _Tensors, progress=None
     """progress: a `Progress` whose count (MB) follows the bytes read."""
     for p in placements:
         prefix = f"{p.path}." if p.path else ""
+        if p.keeps_children:
+            continue  # its children have placements of their own
         if p.operator is not None:
             original = p.module.original_shapes
             p.module.load(lambda n, pre=prefix, shapes=original: tensors.get(pre + n, shapes[n]))
@@ -205,6 +207,7 @@ def load(source, rules=None, *, progress=None):
             progress.stage("reading the model's description", detail=str(source))
         config, module, placements, _, refs, ruleset, src, meta = build(source, rules)
         rules_mod.swap(module, placements, config, ruleset.source)
+        rules_mod.apply_process_settings(ruleset)
         tensors = _Tensors(refs, getattr(config, "tie_word_embeddings", False))
         if progress:
             kept = any(p.operator is not None for p in placements)

@@ -23,14 +23,12 @@ class Model:
         self.placements, self.ruleset, self.source, self.name = list(placements), ruleset, source, name
         self._placed = {p.path: p for p in self.placements}
         self.set_torch_threads()
-        if any(torch.device(p.device).type == "cuda" for p in self.placements):
-            _prepare_for_the_gpu(module)
-        _stack_decoder_layers(module)
 
     @property
     def runs_kernels(self) -> bool:
         """Whether any module runs on the numba CPU kernels."""
-        return any(p.operator is not None and torch.device(p.device).type == "cpu" for p in self.placements)
+        return any(p.operator is not None and not p.keeps_children and torch.device(p.device).type == "cpu"
+                   for p in self.placements)
 
     def set_torch_threads(self) -> None:
         """With numba kernels, torch gets one thread (call again from the thread that runs
@@ -147,31 +145,3 @@ def lazy_zeros(shape, dtype: torch.dtype) -> torch.Tensor:
     raw = np.frombuffer(mmap.mmap(-1, nbytes), np.uint8)[: math.prod(shape) * itemsize]
     return torch.from_numpy(raw).view(dtype).view(*shape)
 
-
-def _stack_decoder_layers(module) -> None:
-    """Decode steps run each run of consecutive `CPUDecoderLayer`s as one call."""
-    from hybrid.operators.layer import CPUDecoderLayer, DecodeStack
-
-    layers = getattr(getattr(module, "model", None), "layers", None)
-    if hasattr(module, "decode_stack") and any(isinstance(m, CPUDecoderLayer) for m in layers or ()):
-        module.decode_stack = DecodeStack(layers)
-
-
-def _prepare_for_the_gpu(module) -> None:
-    """For a model with modules on a GPU (measured on a 16-core H100 machine, synthetic MoE
-    of scripts/make_moe_gguf.py under mixtral-gpu, docs/performance.md "GPU hybrid"):
-
-    - attention leaves cuDNN out (as torch.set_num_threads above, for the whole process):
-      cuDNN builds an execution plan for every new key length, i.e. at every decode step,
-      3.9 ms of CPU time a call; flash or memory-efficient attention take 60 us;
-    - CPU experts (and the CPU share of split ones) get half the cores unless their rule sets `threads`: the thread that
-      launches the GPU work needs a core of its own (8 threads 18.8 ms a step, 15: 23.1)."""
-    import numba
-
-    from hybrid.operators import CPUExperts, SplitExperts
-
-    torch.backends.cuda.enable_cudnn_sdp(False)
-    half = max(1, numba.config.NUMBA_NUM_THREADS // 2)
-    for m in module.modules():
-        if isinstance(m, (CPUExperts, SplitExperts)) and m.threads is None:
-            m.threads = half

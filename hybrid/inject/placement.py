@@ -4,8 +4,12 @@ A rule file is a mapping with `default_device`, optional `dtype`, and `rules`, a
 list. Each rule has `match` (`name`: a regex matched against the whole dotted module
 path, and/or `class`: class name or import path), `replace` (`class`: an operator from
 `hybrid/operators/` or `default`; `kwargs`), and optional `recursive` (default true). The first
-matching rule wins; an unmatched module inherits its parent's placement. Everything is
-checked before any weight is read; errors name the rule number and file line.
+matching rule wins; an unmatched module inherits its parent's placement. An operator owns
+its whole subtree, except one that keeps its children (`keeps_children`, e.g. the layer
+list's `CPUDecoderStack`): their rules place them, and it is built after them. Optional
+`cudnn_attention` (true/false) is a process-wide torch setting applied when a model is
+loaded under the file. Everything is checked before any weight is read; errors name the
+rule number and file line.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-_TOP_KEYS = {"default_device", "dtype", "rules", "description"}
+_TOP_KEYS = {"default_device", "dtype", "rules", "description", "cudnn_attention"}
 _RULE_KEYS = {"match", "replace", "recursive"}
 _MATCH_KEYS = {"name", "class"}
 _REPLACE_KEYS = {"class", "kwargs"}
@@ -72,6 +76,7 @@ class RuleSet:
     source: str = "<rules>"
     description: str = ""
     assumed: dict[str, int] = field(default_factory=dict)  # GPUs planned for without being present: device -> bytes
+    cudnn_attention: bool | None = None  # process-wide, set at load (`apply_process_settings`); None: left as it is
 
 
 @dataclass
@@ -86,6 +91,12 @@ class Placement:
     operator: type | None = None
     kwargs: dict = field(default_factory=dict)
     fallback: list[str] = field(default_factory=list)  # operator rules that matched but could not take it, and why
+
+    @property
+    def keeps_children(self) -> bool:
+        """Whether the operator here keeps the module's children, which have placements of
+        their own (it holds no tensors itself)."""
+        return getattr(self.operator, "keeps_children", False)
 
 
 # ------------------------------------------------------------------------- parsing
@@ -164,10 +175,13 @@ def parse_rules(spec, family: str | None = None, assume: dict[str, int] | None =
         from hybrid.models import family_names
 
         family = next((f for f in family_names() if Path(source).name.startswith(f + "-")), None)
+    cudnn = data.get("cudnn_attention")
+    if cudnn is not None and not isinstance(cudnn, bool):
+        raise RuleError(f"{source}: cudnn_attention must be true or false, not {cudnn!r}")
     default_device = str(data.get("default_device", "cpu"))
     _check_device(default_device, f"{source}: default_device", family, assumed)
     rules = [_parse_rule(r, i + 1, source, family, assumed) for i, r in enumerate(data["rules"])]
-    return RuleSet(rules, default_device, DTYPES[dtype_name], source, data.get("description", ""), assumed)
+    return RuleSet(rules, default_device, DTYPES[dtype_name], source, data.get("description", ""), assumed, cudnn)
 
 
 def _parse_rule(raw, index: int, source: str, family: str | None = None, assumed: dict | None = None) -> Rule:
@@ -329,8 +343,10 @@ def plan(root: nn.Module, ruleset: RuleSet, tensor=None) -> tuple[list[Placement
             dtype = DTYPES[rule.kwargs["dtype"]] if "dtype" in rule.kwargs else dtype
             if rule.operator is not None:
                 placements.append(Placement(path, module, device, dtype, rule, rule.operator, dict(rule.kwargs), declined))
-                return  # an operator owns its whole subtree
-        placements.append(Placement(path, module, device, dtype, rule, fallback=declined))
+                if not placements[-1].keeps_children:
+                    return  # an operator owns its whole subtree
+        if rule is None or rule.operator is None:
+            placements.append(Placement(path, module, device, dtype, rule, fallback=declined))
         if rule is not None and not rule.recursive:
             return
         for name, child in module.named_children():
@@ -346,8 +362,10 @@ def plan(root: nn.Module, ruleset: RuleSet, tensor=None) -> tuple[list[Placement
 def swap(root: nn.Module, placements: list[Placement], config, source: str = "<rules>") -> None:
     """Replace every module an operator was chosen for (after planning: the tree is never
     changed while it is walked). The operator builds itself from the module and config;
-    one that cannot take the module it matched (ValueError) names the rule that chose it."""
-    for p in placements:
+    one that cannot take the module it matched (ValueError) names the rule that chose it.
+    Deeper modules first: an operator that keeps its children is built from them once
+    they are operators themselves."""
+    for p in sorted(placements, key=lambda p: -p.path.count(".")):
         if p.operator is None:
             continue
         try:
@@ -358,6 +376,15 @@ def swap(root: nn.Module, placements: list[Placement], config, source: str = "<r
         parent = root.get_submodule(parent_path) if parent_path else root
         setattr(parent, name, op)
         p.module = op
+
+
+def apply_process_settings(ruleset: RuleSet) -> None:
+    """The process-wide torch settings a rule file asks for, applied when a model is loaded
+    under it; a file that names none changes nothing. `cudnn_attention: false` (the built-in
+    GPU files): torch's attention takes flash or memory-efficient kernels instead of cuDNN,
+    which builds a new plan for every key length, i.e. at every decode step."""
+    if ruleset.cudnn_attention is not None:
+        torch.backends.cuda.enable_cudnn_sdp(ruleset.cudnn_attention)
 
 
 def _move(x, device):
@@ -395,7 +422,10 @@ def inject(module: nn.Module, rules, config=None) -> list[Placement]:
     placements, _ = plan(module, ruleset, lambda name: tensor_info(params[name]) if name in params else None)
     originals = {p.path: p.module for p in placements if p.operator is not None}
     swap(module, placements, config, ruleset.source)
+    apply_process_settings(ruleset)
     for p in placements:
+        if p.keeps_children:
+            continue  # its children have placements of their own
         if p.operator is not None:
             p.module.load_from_module(originals[p.path])
         else:

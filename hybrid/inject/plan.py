@@ -23,8 +23,10 @@ def _element_bytes(dtype: torch.dtype) -> int:
 def placement_bytes(p: Placement, refs: dict) -> int:
     """Bytes the module at `p` will hold once loaded: operators keep the stored form (or
     the format their `quant` asks for); torch modules hold their own parameters in the
-    placement's dtype."""
+    placement's dtype; an operator that keeps its children holds nothing of its own."""
     prefix = f"{p.path}." if p.path else ""
+    if p.keeps_children:
+        return 0
     if p.operator is not None:
         total = 0
         quant = p.kwargs.get("quant")
@@ -127,6 +129,7 @@ def summarize(placements: list[Placement], counts: dict[int, int], refs: dict, r
         "rules_file": ruleset.source,
         "default_device": ruleset.default_device,
         "dtype": str(ruleset.dtype).removeprefix("torch."),
+        "cudnn_attention": ruleset.cudnn_attention,
         "rules": [
             {
                 "rule": r.index,
@@ -178,17 +181,19 @@ def format_devices(devices: list[dict]) -> str:
 
 
 def format_plan(plan: dict) -> str:
-    lines = [f"rules: {plan['rules_file']} (default device {plan['default_device']}, dtype {plan['dtype']})", ""]
-    lines.append("rule  line  matches  replace         match")
+    on = plan["cudnn_attention"]
+    cudnn = "" if on is None else f", cuDNN attention {'on' if on else 'off'} (process-wide)"
+    lines = [f"rules: {plan['rules_file']} (default device {plan['default_device']}, dtype {plan['dtype']}{cudnn})", ""]
+    lines.append("rule  line  matches  replace          match")
     for r in plan["rules"]:
         match = " ".join(f"{k}={v}" for k, v in r["match"].items())
         warn = "   <- matches nothing" if r["matches"] == 0 else ""
-        lines.append(f"{r['rule']:>4}  {r['line']:>4}  {r['matches']:>7}  {r['replace']:<14}  {match}{warn}")
-    lines += ["", "rule      operator        device   modules        bytes  e.g."]
+        lines.append(f"{r['rule']:>4}  {r['line']:>4}  {r['matches']:>7}  {r['replace']:<15}  {match}{warn}")
+    lines += ["", "rule      operator         device   modules        bytes  e.g."]
     for g in plan["groups"]:
         rule = str(g["rule"]) if g["rule"] is not None else "inherit"
         lines.append(
-            f"{rule:<8}  {g['operator']:<14}  {g['device']:<7}  {g['modules']:>7}  {human(g['bytes']):>11}  {', '.join(g['examples'])}"
+            f"{rule:<8}  {g['operator']:<15}  {g['device']:<7}  {g['modules']:>7}  {human(g['bytes']):>11}  {', '.join(g['examples'])}"
         )
     if "kv_cache" in plan:
         kv = plan["kv_cache"]

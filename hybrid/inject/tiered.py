@@ -101,8 +101,8 @@ def uses_kernels(rules) -> bool:
     from hybrid.inject.placement import parse_rules
 
     ruleset = parse_rules(rules)
-    return any(r.operator is not None and torch.device(str(r.device or ruleset.default_device)).type == "cpu"
-               for r in ruleset.rules)
+    return any(r.operator is not None and not getattr(r.operator, "keeps_children", False)
+               and torch.device(str(r.device or ruleset.default_device)).type == "cpu" for r in ruleset.rules)
 
 
 class Tiers:

@@ -391,6 +391,17 @@ def routed_sum(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert
     return out
 
 
+class Layers(nn.ModuleList):
+    """`model.layers`: the decoder layers, each run on its own cache. A rule may put an
+    operator in its place that keeps the layers as its children (`CPUDecoderStack`) and
+    runs them its own way."""
+
+    def forward(self, x: torch.Tensor, rope, step: Step, caches: list[KVCache]) -> torch.Tensor:
+        for layer, cache in zip(self, caches):
+            x = layer(x, rope, step, cache)
+        return x
+
+
 class CausalLM(nn.Module):
     """model.embed_tokens -> model.layers -> model.norm -> lm_head, with Hugging Face names.
     Families provide `make_layer(cfg, i)` and, if they differ, `make_rotary(cfg)`."""
@@ -400,13 +411,10 @@ class CausalLM(nn.Module):
         self.config = cfg
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.model.layers = nn.ModuleList(self.make_layer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.model.layers = Layers(self.make_layer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = self.make_rotary(cfg)
-        # set where the rules placed layers that can decode several at a time in one call
-        # (`hybrid.operators.layer.DecodeStack`): forward(x, rope, step, caches) -> x
-        self.decode_stack = None
 
     def make_rotary(self, cfg) -> Rotary:
         return Rotary(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
@@ -456,11 +464,7 @@ class CausalLM(nn.Module):
         projection of all of them can cost as much as the layers)."""
         x = self.embed(tokens)
         rope = self.rotary(step.positions.to(x.device))
-        if self.decode_stack is not None and tokens.shape[1] == 1:
-            x = self.decode_stack(x, rope, step, caches)
-        else:
-            for layer, cache in zip(self.model.layers, caches):
-                x = layer(x, rope, step, cache)
+        x = self.model.layers(x, rope, step, caches)
         if keep is not None:
             x = x[torch.arange(x.shape[0], device=x.device), torch.as_tensor(keep, device=x.device)][:, None]
         return self.head(x)

@@ -6,7 +6,7 @@ any operator by import path (e.g. `hybrid.operators.linear.CPULinear`)."""
 from .attention import CPUAttention
 from .embedding import CPUEmbedding
 from .experts import CPUExperts
-from .layer import CPUDecoderLayer
+from .layer import CPUDecoderLayer, CPUDecoderStack
 from .linear import CPULinear
 from .mlp import CPUMLP
 from .norm import CPURMSNorm
@@ -20,8 +20,9 @@ OPERATORS = {
     "CPUMLP": CPUMLP,
     "CPURMSNorm": CPURMSNorm,
     "CPUDecoderLayer": CPUDecoderLayer,
+    "CPUDecoderStack": CPUDecoderStack,
     "SplitExperts": SplitExperts,
 }
 
 __all__ = ["OPERATORS", "CPULinear", "CPUEmbedding", "CPUExperts", "CPUAttention", "CPUMLP", "CPURMSNorm", "CPUDecoderLayer",
-           "SplitExperts"]
+           "CPUDecoderStack", "SplitExperts"]

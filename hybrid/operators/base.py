@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import numba
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -77,6 +78,17 @@ def check_cpu(op: str, device) -> None:
     """Operators whose kernels run on the CPU accept no other device."""
     if torch.device(device).type != "cpu":
         raise ValueError(f"{op} runs on the CPU; device {device!r} is not possible")
+
+
+def thread_count(op: str, threads) -> int | None:
+    """A rule's `threads` for the numba calls of `op`: a count, `half` (half of numba's
+    threads: next to a GPU, the thread that launches the GPU work keeps cores of its own),
+    or None (all of them)."""
+    if threads is None or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
+        return threads
+    if threads == "half":
+        return max(1, numba.config.NUMBA_NUM_THREADS // 2)
+    raise ValueError(f"{op}: threads must be a positive integer or 'half', not {threads!r}")
 
 
 def check_quant(quant) -> None:

@@ -8,7 +8,7 @@ import torch
 from hybrid.models.common import Experts
 
 from . import kernels, offload
-from .base import Operator, check_quant, weight_array
+from .base import Operator, check_quant, thread_count, weight_array
 from .kernels.activations import DEFAULT_ACTIVATIONS, check_activations
 
 
@@ -19,7 +19,7 @@ class CPUExperts(Operator):
     replaces = (Experts,)
 
     def __init__(
-        self, original: Experts, config, *, device: str = "cpu", quant: str | None = None, threads: int | None = None,
+        self, original: Experts, config, *, device: str = "cpu", quant: str | None = None, threads: int | str | None = None,
         generate_device: str | None = None, prefill_device: str | None = None, prefill_min_tokens: int = offload.PREFILL_MIN_TOKENS,
         activations: str = DEFAULT_ACTIVATIONS,
     ):
@@ -27,7 +27,7 @@ class CPUExperts(Operator):
         self.check_kwargs(device, quant, threads, generate_device, prefill_device, prefill_min_tokens, activations)
         self.acts = check_activations("CPUExperts", activations)
         self.num_experts, self.hidden, self.intermediate = original.num_experts, original.hidden, original.intermediate
-        self.quant, self.threads = quant, threads
+        self.quant, self.threads = quant, thread_count("CPUExperts", threads)
         self.prefill = offload.Prefill(prefill_device, prefill_min_tokens)
 
     @staticmethod
@@ -35,6 +35,7 @@ class CPUExperts(Operator):
                      prefill_min_tokens=offload.PREFILL_MIN_TOKENS, activations=DEFAULT_ACTIVATIONS):
         offload.check_devices("CPUExperts", device, generate_device, prefill_device, prefill_min_tokens)
         check_quant(quant)
+        thread_count("CPUExperts", threads)
         check_activations("CPUExperts", activations)
 
     def load(self, get) -> None:

@@ -1,6 +1,7 @@
 """A whole Llama-family, Mixtral or Qwen MoE decoder layer on the CPU: a decode step is one
 numba call for the layer (norms, attention, residuals, MLP or router + experts); prefill
-runs the block's own code over the same operators the per-module rules would use."""
+runs the block's own code over the same operators the per-module rules would use. And the
+layer list whose decode step runs consecutive such layers as one call."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from hybrid.models import mixtral, qwen_moe
-from hybrid.models.common import MLP, Attention, Block
+from hybrid.models.common import MLP, Attention, Block, Layers
 
 from .attention import CPUAttention
 from .base import Operator, check_cpu, check_quant
@@ -150,24 +151,34 @@ class CPUDecoderLayer(Operator):
         return torch.from_numpy(y).view(B, T, C)
 
 
-class DecodeStack:
-    """A decode step through a model's layers where each run of consecutive
-    `CPUDecoderLayer`s of one kind (and the same argument types) is one numba call
+class CPUDecoderStack(Layers):
+    """Replaces `model.layers` (`Layers`) and keeps the layers as its children under their
+    own names (`model.layers.3.mlp` stays that), so the rules place each layer themselves
+    and this operator is built after them. A decode step runs each run of consecutive
+    `CPUDecoderLayer`s of one kind (and the same argument types) as one numba call
     (`kernels.layer.dense_stack_step`, `moe_stack_step`): between per-layer calls a step
-    spent ~20 us a layer in Python (module call, argument tuples, array conversions).
-    Other layers, and layers with forward hooks, run their own forward. The runs are
-    worked out once per list of caches (and again when hooks come or go)."""
+    spent ~20 us a layer in Python (module call, argument tuples, array conversions). Other
+    layers, layers with forward hooks, and prefill run each layer's own forward. The runs
+    are worked out once per list of caches (and again when hooks come or go)."""
 
-    def __init__(self, layers: nn.ModuleList):
-        self.layers = layers
+    replaces = (Layers,)
+    keeps_children = True  # the layers are placed, swapped and loaded by their own rules
+
+    def __init__(self, original: Layers, config, *, device: str = "cpu"):
+        super().__init__(original)
+        self.check_kwargs(device)
         self._key: tuple = ()
         self._plan: list[tuple] = []
+
+    @staticmethod
+    def check_kwargs(device="cpu"):
+        check_cpu("CPUDecoderStack", device)
 
     def _make_plan(self, caches, hooked: tuple[int, ...]) -> list[tuple]:
         """[(kernel or None, layer args, layers, caches, smallest cache)] in layer order: a run
         of layers for one kernel call, or (None) one layer for its own forward."""
         plan, last_type = [], None
-        for i, (lay, cache) in enumerate(zip(self.layers, caches)):
+        for i, (lay, cache) in enumerate(zip(self, caches)):
             if not isinstance(lay, CPUDecoderLayer) or i in hooked:
                 plan.append((None, (), [lay], [cache]))
                 last_type = None
@@ -183,11 +194,13 @@ class DecodeStack:
         # the smallest cache of a run stands for all of them in the check that the step fits
         return [(kernel, tuple(args), layers, cs, min(cs, key=lambda c: c.k.shape[2])) for kernel, args, layers, cs in plan]
 
-    def __call__(self, x: torch.Tensor, rope, step, caches) -> torch.Tensor:
-        hooked = tuple(i for i, lay in enumerate(self.layers) if lay._forward_hooks or lay._forward_pre_hooks)
+    def forward(self, x: torch.Tensor, rope, step, caches) -> torch.Tensor:
+        B, T, C = x.shape
+        if T != 1:
+            return super().forward(x, rope, step, caches)
+        hooked = tuple(i for i, lay in enumerate(self) if lay._forward_hooks or lay._forward_pre_hooks)
         if self._key != (caches, hooked):
             self._plan, self._key = self._make_plan(caches, hooked), (caches, hooked)
-        B, T, C = x.shape
         threads, xs = numba.get_num_threads(), None  # xs: x as numpy between kernel calls
         for kernel, args, layers, cs, smallest in self._plan:
             if kernel is not None and xs is None and CPUDecoderLayer.takes(x):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import kernels, offload
-from .base import Operator, check_quant, weight_array
+from .base import Operator, check_quant, thread_count, weight_array
 from .kernels.activations import DEFAULT_ACTIVATIONS, check_activations
 
 
@@ -18,7 +18,7 @@ class CPULinear(Operator):
     replaces = (nn.Linear,)
 
     def __init__(
-        self, original: nn.Linear, config, *, device: str = "cpu", quant: str | None = None, threads: int | None = None,
+        self, original: nn.Linear, config, *, device: str = "cpu", quant: str | None = None, threads: int | str | None = None,
         generate_device: str | None = None, prefill_device: str | None = None, prefill_min_tokens: int = offload.PREFILL_MIN_TOKENS,
         activations: str = DEFAULT_ACTIVATIONS,
     ):
@@ -26,7 +26,7 @@ class CPULinear(Operator):
         self.check_kwargs(device, quant, threads, generate_device, prefill_device, prefill_min_tokens, activations)
         self.acts = check_activations("CPULinear", activations)
         self.in_features, self.out_features = original.in_features, original.out_features
-        self.quant, self.threads = quant, threads
+        self.quant, self.threads = quant, thread_count("CPULinear", threads)
         self.prefill = offload.Prefill(prefill_device, prefill_min_tokens)
         self.has_bias = original.bias is not None
 
@@ -35,6 +35,7 @@ class CPULinear(Operator):
                      prefill_min_tokens=offload.PREFILL_MIN_TOKENS, activations=DEFAULT_ACTIVATIONS):
         offload.check_devices("CPULinear", device, generate_device, prefill_device, prefill_min_tokens)
         check_quant(quant)
+        thread_count("CPULinear", threads)
         check_activations("CPULinear", activations)
 
     def load(self, get) -> None:

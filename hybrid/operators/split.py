@@ -14,7 +14,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from hybrid.models.common import Experts, routed_sum
 
 from . import kernels, offload
-from .base import Operator, check_quant, weight_array
+from .base import Operator, check_quant, thread_count, weight_array
 from .kernels.activations import DEFAULT_ACTIVATIONS, check_activations
 
 Q = GGMLQuantizationType
@@ -56,7 +56,7 @@ class SplitExperts(Operator):
 
     def __init__(
         self, original: Experts, config, *, experts, device: str = "cuda:0", dtype: str = "bfloat16",
-        quant: str | None = None, threads: int | None = None, activations: str = DEFAULT_ACTIVATIONS,
+        quant: str | None = None, threads: int | str | None = None, activations: str = DEFAULT_ACTIVATIONS,
         prefill_device: str | None = None, prefill_min_tokens: int = offload.PREFILL_MIN_TOKENS,
     ):
         super().__init__(original, config)
@@ -65,7 +65,8 @@ class SplitExperts(Operator):
         self.torch_ids = chosen_experts(experts, self.num_experts)
         self.cpu_ids = [e for e in range(self.num_experts) if e not in set(self.torch_ids)]
         self.device, self.dtype = torch.device(device), _DTYPES[dtype]
-        self.quant, self.threads, self.acts = quant, threads, check_activations("SplitExperts", activations)
+        self.quant, self.acts = quant, check_activations("SplitExperts", activations)
+        self.threads = thread_count("SplitExperts", threads)
         self.prefill = offload.Prefill(prefill_device, prefill_min_tokens)
         # expert id -> its index in the share that holds it (-1: the other share), per share
         self.register_buffer("torch_index", self._index(self.torch_ids), persistent=False)
@@ -91,6 +92,7 @@ class SplitExperts(Operator):
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
         offload.check_devices("SplitExperts", "cpu", None, prefill_device, prefill_min_tokens)
         check_quant(quant)
+        thread_count("SplitExperts", threads)
         check_activations("SplitExperts", activations)
 
     @classmethod
