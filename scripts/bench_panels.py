@@ -12,7 +12,6 @@ experts (~32 tokens each, top-8 of 128) and projections.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numba
 import numpy as np
@@ -23,16 +22,9 @@ from hybrid.operators.kernels.activations import ACT_INT8, ACT_INT16
 from hybrid.operators.kernels.intrinsics import HAS_VNNI, HAS_VNNI512
 from hybrid.writers.synthetic import random_blocks
 
+from bench_kernels import best_time  # scripts/, beside this file
+
 SHAPES = ((768, 2048), (2048, 768), (4096, 2048))
-
-
-def best(run, repeats: int = 7) -> float:
-    out = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        out = min(out, time.perf_counter() - start)
-    return out
 
 
 def main() -> None:
@@ -53,10 +45,10 @@ def main() -> None:
         for n in (int(v) for v in args.tokens.split(",")):
             x = rng.standard_normal((n, cols), dtype=np.float32)
             y = np.empty((n, rows), np.float32)
-            cells = [best(lambda: batch.matmul_small(t, w, x, y, 1))]
+            cells = [best_time(lambda: batch.matmul_small(t, w, x, y, 1), 7)]
             for mode in (ACT_INT16, ACT_INT8):
                 if panels.panel_form(t, mode):
-                    cells.append(best(lambda: panels.matmul_panels(t, w, x, y, 1, mode)))
+                    cells.append(best_time(lambda: panels.matmul_panels(t, w, x, y, 1, mode), 7))
                 else:
                     cells.append(None)
             macs = rows * cols * n / 1e9

@@ -11,7 +11,8 @@ is unpacked once per step of 256 columns into a 4 KB buffer laid out as
 rows, 64 products an instruction, summed per row in int32 (split x: eight more for the low
 bytes). Then one conversion and two FMAs per group of 32 columns and token: the group's
 scale per row times the token's x scale, and its offset or minimum per row times the
-token's block sum (as on the VNNI GEMV path). Four tokens share each load of the weights.
+token's block sum (as on the VNNI GEMV path). Four tokens share each load of the weights
+(the 1-3 left over go one at a time).
 
 Used by `matmul` for more than GEMM_TOKENS tokens and by the fused MoE's experts with more
 than EXPERT_GEMV_TOKENS tokens, for the formats with a `panel` in formats.py's table, when x
@@ -56,21 +57,21 @@ def _dp16(builder, acc, w, x):
     return builder.shuffle_vector(halves[0], halves[1], ir.Constant(_I32x16, list(range(16))))
 
 
-def _dots(K, split, halves):
-    """An intrinsic dots(acc, ao, buf, bo, xq, xo, sc, mn, so, xs, xsum, xi, x16, xj) for K
-    tokens (1-4) and one group of 32 columns of a panel: for k < K and rows r < 16,
-    acc[ao + 16k + r] += sc[so + r] * xs[xi[k]] * (w_r . x_k) + mn[so + r] * xsum[xi[k]],
-    w_r: the group's bytes of row r at buf[bo:] (`_put` layout), x_k: xq[xo[k]:] (split:
-    32 high bytes then 32 low ones; else 32 int8). With `halves` (a weight scale per 16),
-    each half h of the group takes its own sc[so + 128h + r], mn[so + 128h + r] and, for the
-    offset, the half's sum of x, x16[xj[k] + h]."""
+def _dots(K, split):
+    """An intrinsic dots(acc, ao, buf, bo, xq, xo, sc, mn, so, xs, xi, x16, xj) for K tokens
+    (1 or 4) and one group of 32 columns of a panel: for k < K and rows r < 16,
+    acc[ao + 16k + r] += sum over the group's halves h (16 columns each) of
+    sc[so + 128h + r] * xs[xi[k]] * (w_rh . x_kh) + mn[so + 128h + r] * x16[xj[k] + h],
+    w_r: the group's bytes of row r at buf[bo:] (`_put` layout), x_k: xq[xo[k]:] (split: 32
+    high bytes then 32 low ones; else 32 int8), x16: the tokens' sums of x per 16. One code
+    for every format: a format with one scale per group has the same in both halves."""
 
     @intrinsic
-    def dots(typingctx, acc, ao, buf, bo, xq, xo, sc, mn, so, xs, xsum, xi, x16, xj):
+    def dots(typingctx, acc, ao, buf, bo, xq, xo, sc, mn, so, xs, xi, x16, xj):
         def codegen(context, builder, sig, args):
-            acc, ao, buf, bo, xq, xo, sc, mn, so, xs, xsum, xi, x16, xj = args
+            acc, ao, buf, bo, xq, xo, sc, mn, so, xs, xi, x16, xj = args
             i32, i64 = ir.IntType(32), ir.IntType(64)
-            names = ("acc", "ao", "buf", "bo", "xq", "xo", "sc", "mn", "so", "xs", "xsum", "xi", "x16", "xj")
+            names = ("acc", "ao", "buf", "bo", "xq", "xo", "sc", "mn", "so", "xs", "xi", "x16", "xj")
             ty = dict(zip(names, sig.args))
 
             def item(name, arr, i):
@@ -85,40 +86,33 @@ def _dots(K, split, halves):
                 return builder.bitcast(_splat(builder, builder.load(p, align=1), 16), _I8x64)
 
             zero = ir.Constant(_I32x16, [0] * 16)
-            nh = 2 if halves else 1
-            hi = [[zero] * K for _ in range(nh)]
-            lo = [[zero] * K for _ in range(nh)]
+            hi = [[zero] * K for _ in range(2)]
+            lo = [[zero] * K for _ in range(2)]
             for q in range(8):
-                h = q // 4 if halves else 0
                 at = builder.add(bo, ir.Constant(bo.type, 64 * q))
                 w = builder.load(_vec_at(context, builder, ty["buf"], buf, at, 64), align=16)
                 for k in range(K):
-                    hi[h][k] = _dp16(builder, hi[h][k], w, x4(k, 4 * q))
+                    hi[q // 4][k] = _dp16(builder, hi[q // 4][k], w, x4(k, 4 * q))
                     if split:
-                        lo[h][k] = _dp16(builder, lo[h][k], w, x4(k, 32 + 4 * q))
+                        lo[q // 4][k] = _dp16(builder, lo[q // 4][k], w, x4(k, 32 + 4 * q))
             scale, minus = [], []
-            for h in range(nh):
+            for h in range(2):
                 at = builder.add(so, ir.Constant(so.type, 128 * h))
                 scale.append(builder.load(_vec_at(context, builder, ty["sc"], sc, at, 16), align=4))
                 minus.append(builder.load(_vec_at(context, builder, ty["mn"], mn, at, 16), align=4))
             flags = ["contract"]
             for k in range(K):
-                j = item("xi", xi, ir.Constant(i64, k))
-                sx = _splat(builder, item("xs", xs, j), 16)
+                sx = _splat(builder, item("xs", xs, item("xi", xi, ir.Constant(i64, k))), 16)
                 at = _vec_at(context, builder, ty["acc"], acc, builder.add(ao, ir.Constant(ao.type, 16 * k)), 16)
                 a = builder.load(at, align=4)
-                for h in range(nh):
+                for h in range(2):
                     t = builder.add(builder.shl(hi[h][k], ir.Constant(_I32x16, [8] * 16)), lo[h][k]) if split else hi[h][k]
                     a = builder.fadd(a, builder.fmul(builder.sitofp(t, _F32x16), builder.fmul(scale[h], sx, flags=flags), flags=flags), flags=flags)
-                    if halves:
-                        jh = builder.add(item("xj", xj, ir.Constant(i64, k)), ir.Constant(i64, h))
-                        total = item("x16", x16, jh)
-                    else:
-                        total = item("xsum", xsum, j)
+                    total = item("x16", x16, builder.add(item("xj", xj, ir.Constant(i64, k)), ir.Constant(i64, h)))
                     a = builder.fadd(a, builder.fmul(minus[h], _splat(builder, total, 16), flags=flags), flags=flags)
                 builder.store(a, at, align=4)
             return context.get_dummy_value()
-        return types.none(acc, ao, buf, bo, xq, xo, sc, mn, so, xs, xsum, xi, x16, xj), codegen
+        return types.none(acc, ao, buf, bo, xq, xo, sc, mn, so, xs, xi, x16, xj), codegen
 
     return dots
 
@@ -146,8 +140,8 @@ def _put(typingctx, buf, bo, w0, w1, w2, w3):
 def _fill(sub, off, halves):
     """fill(w, r0, hi, o, groups, buf, sc, mn): the panel of rows r0..r0+15 (a row past hi-1
     repeats hi-1) of the step at byte o of each row into buf, with sc[16s + i] the scale of
-    group s of row r0 + i and mn[16s + i] its offset coefficient (OFF * m); with `halves`,
-    the second half's at 128 + 16s + i."""
+    the first half of group s of row r0 + i, mn[16s + i] its offset coefficient (OFF * m),
+    and the second half's at 128 + 16s + i (the same, without `halves`)."""
 
     @numba.njit(inline="always", fastmath=FASTMATH)
     def one_halves(row, o, s, sc, mn, j):
@@ -158,7 +152,7 @@ def _fill(sub, off, halves):
     @numba.njit(inline="always", fastmath=FASTMATH)
     def one_group(row, o, s, sc, mn, j):
         d, w, m = sub(row, o, s)
-        sc[j], mn[j] = d, off * m
+        sc[j], mn[j], sc[128 + j], mn[128 + j] = d, off * m, d, off * m
         return w
 
     one = one_halves if halves else one_group
@@ -178,51 +172,84 @@ def _fill(sub, off, halves):
     return fill
 
 
-def _panels(panel, split):
-    """rows(w, x, lo, hi, y) of one format: y[iy[j], r] = w[r] . x[ix[j]] for j < count and
-    rows lo..hi-1; x: (xq, xs, xsum, ix, iy, count, xv) with xq the split bytes (`split`) or
-    the int8 x of `quantize_rows`, [N, *], and xv the rounded x itself (int16 or int8), whose
-    sums per 16 a format with `halves` takes."""
-    halves = panel.halves
-    fill = _fill(panel.sub, panel.off, halves)
-    dots4, dots3, dots2, dots1 = (_dots(k, split, halves) for k in (4, 3, 2, 1))
-    step_bytes = panel.step_bytes
+def _fill_by_type(fills):
+    """fill(t, w, r0, hi, o, groups, buf, sc, mn) of type code t from ((code, fill), ...),
+    an if/else chain (the last takes every code not listed before it)."""
+    code, first = fills[0]
+    if len(fills) == 1:
+        @numba.njit(inline="always")
+        def last(t, w, r0, hi, o, groups, buf, sc, mn):
+            first(w, r0, hi, o, groups, buf, sc, mn)
+
+        return last
+    rest = _fill_by_type(fills[1:])
+
+    @numba.njit(inline="always")
+    def pick(t, w, r0, hi, o, groups, buf, sc, mn):
+        if t == code:
+            first(w, r0, hi, o, groups, buf, sc, mn)
+        else:
+            rest(t, w, r0, hi, o, groups, buf, sc, mn)
+
+    return pick
+
+
+_PANEL_FORMATS = tuple(f for f in FORMATS if f.panel)
+_fill_any = _fill_by_type(tuple((f.code, _fill(f.panel.sub, f.panel.off, f.panel.halves)) for f in _PANEL_FORMATS))
+_STEP_CODES = np.array([f.code for f in _PANEL_FORMATS], np.int64)
+_STEP_BYTES = np.array([f.panel.step_bytes for f in _PANEL_FORMATS], np.int64)
+
+
+@numba.njit(inline="always")
+def _step_bytes(t):
+    for i in range(_STEP_CODES.size):
+        if _STEP_CODES[i] == t:
+            return _STEP_BYTES[i]
+    return _STEP_BYTES[0]
+
+
+def _panels(split):
+    """rows(t, w, x, lo, hi, y): y[iy[j], r] = w[r] . x[ix[j]] for j < count and rows
+    lo..hi-1 of a weight of type code t (one with a `panel`); x: (xq, xs, ix, iy, count,
+    xv) with xq the split bytes (`split`) or the int8 x of `quantize_rows`, [N, *], and xv
+    the rounded x itself (int16 or int8), whose sums per 16 the offsets take. Only the
+    unpacking (`fill`) is per format: the token loop, the code that takes LLVM the longest,
+    is compiled once for all of them."""
+    dots4, dots1 = _dots(4, split), _dots(1, split)
     xstep = 64 if split else 32
 
     @numba.njit(inline="always", fastmath=FASTMATH)
-    def rows(w, x, lo, hi, y):
-        xq, xs, xsum, ix, iy, count, xv = x
+    def rows(t, w, x, lo, hi, y):
+        xq, xs, ix, iy, count, xv = x
         nb32 = xs.shape[1]
-        xqf, xsf, xsumf = xq.reshape(xq.size), xs.reshape(xs.size), xsum.reshape(xsum.size)
+        xqf, xsf = xq.reshape(xq.size), xs.reshape(xs.size)
         row_bytes = w.shape[1]
+        step_bytes = _step_bytes(t)
         per_chunk = max(4, TILE_X_BYTES // max(1, xq.shape[1]))  # tokens whose x stays in L2
         buf = np.empty(8 * _GROUP_BYTES, np.uint8)
+        sc = np.empty(16 * PANEL, np.float32)
+        mn = np.empty(16 * PANEL, np.float32)
         acc = np.empty(PANEL * min(count, per_chunk), np.float32)
-        sc = np.empty(16 * PANEL if halves else 8 * PANEL, np.float32)
-        mn = np.empty(16 * PANEL if halves else 8 * PANEL, np.float32)
-        x16 = np.empty(2 * nb32 * min(count, per_chunk) if halves else 1, np.float32)
+        x16 = np.empty(2 * nb32 * min(count, per_chunk), np.float32)
         xo = numba.carray(_stack_i64(4), (4,))
         xi = numba.carray(_stack_i64(4), (4,))
         xj = numba.carray(_stack_i64(4), (4,))
-        for k in range(4):
-            xj[k] = 0
         for t0 in range(0, count, per_chunk):
             t1 = min(count, t0 + per_chunk)
             n = t1 - t0
             rest = n % 4
-            if halves:  # the tokens' sums of rounded x per 16, times their block's scale
-                for j in range(n):
-                    v = xv[ix[t0 + j]]
-                    for g in range(2 * nb32):
-                        total = np.int32(0)
-                        for c in range(16 * g, 16 * g + 16):
-                            total += np.int32(v[c])
-                        x16[2 * nb32 * j + g] = np.float32(total) * xs[ix[t0 + j], g >> 1]
+            for j in range(n):  # the tokens' sums of rounded x per 16, times their block's scale
+                v = xv[ix[t0 + j]]
+                for g in range(2 * nb32):
+                    total = np.int32(0)
+                    for c in range(16 * g, 16 * g + 16):
+                        total += np.int32(v[c])
+                    x16[2 * nb32 * j + g] = np.float32(total) * xs[ix[t0 + j], g >> 1]
             for r0 in range(lo, hi, PANEL):
                 acc[: PANEL * n] = 0
                 for o in range(0, row_bytes, step_bytes):
                     groups = min(8, (row_bytes - o) * 8 // step_bytes)
-                    fill(w, r0, hi, o, groups, buf, sc, mn)
+                    _fill_any(t, w, r0, hi, o, groups, buf, sc, mn)
                     g0 = o * 8 // step_bytes  # the step's first group of 32 columns
                     for s in range(groups):
                         for j in range(t0, t1 - rest, 4):
@@ -230,22 +257,12 @@ def _panels(panel, split):
                                 xi[k] = ix[j + k] * nb32 + g0 + s
                                 xo[k] = xstep * xi[k]
                                 xj[k] = 2 * (nb32 * (j + k - t0) + g0 + s)
-                            dots4(acc, PANEL * (j - t0), buf, _GROUP_BYTES * s, xqf, xo, sc, mn, PANEL * s, xsf, xsumf, xi,
-                                  x16, xj)
-                        j = t1 - rest
-                        for k in range(rest):
-                            xi[k] = ix[j + k] * nb32 + g0 + s
-                            xo[k] = xstep * xi[k]
-                            xj[k] = 2 * (nb32 * (j + k - t0) + g0 + s)
-                        if rest == 3:
-                            dots3(acc, PANEL * (j - t0), buf, _GROUP_BYTES * s, xqf, xo, sc, mn, PANEL * s, xsf, xsumf, xi,
-                                  x16, xj)
-                        elif rest == 2:
-                            dots2(acc, PANEL * (j - t0), buf, _GROUP_BYTES * s, xqf, xo, sc, mn, PANEL * s, xsf, xsumf, xi,
-                                  x16, xj)
-                        elif rest == 1:
-                            dots1(acc, PANEL * (j - t0), buf, _GROUP_BYTES * s, xqf, xo, sc, mn, PANEL * s, xsf, xsumf, xi,
-                                  x16, xj)
+                            dots4(acc, PANEL * (j - t0), buf, _GROUP_BYTES * s, xqf, xo, sc, mn, PANEL * s, xsf, xi, x16, xj)
+                        for j in range(t1 - rest, t1):  # one at a time (fewer variants to compile)
+                            xi[0] = ix[j] * nb32 + g0 + s
+                            xo[0] = xstep * xi[0]
+                            xj[0] = 2 * (nb32 * (j - t0) + g0 + s)
+                            dots1(acc, PANEL * (j - t0), buf, _GROUP_BYTES * s, xqf, xo, sc, mn, PANEL * s, xsf, xi, x16, xj)
                 for j in range(t0, t1):
                     yr = y[iy[j]]
                     for i in range(min(PANEL, hi - r0)):
@@ -254,31 +271,8 @@ def _panels(panel, split):
     return rows
 
 
-def _by_type(kernels):
-    """kernel(t, w, x, lo, hi, y) that runs the kernel of type code t from ((code, kernel),
-    ...) (the last one takes every code not listed before it)."""
-    code, first = kernels[0]
-    if len(kernels) == 1:
-        @numba.njit(inline="always")
-        def last(t, w, x, lo, hi, y):
-            first(w, x, lo, hi, y)
-
-        return last
-    rest = _by_type(kernels[1:])
-
-    @numba.njit(inline="always")
-    def pick(t, w, x, lo, hi, y):
-        if t == code:
-            first(w, x, lo, hi, y)
-        else:
-            rest(t, w, x, lo, hi, y)
-
-    return pick
-
-
-_split_panels = _by_type(tuple((f.code, _panels(f.panel, True)) for f in FORMATS if f.code in PANEL_TYPES) or
-                         ((0, _panels(FORMATS[0].panel, True)),))
-_int8_panels = _by_type(tuple((f.code, _panels(f.panel, False)) for f in FORMATS if f.code in PANEL8_TYPES))
+_split_panels = _panels(True)
+_int8_panels = _panels(False)
 
 
 @numba.njit(inline="always")
@@ -293,11 +287,11 @@ def panel_rows(t, w, xa, ix, iy, count, lo, hi, y):
     row_bytes], type code t as `panel_takes` allows; lo a multiple of 16 reads whole
     panels); xa as `quantize_rows` gives it; ix, iy: int64 token and output row indices;
     y: float32 [*, rows]."""
-    _, xq, xs, xsum, xb, x8 = xa
+    _, xq, xs, _, xb, x8 = xa
     if x8.shape[1]:
-        _int8_panels(t, w, (x8, xs, xsum, ix, iy, count, x8), lo, hi, y)
+        _int8_panels(t, w, (x8, xs, ix, iy, count, x8), lo, hi, y)
     else:
-        _split_panels(t, w, (xb, xs, xsum, ix, iy, count, xq), lo, hi, y)
+        _split_panels(t, w, (xb, xs, ix, iy, count, xq), lo, hi, y)
 
 
 def panel_form(t: int, mode: int) -> bool:
