@@ -235,6 +235,10 @@ def _moe_panels(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks, 
                     out[tok, r] += wk * ys[j, r]
 
 
+# `first_panel` for a call that takes no panels.
+NO_PANELS = 1 << 62
+
+
 def first_panel(tg: int, tu: int, td: int, acts: int) -> int:
     """The fewest (token, slot) pairs of one expert that go to `_moe_panels`: more than a
     GEMV per pair takes (EXPERT_GEMV_TOKENS) and than `gemm_rows` takes (GEMM_TOKENS, where
@@ -243,7 +247,7 @@ def first_panel(tg: int, tu: int, td: int, acts: int) -> int:
     mode = max(act_mode.py_func(acts, tg), act_mode.py_func(acts, tu))
     down = act_mode.py_func(acts, td)
     if not (panel_form(tg, mode) and panel_form(tu, mode) and panel_form(td, down)):
-        return 1 << 62
+        return NO_PANELS
     multi = gemm_form(tg, mode) and gemm_form(tu, mode) or gemm_form(td, down)
     return max(policy.EXPERT_GEMV_TOKENS, GEMM_TOKENS if multi else 0) + 1
 
