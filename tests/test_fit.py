@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 import hybrid
 from hybrid.cli import main as cli
@@ -134,8 +135,15 @@ def test_fitted_file_loads_and_computes_the_model(models, tmp_path):
     layer = 3 * 8 * 256 * 256 * 2  # one layer's experts in bfloat16
     f = fit(models["mixtral"], fit(models["mixtral"], 1 << 40, slots=1, ctx=64).minimum + layer * 3 // 2, slots=1, ctx=64)
     assert f.whole_layers and f.split and f.cpu_layers
-    rules = f.rules_yaml.replace("'cuda:0'", "cpu").replace("bfloat16", "float32").replace("cudnn_attention: false\n", "")
-    m = hybrid.load(models["mixtral"], rules=rules)
+    rules = yaml.safe_load(f.rules_yaml.replace("'cuda:0'", "cpu").replace("bfloat16", "float32")
+                           .replace("cudnn_attention: false\n", ""))
+    # float activations on the CPU operators: this compares placements, and the int16 rounding
+    # of x on the kernels' prefill panels (~5e-5 of a row) grows to 0.13 in this random
+    # model's logits (the same absolute noise added to exact outputs does the same)
+    for rule in rules["rules"]:
+        if rule["replace"]["class"] in ("CPUExperts", "SplitExperts", "CPULinear", "CPUDecoderLayer"):
+            rule["replace"].setdefault("kwargs", {})["activations"] = "float"
+    m = hybrid.load(models["mixtral"], rules=yaml.safe_dump(rules))
     layers = m.module.model.layers
     assert type(layers[f.split[0]].block_sparse_moe.experts) is SplitExperts
     assert type(layers[f.cpu_layers[0]].block_sparse_moe.experts) is CPUExperts
