@@ -70,18 +70,6 @@ def seen(qtype, x):
     return (xq.reshape(xs.shape[0], -1, 32) * xs[..., None].astype(np.float64)).reshape(x.shape)
 
 
-def matmul_rounds(qtype, tokens):
-    """Whether `matmul` of `tokens` tokens (default activations) takes x rounded to int16:
-    the integer GEMV for one, `gemm_rows` with VNNI for a few, panels with VNNI for more (up
-    to TILE_MAX_TOKENS); else the float tiles."""
-    t = int(qtype)
-    if tokens == 1:
-        return t in INT_TYPES
-    if tokens <= policy.GEMM_TOKENS:
-        return t in formats.MULTI_TYPES
-    return tokens <= policy.TILE_MAX_TOKENS and t in formats.PANEL_TYPES
-
-
 def cols_for(qtype, blocks=3):
     return GGML_QUANT_SIZES[qtype][0] * blocks if qtype in QUANTIZED else 32 * blocks
 
@@ -98,7 +86,10 @@ def test_matmul(qtype, tokens):
     w = make_weight(qtype, (37, cols_for(qtype)))
     x = np.random.default_rng(1).standard_normal((tokens, cols_for(qtype)), dtype=np.float32)
     y = kernels.matmul(qtype, w, x)
-    assert_close(y, (seen(qtype, x) if matmul_rounds(qtype, tokens) else x) @ reference(qtype, w).T)
+    # one token takes the GEMV (integer path for some formats), a few with VNNI the integer
+    # rows against several tokens (gemm_rows), more the float kernels
+    rounded = tokens == 1 or (tokens <= policy.GEMM_TOKENS and int(qtype) in formats.MULTI_TYPES)
+    assert_close(y, (seen(qtype, x) if rounded else x) @ reference(qtype, w).T)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.F16, Q.F32], ids=lambda t: t.name)
@@ -150,19 +141,15 @@ def run_moe(types, experts, top_k, tokens, hidden=256, inter=512, seed=0, x=None
     # the fused kernel (up to FUSED_MAX_TOKENS) takes GEMVs for an expert with up to
     # GEMV_TOKENS (token, slot) pairs, which round activations for integer-path formats, and
     # with VNNI gemm_rows (rounded too) up to GEMM_TOKENS pairs where both gate and up (or
-    # down) are in MULTI_TYPES; with more pairs, panels (rounded too) where both are in
-    # PANEL_TYPES (VNNI)
+    # down) are in MULTI_TYPES
     count = np.bincount(ids[ids >= 0], minlength=experts)
     multi = {"gate": tg in formats.MULTI_TYPES and tu in formats.MULTI_TYPES, "down": td in formats.MULTI_TYPES}
     multi["up"] = multi["gate"]
-    panel = {"gate": tg in formats.PANEL_TYPES and tu in formats.PANEL_TYPES, "down": td in formats.PANEL_TYPES}
-    panel["up"] = panel["gate"]
 
     def rounded(p, e):
-        if tokens > policy.MOE_FUSED_MAX_TOKENS:  # expert by expert through matmul
-            return matmul_rounds(proj[p], count[e])
-        return (count[e] <= policy.EXPERT_GEMV_TOKENS or (multi[p] and count[e] <= policy.GEMM_TOKENS)
-                or (panel[p] and count[e] > policy.EXPERT_GEMV_TOKENS))
+        if tokens > policy.MOE_FUSED_MAX_TOKENS:
+            return False
+        return count[e] <= policy.EXPERT_GEMV_TOKENS or (multi[p] and count[e] <= policy.GEMM_TOKENS)
 
     see = lambda p, e, v: torch.from_numpy(seen(proj[p], v.numpy())) if rounded(p, e) else v  # noqa: E731
     ref = torch_moe(as_t(tg, gate), as_t(tu, up), as_t(td, down), torch.from_numpy(x).double(),

@@ -73,9 +73,7 @@ def quantize_rows(x, needed=True, split=HAS_VNNI, int8=False):
             for j in range(32):
                 top = max(top, bits[32 * b + j] & np.uint32(0x7FFFFFFF))
             m = _u2f(top)
-            # 0 for NaN and Inf, and for a block of values below 1e-30 (rounded to zeros: the
-            # scale of a subnormal largest value overflows to Inf, and Inf * 0 made NaN sums)
-            inv = np.float32(top_q) / m if m > np.float32(1e-30) else np.float32(0)
+            inv = np.float32(top_q) / m if m > 0 else np.float32(0)  # 0 for NaN and Inf
             if int8:
                 s = _round_block(x, i, 32 * b, inv, x8)
             else:

@@ -44,7 +44,7 @@ from numba.extending import intrinsic
 from .intrinsics import (
     FASTMATH, _I8x32, _I32x8, _NO_LANES, _bf2f, _bits, _bytes, _dot4_signed, _dot8_high4, _dot8_low4, _dot8_sw,
     _dot8_w, _dot_high4, _dot_low4, _dot_w, _f16, _get, _h2f, _i, _into_lanes, _load32, _madd, _minus, _nibbles,
-    _opaque, _opaque_f32, _splat, _stack_f32, _u32, _vec_at, _w_bytes, _w_half, _w_nibbles, _w_q6, _w_raw, _with_high,
+    _opaque, _opaque_f32, _splat, _stack_f32, _u32, _vec_at, _w_bytes, _w_nibbles, _w_raw, _with_high,
 )
 
 
@@ -356,59 +356,6 @@ def int8_of(w8: W8) -> BlockDot:
         return m * _get(xsum, b)
 
     return BlockDot(block, w8.off)
-
-
-# --- panels (panels.py): a step of 256 columns (eight 32-weight groups) of a row as `W8`
-# groups, each with its scale d and offset coefficient OFF * m, as on the VNNI path.
-
-class Panel(NamedTuple):
-    """A format as panels.py reads it: `sub(row, o, s)` -> (d, group s of the step at byte o
-    as a `_W8`, m), or with `halves` (a scale per 16 weights) (d, w, m, d1, m1) with the
-    second half's d1, m1; the bytes of a step; OFF; whether weights reach 255 (Q8_0 plus
-    128), which AVX2's int16 pair sums cannot take."""
-
-    sub: object
-    step_bytes: int
-    off: np.float32
-    wide: bool = False
-    halves: bool = False
-
-
-def panel_of(w8: W8, block_bytes: int, wide: bool = False) -> Panel:
-    """The `Panel` of a 32-weight format: a step is eight blocks."""
-    blk = w8.unpack
-
-    @numba.njit(inline="always", fastmath=FASTMATH)
-    def sub(row, o, s):
-        return blk(row, o + s * block_bytes)
-
-    return Panel(sub, 8 * block_bytes, w8.off, wide)
-
-
-@numba.njit(inline="always", fastmath=FASTMATH)
-def _sub_q4_k(row, o, s):
-    """Group s of the Q4_K block at o: (d * scale, its weights, -dmin * min)."""
-    sc, m = _k_scale_min(row, o + 4, s)
-    return _f16(row, o) * sc, _w_half(row, o + 16 + 32 * (s >> 1), 4 * (s & 1)), -_f16(row, o + 2) * m
-
-
-PANEL_Q4_K = Panel(_sub_q4_k, 144, np.float32(1))
-
-
-@numba.njit(inline="always", fastmath=FASTMATH)
-def _sub_q6_k(row, o, s):
-    """Group s of the Q6_K block at o (weights 32s..32s+31, bits and scales as in `_acc_q6_k`):
-    its weights q (w = d * scale * (q - 32)) and (d * scale, -32 * d * scale) per half."""
-    h, k = s >> 2, s & 3
-    w = _w_q6(row, o + 64 * h + 32 * (k & 1), 4 * (k >> 1), o + 128 + 32 * h, 2 * k)
-    d = _f16(row, o + 208)
-    sc = o + 192 + 8 * h + 2 * k
-    d0 = d * np.float32(np.int8(row[sc]))
-    d1 = d * np.float32(np.int8(row[sc + 1]))
-    return d0, w, np.float32(-32) * d0, d1, np.float32(-32) * d1
-
-
-PANEL_Q6_K = Panel(_sub_q6_k, 210, np.float32(1), halves=True)
 
 
 # The K-quants' blocks (Q4_K on the VNNI and int8 paths, Q6_K on int8), 256 weights each:

@@ -10,9 +10,7 @@ has no such path) and the element type its float and int16 routines read the row
 - vnni: the int16 x split in bytes, two vpdpbusd a block, where the CPU has VNNI (`HAS_VNNI`);
 - int8: x rounded to int8 (`quantize_rows(..., int8=True)`), on any x86-64 CPU;
 - gemm_vnni, gemm_int8: the 32-weight block as bytes (`W8`), unpacked once per row block and
-  dotted with several tokens (`gemm_rows`), on the split int16 or the int8 x;
-- panel: the format's 32-weight groups as panels.py interleaves 16 rows of them, for many
-  tokens on the split int16 x (with VNNI) or the int8 x.
+  dotted with several tokens (`gemm_rows`), on the split int16 or the int8 x.
 
 Type codes are GGML's own numbers, so a kernel can branch on int(qtype).
 """
@@ -23,9 +21,9 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from .blocks import (
-    PANEL_Q4_K, PANEL_Q6_K, W8, W8_Q4_0, W8_Q4_1, W8_Q8_0, W8_Q8_0_SIGNED, BlockDot, Panel, _acc_bf16, _acc_f16, _acc_q4_0, _acc_q4_1, _acc_q4_k,
+    W8, W8_Q4_0, W8_Q4_1, W8_Q8_0, W8_Q8_0_SIGNED, BlockDot, _acc_bf16, _acc_f16, _acc_q4_0, _acc_q4_1, _acc_q4_k,
     _acc_q5_0, _acc_q5_1, _acc_q5_k, _acc_q6_k, _acc_q8_0, _i8_q4_k, _i8_q6_k, _int_q4_0, _int_q4_k, _int_q6_k,
-    _int_q8_0, _vnni_q4_k, int8_of, panel_of, vnni_of,
+    _int_q8_0, _vnni_q4_k, int8_of, vnni_of,
 )
 from .intrinsics import HAS_VNNI
 
@@ -43,7 +41,6 @@ class Format:
     gemm_vnni: W8 | None = None  # the block for `gemm_rows` on the split int16 x
     gemm_int8: W8 | None = None  # ... on the int8 x
     dtype: type | None = None  # float formats: the numpy dtype of their arrays
-    panel: Panel | None = None  # panels.py's reading of the format
 
     @property
     def code(self) -> int:
@@ -65,17 +62,14 @@ class Format:
 # In the order of the per-format dispatch chains (the last format takes what the others
 # do not: F32 on the float path).
 FORMATS = (
-    Format(Q.Q8_0, np.int8, _acc_q8_0, _int_q8_0, vnni_of(W8_Q8_0), int8_of(W8_Q8_0_SIGNED), W8_Q8_0, W8_Q8_0_SIGNED,
-           panel=panel_of(W8_Q8_0, 34, wide=True)),
-    Format(Q.Q4_0, np.uint8, _acc_q4_0, _int_q4_0, vnni_of(W8_Q4_0), int8_of(W8_Q4_0), W8_Q4_0, W8_Q4_0,
-           panel=panel_of(W8_Q4_0, 18)),
-    Format(Q.Q4_1, np.uint8, _acc_q4_1, None, vnni_of(W8_Q4_1), int8_of(W8_Q4_1), W8_Q4_1, W8_Q4_1,
-           panel=panel_of(W8_Q4_1, 20)),
+    Format(Q.Q8_0, np.int8, _acc_q8_0, _int_q8_0, vnni_of(W8_Q8_0), int8_of(W8_Q8_0_SIGNED), W8_Q8_0, W8_Q8_0_SIGNED),
+    Format(Q.Q4_0, np.uint8, _acc_q4_0, _int_q4_0, vnni_of(W8_Q4_0), int8_of(W8_Q4_0), W8_Q4_0, W8_Q4_0),
+    Format(Q.Q4_1, np.uint8, _acc_q4_1, None, vnni_of(W8_Q4_1), int8_of(W8_Q4_1), W8_Q4_1, W8_Q4_1),
     Format(Q.Q5_0, np.uint8, _acc_q5_0),
     Format(Q.Q5_1, np.uint8, _acc_q5_1),
-    Format(Q.Q4_K, np.uint8, _acc_q4_k, _int_q4_k, BlockDot(_vnni_q4_k), BlockDot(_i8_q4_k), panel=PANEL_Q4_K),
+    Format(Q.Q4_K, np.uint8, _acc_q4_k, _int_q4_k, BlockDot(_vnni_q4_k), BlockDot(_i8_q4_k)),
     Format(Q.Q5_K, np.uint8, _acc_q5_k),
-    Format(Q.Q6_K, np.int8, _acc_q6_k, _int_q6_k, None, BlockDot(_i8_q6_k), panel=PANEL_Q6_K),
+    Format(Q.Q6_K, np.int8, _acc_q6_k, _int_q6_k, None, BlockDot(_i8_q6_k)),
     Format(Q.F16, np.uint16, _acc_f16, dtype=np.float16),
     Format(Q.BF16, np.uint16, _acc_bf16, dtype=np.uint16),  # bf16 bits
     Format(Q.F32, np.float32, dtype=np.float32),
@@ -96,10 +90,6 @@ INT_TYPES = INT16_TYPES + tuple(t for t in VNNI_TYPES if t not in INT16_TYPES)
 # Formats `gemm_rows` takes, on the split int16 x (VNNI) and on the int8 x.
 MULTI_TYPES = tuple(f.code for f in FORMATS if f.gemm_vnni) if HAS_VNNI else ()
 MULTI8_TYPES = tuple(f.code for f in FORMATS if f.gemm_int8)
-# Formats panels.py takes, on the split int16 x (VNNI) and on the int8 x (weights up to 255
-# only with VNNI: AVX2's vpmaddubsw would saturate their pair sums).
-PANEL_TYPES = tuple(f.code for f in FORMATS if f.panel) if HAS_VNNI else ()
-PANEL8_TYPES = tuple(f.code for f in FORMATS if f.panel and (HAS_VNNI or not f.panel.wide))
 
 
 def block_shape(qtype: Q) -> tuple[int, int]:

@@ -40,20 +40,6 @@ def _host_has_vnni() -> bool:
 
 HAS_VNNI = _host_has_vnni()
 
-
-def _host_has_vnni512() -> bool:
-    """Whether numba compiles for a CPU with vpdpbusd on 512-bit vectors (AVX-512 VNNI), as
-    `_host_has_vnni` decides it."""
-    if numba.config.CPU_NAME or numba.config.CPU_FEATURES:
-        return False
-    from llvmlite import binding
-
-    features = binding.get_host_cpu_features()
-    return bool(features.get("avx512vnni") and features.get("avx512f"))
-
-
-HAS_VNNI512 = _host_has_vnni512()
-
 _AVX2_CPUS = frozenset(
     "haswell broadwell skylake skylake-avx512 cascadelake cooperlake cannonlake icelake-client"
     " icelake-server tigerlake rocketlake alderlake raptorlake meteorlake arrowlake lunarlake"
@@ -390,31 +376,6 @@ def _w_nibbles(typingctx, row, o):
         hi = builder.lshr(v, ir.Constant(i8x16, [4] * 16))
         return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
     return _W8(row, o), codegen
-
-
-@intrinsic
-def _w_half(typingctx, row, o, shift):
-    """The 32 4-bit weights (row[o + j] >> shift) & 15, j < 32, as a `_W8` (a Q4_K group)."""
-    def codegen(context, builder, sig, args):
-        v = builder.load(_vec_at(context, builder, sig.args[0], args[0], args[1], 32), align=1)
-        v = builder.lshr(v, _splat(builder, builder.trunc(args[2], ir.IntType(8)), 32))
-        return builder.and_(v, ir.Constant(_I8x32, [15] * 32))
-    return _W8(row, o, shift), codegen
-
-
-@intrinsic
-def _w_q6(typingctx, row, lo, lo_shift, hi, hi_shift):
-    """32 unsigned 6-bit weights as a `_W8`: low 4 bits (row[lo + j] >> lo_shift) & 15, high 2
-    bits (row[hi + j] >> hi_shift) & 3 (a Q6_K group)."""
-    def codegen(context, builder, sig, args):
-        row, lo, lo_shift, hi, hi_shift = args
-
-        def field(off, shift, mask):
-            v = builder.load(_vec_at(context, builder, sig.args[0], row, off, 32), align=1)
-            v = builder.lshr(v, _splat(builder, builder.trunc(shift, ir.IntType(8)), 32))
-            return builder.and_(v, ir.Constant(_I8x32, [mask] * 32))
-        return builder.or_(field(lo, lo_shift, 15), builder.shl(field(hi, hi_shift, 3), ir.Constant(_I8x32, [4] * 32)))
-    return _W8(row, lo, lo_shift, hi, hi_shift), codegen
 
 
 @intrinsic

@@ -1,7 +1,6 @@
 """y = W @ x on GGUF blocks: GEMV for one token, rows against a few tokens at once
 (`rows.token_rows`: `gemm_rows` where it takes the format, else decoded L1 tiles) up to
-GEMM_TOKENS, 16-row panels in 8-bit dot products (panels.py) where they take the format and
-the activation form, else decoded L1 tiles (batch.py), up to TILE_MAX_TOKENS tokens, and tile
+GEMM_TOKENS, decoded L1 tiles (batch.py) up to TILE_MAX_TOKENS tokens, and tile
 dequantization + BLAS above (weights are read once per batch in every case; the
 thresholds are policy.py's)."""
 
@@ -17,7 +16,6 @@ from .activations import ACT_INT16, act_mode, rows_input
 from .batch import decode_row, matmul_small
 from .formats import as_blocks
 from .intrinsics import FASTMATH
-from .panels import matmul_panels, panel_chunks, panel_form
 from .policy import GEMM_TOKENS
 from .rows import gemv_rows, token_rows
 
@@ -135,8 +133,6 @@ def matmul(qtype, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, t
             _gemv(t, w, x[0], y[0], gemv_chunks(rows), acts)
         elif n <= GEMM_TOKENS:
             _few(t, w, x, y, gemv_chunks(rows), acts)
-        elif n <= policy.TILE_MAX_TOKENS and panel_form(t, act_mode.py_func(acts, t)):
-            matmul_panels(t, w, x, y, panel_chunks(rows, numba.get_num_threads()), act_mode.py_func(acts, t))
         elif n <= policy.TILE_MAX_TOKENS:
             matmul_small(t, w, x, y, gemv_chunks(rows))
         else:

@@ -4,8 +4,7 @@ Up to MOE_FUSED_MAX_TOKENS tokens (decode, batches, prefill chunks; policy.py) r
 numba call: tokens are grouped by expert, then one parallel pass computes every (expert,
 chunk of rows) of gate/up and a second every chunk of output rows of down, so each expert
 row is read from memory, and decoded, once per call (an expert with several tokens multiplies them
-all with each row: `gemm_rows`, or a decoded tile, batch.py; with many, on panels, panels.py,
-in a second call, `_moe_panels`). Longer inputs go expert by expert through `matmul`.
+all with a decoded tile: batch.py). Longer inputs go expert by expert through `matmul`.
 """
 
 import numba
@@ -19,8 +18,7 @@ from .formats import as_blocks
 from .intrinsics import FASTMATH
 from .linear import gemv_chunks, matmul, num_threads
 from .policy import EXPERT_GEMV_TOKENS, GEMM_TOKENS
-from .panels import panel_form, panel_rows
-from .rows import gemm_form, gemm_rows, gemm_takes, gemv_rows
+from .rows import gemm_rows, gemm_takes, gemv_rows
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
@@ -65,12 +63,11 @@ def _experts_input(x, mode):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
-def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks, first_panel):
+def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks):
     """gate, up: uint8 [E, I, H-row-bytes]; down: uint8 [E, H, I-row-bytes]; x: float32
     [N, H]; ids: int64 [N, K]; weights: float32 [N, K]; out: float32 [N, H] (overwritten);
     acts: the activation form asked for (activations.ACT_*);
-    the rows of each matrix are split in `chunks` (one per thread); experts with
-    `first_panel` or more (token, slot) pairs are left out (`_moe_panels` adds them)."""
+    the rows of each matrix are split in `chunks` (one per thread)."""
     n_tok, k_top = ids.shape
     inter = gate.shape[1]
     hidden = down.shape[1]
@@ -90,8 +87,6 @@ def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks, f
         lo = (task % chunks) * inter // chunks
         hi = (task % chunks + 1) * inter // chunks
         j0, j1 = first[g], first[g + 1]
-        if j1 - j0 >= first_panel:
-            continue
         if 2 <= j1 - j0 <= GEMM_TOKENS and multi:
             ps = pairs[j0:j1]
             u = np.empty((j1 - j0, inter), np.float32)
@@ -145,8 +140,6 @@ def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks, f
         for g in range(used.size):
             e = used[g]
             j0, j1 = first[g], first[g + 1]
-            if j1 - j0 >= first_panel:
-                continue
             if 2 <= j1 - j0 <= GEMM_TOKENS and multi:
                 ps = pairs[j0:j1]
                 gemm_rows(td, down[e], ha, ps, np.arange(j1 - j0), j1 - j0, lo, hi, ys)
@@ -178,80 +171,6 @@ def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks, f
                             out[nb, r + i] += wb * s[ROWS + i]
 
 
-@numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
-def _moe_panels(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks, first_panel):
-    """Adds to out the experts that `_moe_fused` leaves out, those with `first_panel` or
-    more (token, slot) pairs, on panels (panels.py): gate and up for each (expert, chunk of
-    rows), then per chunk of output rows down, as `_moe_fused` does. A kernel of its own:
-    the panels' code inside `_moe_fused` doubled the time LLVM took to compile it (115 ->
-    245 s cold)."""
-    n_tok, k_top = ids.shape
-    inter = gate.shape[1]
-    hidden = down.shape[1]
-    used, first, pairs = _group_by_expert(ids, gate.shape[0])
-    many = np.flatnonzero(first[1:] - first[:-1] >= first_panel)  # the groups taken here
-    if many.size == 0:
-        return
-    sel = many.astype(np.int64)
-    start = np.zeros(sel.size + 1, np.int64)  # each selected expert's first row of h
-    for i in range(sel.size):
-        start[i + 1] = start[i] + first[sel[i] + 1] - first[sel[i]]
-    xa = _experts_input(x, max(act_mode(acts, tg), act_mode(acts, tu)))
-    h = np.empty((start[-1], inter), np.float32)
-    for task in prange(sel.size * chunks):
-        i = task // chunks
-        g = sel[i]
-        e = used[g]
-        lo = (task % chunks) * inter // chunks
-        hi = (task % chunks + 1) * inter // chunks
-        ps = pairs[first[g]:first[g + 1]]
-        n = ps.size
-        rows = np.arange(start[i], start[i] + n)
-        u = np.empty((n, inter), np.float32)
-        for m in range(2):  # gate into h, up into u: one call site
-            panel_rows(tg if m == 0 else tu, gate[e] if m == 0 else up[e], xa, ps // k_top,
-                       rows if m == 0 else np.arange(n), n, lo, hi, h if m == 0 else u)
-        for j in range(n):
-            for r in range(lo, hi):
-                h[start[i] + j, r] = _silu(h[start[i] + j, r]) * u[j, r]
-    ha = _experts_input(h, act_mode(acts, td))
-    most = 0
-    for i in range(sel.size):
-        most = max(most, start[i + 1] - start[i])
-    for c in prange(chunks):
-        lo = c * hidden // chunks
-        hi = (c + 1) * hidden // chunks
-        ys = np.empty((most, hidden), np.float32)
-        for i in range(sel.size):
-            g = sel[i]
-            e = used[g]
-            ps = pairs[first[g]:first[g + 1]]
-            n = ps.size
-            panel_rows(td, down[e], ha, np.arange(start[i], start[i] + n), np.arange(n), n, lo, hi, ys)
-            for j in range(n):
-                tok = ps[j] // k_top
-                wk = weights[tok, ps[j] % k_top]
-                for r in range(lo, hi):
-                    out[tok, r] += wk * ys[j, r]
-
-
-# `first_panel` for a call that takes no panels.
-NO_PANELS = 1 << 62
-
-
-def first_panel(tg: int, tu: int, td: int, acts: int) -> int:
-    """The fewest (token, slot) pairs of one expert that go to `_moe_panels`: more than a
-    GEMV per pair takes (EXPERT_GEMV_TOKENS) and than `gemm_rows` takes (GEMM_TOKENS, where
-    it takes the formats), when panels take gate, up and down in the activation forms
-    `acts` gives them; else never."""
-    mode = max(act_mode.py_func(acts, tg), act_mode.py_func(acts, tu))
-    down = act_mode.py_func(acts, td)
-    if not (panel_form(tg, mode) and panel_form(tu, mode) and panel_form(td, down)):
-        return NO_PANELS
-    multi = gemm_form(tg, mode) and gemm_form(tu, mode) or gemm_form(td, down)
-    return max(policy.EXPERT_GEMV_TOKENS, GEMM_TOKENS if multi else 0) + 1
-
-
 def moe_forward(qtype_gate, gate, qtype_up, up, qtype_down, down, x, topk_ids, topk_weights,
                 out=None, threads=None, acts=ACT_INT16) -> np.ndarray:
     """Mixture-of-experts MLP with SiLU gating.
@@ -278,10 +197,7 @@ def moe_forward(qtype_gate, gate, qtype_up, up, qtype_down, down, x, topk_ids, t
     y = np.empty_like(x) if out is None else out
     with num_threads(threads):
         if x.shape[0] <= policy.MOE_FUSED_MAX_TOKENS:
-            chunks, panel_from = gemv_chunks(min(inter, hidden)), first_panel(tg, tu, td, acts)
-            _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, y, chunks, panel_from)
-            if x.shape[0] * ids.shape[1] >= panel_from:
-                _moe_panels(tg, gate, tu, up, td, down, acts, x, ids, weights, y, chunks, panel_from)
+            _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, y, gemv_chunks(min(inter, hidden)))
         else:
             _moe_by_expert(*weights_in, x, ids, weights, y, acts)
     return y

@@ -14,7 +14,6 @@ blocks with gathers.
 import numba
 import numpy as np
 
-from .activations import ACT_INT8, ACT_INT16
 from .batch import ROWS, tile_rows
 from .blocks import W8
 from .formats import FORMATS, INT8_TYPES, INT16_TYPES, MULTI8_TYPES, MULTI_TYPES, VNNI_TYPES
@@ -332,12 +331,6 @@ def gemv_rows(t, w, xa, n, lo, hi, y):
 def gemm_takes(xa, t):
     """Whether `gemm_rows` takes type code t with x in the form xa (`quantize_rows`)."""
     return (xa[5].shape[1] > 0 and t in MULTI8_TYPES) or (xa[4].shape[1] > 0 and t in MULTI_TYPES)
-
-
-def gemm_form(t: int, mode: int) -> bool:
-    """Whether `gemm_rows` takes type code t in activation form `mode` (`act_mode`): as
-    `gemm_takes` for x in that form."""
-    return (mode == ACT_INT8 and t in MULTI8_TYPES) or (mode == ACT_INT16 and t in MULTI_TYPES)
 
 
 @numba.njit(nogil=True, fastmath=STRICT)
