@@ -7,7 +7,7 @@
 --preset qwen3-30b-a3b: Qwen3-30B-A3B's architecture (`qwen3moe`) and geometry (hidden 2048,
 128 experts of width 768, top-8, 32 heads / 4 kv heads of 128) with 16 of its 48 layers,
 and llama-quantize's tensor types for the file type (--qtype Q4_K_M, Q8_0 or Q4_0; about
-5.6, 9.4 and 5.4 GB). Options given after it override it. Files are made on demand for
+6.2, 10.8 and 5.8 GB). Options given after it override it. Files are made on demand for
 benchmarks; never commit them."""
 
 from __future__ import annotations

@@ -137,9 +137,9 @@ def test_fitted_file_loads_and_computes_the_model(models, tmp_path):
     assert f.whole_layers and f.split and f.cpu_layers
     rules = yaml.safe_load(f.rules_yaml.replace("'cuda:0'", "cpu").replace("bfloat16", "float32")
                            .replace("cudnn_attention: false\n", ""))
-    # float activations on the CPU operators: this compares placements, and the int16 rounding
-    # of x on the kernels' prefill panels (~5e-5 of a row) grows to 0.13 in this random
-    # model's logits (the same absolute noise added to exact outputs does the same)
+    # float activations on the CPU operators: this compares placements, not the kernels'
+    # integer rounding of x (int16: ~5e-5 of a row, which grows to 0.13 in this random
+    # model's logits, as the same absolute noise added to exact outputs does)
     for rule in rules["rules"]:
         if rule["replace"]["class"] in ("CPUExperts", "SplitExperts", "CPULinear", "CPUDecoderLayer"):
             rule["replace"].setdefault("kwargs", {})["activations"] = "float"
