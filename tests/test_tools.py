@@ -99,13 +99,6 @@ def test_format_from_the_template(template, family, fmt):
     assert tool_format(template, family) is fmt
 
 
-@pytest.fixture(scope="module")
-def tok(smollm_path):
-    from hybrid.files.tokenizer import Tokenizer, gguf_metadata
-
-    return Tokenizer.from_gguf(gguf_metadata(smollm_path))
-
-
 def _accepts(tok, grammar, text) -> bool:
     c = Constraint(tok, grammar)
     for t in tok.encode(text):
