@@ -44,7 +44,7 @@ def gemma3_path() -> str:
 
 @pytest.fixture(scope="module")
 def tok(smollm_path):
-    """The built-in model's tokenizer (test_tools, test_harmony)."""
+    """The built-in model's tokenizer (test_tools, test_harmony, test_grammar)."""
     from hybrid.files.tokenizer import Tokenizer, gguf_metadata
 
     return Tokenizer.from_gguf(gguf_metadata(smollm_path))

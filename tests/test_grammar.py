@@ -31,13 +31,6 @@ SCHEMAS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tok(smollm_path):
-    from hybrid.files.tokenizer import Tokenizer, gguf_metadata
-
-    return Tokenizer.from_gguf(gguf_metadata(smollm_path))
-
-
 @pytest.mark.parametrize("schema, where, what", [
     ({"type": "object", "properties": {"a": {"type": "nope"}}}, "properties.a", "Invalid type"),
     ({"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer",
