@@ -14,7 +14,7 @@ from hybrid.operators.kernels import activations, batch, formats, moe, policy
 from hybrid.operators.kernels.formats import as_blocks
 from hybrid.operators.kernels.intrinsics import HAS_VNNI
 
-from .test_kernels import FORMATS, MOE_TYPES, assert_close, cols_for, make_weight, reference, run_moe, seen
+from .test_kernels import FORMATS, MOE_TYPES, assert_close, cols_for, make_weight, on_panels, reference, run_moe, seen
 
 
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
@@ -34,8 +34,9 @@ def test_small_batch_matches_gguf(qtype, tokens):
     """Through `matmul`'s dispatch: 37 rows (a short last group of 4) over 2 threads' chunks."""
     w = make_weight(qtype, (37, cols_for(qtype, 3)))
     x = np.random.default_rng(tokens).standard_normal((tokens, cols_for(qtype, 3)), dtype=np.float32)
-    # with VNNI, up to GEMM_TOKENS tokens of MULTI_TYPES take the integer rows (x rounded)
-    rounded = tokens <= policy.GEMM_TOKENS and int(qtype) in formats.MULTI_TYPES
+    # with VNNI, up to GEMM_TOKENS tokens of MULTI_TYPES take the integer rows (x rounded),
+    # more the integer panels where they take the format (rounded too)
+    rounded = (tokens <= policy.GEMM_TOKENS and int(qtype) in formats.MULTI_TYPES) or on_panels(qtype, x.shape[1], tokens)
     assert_close(kernels.matmul(qtype, w, x), (seen(qtype, x) if rounded else x) @ reference(qtype, w).T)
 
 
@@ -53,20 +54,29 @@ def test_small_batch_odd_shapes(qtype, rows, chunks):
 
 
 def test_token_blocks():
-    """More tokens than one L2 block of x (4096 columns: 32 tokens a block)."""
+    """More tokens than one L2 block of x (4096 columns: 32 tokens a block on the tiles, 64
+    on the panels)."""
     w = make_weight(Q.Q4_0, (9, 4096))
     x = np.random.default_rng(6).standard_normal((70, 4096), dtype=np.float32)
-    assert_close(kernels.matmul(Q.Q4_0, w, x), x @ reference(Q.Q4_0, w).T)
+    assert_close(kernels.matmul(Q.Q4_0, w, x), (seen(Q.Q4_0, x) if on_panels(Q.Q4_0, 4096, 70) else x) @ reference(Q.Q4_0, w).T)
 
 
-def test_rows_do_not_depend_on_the_batch():
-    """A token's outputs are bitwise the same whatever else is in the batch (2+ tokens), so
-    a request batched with others computes what it computes with any other company."""
-    w = make_weight(Q.Q4_K, (21, 512))
-    x = np.random.default_rng(7).standard_normal((9, 512), dtype=np.float32)
-    full = kernels.matmul(Q.Q4_K, w, x)
-    np.testing.assert_array_equal(kernels.matmul(Q.Q4_K, w, x[[4, 1, 7]]), full[[4, 1, 7]])
-    np.testing.assert_array_equal(kernels.matmul(Q.Q4_K, w, x[[2, 2]]), full[[2, 2]])
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q4_1], ids=lambda t: t.name)
+def test_rows_do_not_depend_on_the_batch(qtype):
+    """A token's outputs are bitwise the same whatever else is in a batch on the same path
+    (2..GEMM_TOKENS tokens: tiles or gemm_rows; PANEL_MIN_TOKENS or more: panels where they
+    take the format, else tiles), so a request batched with others computes what it
+    computes with any other company of that size."""
+    w = make_weight(qtype, (21, 512))
+    x = np.random.default_rng(7).standard_normal((30, 512), dtype=np.float32)
+    small = kernels.matmul(qtype, w, x[:policy.GEMM_TOKENS])
+    np.testing.assert_array_equal(kernels.matmul(qtype, w, x[[4, 1, 7]]), small[[4, 1, 7]])
+    np.testing.assert_array_equal(kernels.matmul(qtype, w, x[[2, 2]]), small[[2, 2]])
+    full = kernels.matmul(qtype, w, x)
+    pick = [29, 3, 3, 17, 0, 8, 12, 21, 5, 9, 1]
+    np.testing.assert_array_equal(kernels.matmul(qtype, w, x[pick]), full[pick])
+    np.testing.assert_array_equal(kernels.matmul(qtype, w, x[10:10 + policy.PANEL_MIN_TOKENS]),
+                                  full[10:10 + policy.PANEL_MIN_TOKENS])
 
 
 @pytest.mark.parametrize("acts", ["int16", "int8"])

@@ -14,9 +14,11 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from hybrid.operators import kernels
 from hybrid.operators.kernels import formats, policy
-from hybrid.operators.kernels.activations import quantize_rows
+from hybrid.operators.kernels.activations import ACT_INT16, act_mode, quantize_rows
 from hybrid.operators.kernels.formats import INT_TYPES
 from hybrid.operators.kernels.intrinsics import HAS_VNNI
+from hybrid.operators.kernels.moe import NO_PANELS, panel_plan
+from hybrid.operators.kernels.panels import NO_FORM, panel_form
 from hybrid.operators.kernels.rows import gemm_rows, gemm_takes, gemv_rows
 from hybrid.operators.quantize import QUANTIZABLE, RELATIVE_RMS_ERROR, quantize
 
@@ -70,6 +72,12 @@ def seen(qtype, x):
     return (xq.reshape(xs.shape[0], -1, 32) * xs[..., None].astype(np.float64)).reshape(x.shape)
 
 
+def on_panels(qtype, cols, tokens, acts=ACT_INT16):
+    """Whether `matmul` takes the integer panels (x rounded) for this weight and batch."""
+    return (policy.PANEL_MIN_TOKENS <= tokens <= policy.TILE_MAX_TOKENS
+            and panel_form.py_func(int(qtype), act_mode.py_func(acts, int(qtype)), cols) != NO_FORM)
+
+
 def cols_for(qtype, blocks=3):
     return GGML_QUANT_SIZES[qtype][0] * blocks if qtype in QUANTIZED else 32 * blocks
 
@@ -87,8 +95,10 @@ def test_matmul(qtype, tokens):
     x = np.random.default_rng(1).standard_normal((tokens, cols_for(qtype)), dtype=np.float32)
     y = kernels.matmul(qtype, w, x)
     # one token takes the GEMV (integer path for some formats), a few with VNNI the integer
-    # rows against several tokens (gemm_rows), more the float kernels
-    rounded = tokens == 1 or (tokens <= policy.GEMM_TOKENS and int(qtype) in formats.MULTI_TYPES)
+    # rows against several tokens (gemm_rows), more the integer panels where they take the
+    # format (rounded x), else the float kernels
+    rounded = (tokens == 1 or (tokens <= policy.GEMM_TOKENS and int(qtype) in formats.MULTI_TYPES)
+               or on_panels(qtype, x.shape[1], tokens))
     assert_close(y, (seen(qtype, x) if rounded else x) @ reference(qtype, w).T)
 
 
@@ -141,15 +151,19 @@ def run_moe(types, experts, top_k, tokens, hidden=256, inter=512, seed=0, x=None
     # the fused kernel (up to FUSED_MAX_TOKENS) takes GEMVs for an expert with up to
     # GEMV_TOKENS (token, slot) pairs, which round activations for integer-path formats, and
     # with VNNI gemm_rows (rounded too) up to GEMM_TOKENS pairs where both gate and up (or
-    # down) are in MULTI_TYPES
+    # down) are in MULTI_TYPES; experts with PANEL_MIN_TOKENS or more take the panels (rounded)
+    # where all three types have them
     count = np.bincount(ids[ids >= 0], minlength=experts)
     multi = {"gate": tg in formats.MULTI_TYPES and tu in formats.MULTI_TYPES, "down": td in formats.MULTI_TYPES}
     multi["up"] = multi["gate"]
 
+    first_panel = panel_plan(int(tg), int(tu), int(td), ACT_INT16, hidden, inter)[0]
+
     def rounded(p, e):
-        if tokens > policy.MOE_FUSED_MAX_TOKENS:
-            return False
-        return count[e] <= policy.EXPERT_GEMV_TOKENS or (multi[p] and count[e] <= policy.GEMM_TOKENS)
+        if tokens > policy.MOE_FUSED_MAX_TOKENS:  # expert by expert through matmul
+            return on_panels(proj[p], inter if p == "down" else hidden, count[e])
+        return (count[e] <= policy.EXPERT_GEMV_TOKENS or (multi[p] and count[e] <= policy.GEMM_TOKENS)
+                or (first_panel != NO_PANELS and count[e] >= first_panel))
 
     see = lambda p, e, v: torch.from_numpy(seen(proj[p], v.numpy())) if rounded(p, e) else v  # noqa: E731
     ref = torch_moe(as_t(tg, gate), as_t(tu, up), as_t(td, down), torch.from_numpy(x).double(),

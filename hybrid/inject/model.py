@@ -101,6 +101,10 @@ class Model:
                 on_step(i, what)
             self.forward(ids[:, :tokens], [start], [0], cache)
             start += tokens
+        # paths a short prompt does not reach (routed experts with many tokens each)
+        for m in self.module.modules():
+            if hasattr(m, "warm_up_kernels"):
+                m.warm_up_kernels()
 
     def kernel_formats(self) -> list[str]:
         """The weight formats the numba kernels run for this model, e.g. ['Q4_1', 'Q8_0']."""

@@ -62,5 +62,10 @@ class CPUExperts(Operator):
         )
         return torch.from_numpy(out).to(x.device, x.dtype)
 
+    def warm_up_kernels(self) -> None:
+        """Compile (or load) the experts' panel kernel, which only prompts with many tokens
+        per expert reach."""
+        kernels.moe_warm_up(*self.gate, *self.up, *self.down, threads=self.threads, acts=self.acts)
+
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, hidden={self.hidden}, intermediate={self.intermediate}"

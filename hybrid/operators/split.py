@@ -164,6 +164,11 @@ class SplitExperts(Operator):
         )
         return torch.from_numpy(out)
 
+    def warm_up_kernels(self) -> None:
+        """As `CPUExperts.warm_up_kernels`, for the experts held in host RAM."""
+        if self.cpu_ids:
+            kernels.moe_warm_up(*self.cpu_gate, *self.cpu_up, *self.cpu_down, threads=self.threads, acts=self.acts)
+
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, on {self.device}: {len(self.torch_ids)}, on cpu: {len(self.cpu_ids)}, "
                 f"hidden={self.hidden}, intermediate={self.intermediate}")

@@ -53,6 +53,6 @@ if not os.environ.get("NUMBA_CACHE_DIR") or _ours(os.environ["NUMBA_CACHE_DIR"])
 
 from .formats import SUPPORTED_TYPES
 from .linear import Prepared, dequantize, gemv, matmul
-from .moe import moe_forward
+from .moe import moe_forward, moe_warm_up
 
-__all__ = ["SUPPORTED_TYPES", "Prepared", "dequantize", "gemv", "matmul", "moe_forward"]
+__all__ = ["SUPPORTED_TYPES", "Prepared", "dequantize", "gemv", "matmul", "moe_forward", "moe_warm_up"]

@@ -40,6 +40,20 @@ def _host_has_vnni() -> bool:
 
 HAS_VNNI = _host_has_vnni()
 
+
+def _host_has_vnni512() -> bool:
+    """Whether vpdpbusd also runs on 512-bit vectors (AVX-512 VNNI and BW), as `_host_has_vnni`
+    the host's features unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES pick another target."""
+    if numba.config.CPU_NAME or numba.config.CPU_FEATURES:
+        return False
+    from llvmlite import binding
+
+    features = binding.get_host_cpu_features()
+    return bool(features.get("avx512vnni") and features.get("avx512bw"))
+
+
+HAS_VNNI512 = _host_has_vnni512()
+
 _AVX2_CPUS = frozenset(
     "haswell broadwell skylake skylake-avx512 cascadelake cooperlake cannonlake icelake-client"
     " icelake-server tigerlake rocketlake alderlake raptorlake meteorlake arrowlake lunarlake"

@@ -20,7 +20,7 @@ import numpy as np
 from .activations import ACT_INT16, act_mode, rows_input
 from .decode import attention_step, mlp_step, rms_norm
 from .intrinsics import FASTMATH
-from .moe import _moe_fused
+from .moe import NO_PANELS, _moe_fused
 from .rows import token_rows
 
 
@@ -93,7 +93,7 @@ def moe_layer_step(x, n1, eps1, n2, eps2, attn, step, router, experts, shared, m
     h = rms_norm(x, n2, eps2)
     ids, weights = _router(h, *router)
     out = np.empty_like(h)
-    _moe_fused(*experts, h, ids, weights, out, moe_chunks)
+    _moe_fused(*experts, h, ids, weights, out, moe_chunks, NO_PANELS)
     if shared is not None:
         _add_shared_expert(h, shared, out, threads)
     return x + out

@@ -1,8 +1,8 @@
 """y = W @ x on GGUF blocks: GEMV for one token, rows against a few tokens at once
 (`rows.token_rows`: `gemm_rows` where it takes the format, else decoded L1 tiles) up to
-GEMM_TOKENS, decoded L1 tiles (batch.py) up to TILE_MAX_TOKENS tokens, and tile
-dequantization + BLAS above (weights are read once per batch in every case; the
-thresholds are policy.py's)."""
+GEMM_TOKENS, integer panels (panels.py) where they take the format and activation form, else
+decoded L1 tiles (batch.py), up to TILE_MAX_TOKENS tokens, and tile dequantization + BLAS
+above (weights are read once per batch in every case; the thresholds are policy.py's)."""
 
 from contextlib import contextmanager
 
@@ -16,7 +16,8 @@ from .activations import ACT_INT16, act_mode, rows_input
 from .batch import decode_row, matmul_small
 from .formats import as_blocks
 from .intrinsics import FASTMATH
-from .policy import GEMM_TOKENS
+from .panels import NO_FORM, matmul_panels, panel_form
+from .policy import GEMM_TOKENS, TILE_X_BYTES
 from .rows import gemv_rows, token_rows
 
 
@@ -119,8 +120,8 @@ def matmul(qtype, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, t
            acts: int = ACT_INT16) -> np.ndarray:
     """Y = X @ W.T for a batch of tokens.
 
-    w: as for gemv; x: float32 [N, cols]; returns float32 [N, rows]; acts as for gemv (a
-    batch of tokens takes int16 at most).
+    w: as for gemv; x: float32 [N, cols]; returns float32 [N, rows]; acts as for gemv (above
+    GEMM_TOKENS tokens, formats without an integer panel for the form take float x).
     """
     t, w, cols = as_blocks(qtype, w)
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -134,7 +135,11 @@ def matmul(qtype, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, t
         elif n <= GEMM_TOKENS:
             _few(t, w, x, y, gemv_chunks(rows), acts)
         elif n <= policy.TILE_MAX_TOKENS:
-            matmul_small(t, w, x, y, gemv_chunks(rows))
+            form = panel_form.py_func(t, act_mode.py_func(acts, t), cols)
+            if form != NO_FORM:
+                matmul_panels(t, w, x, y, gemv_chunks(rows), form, TILE_X_BYTES)
+            else:
+                matmul_small(t, w, x, y, gemv_chunks(rows))
         else:
             # yT[r0:r1] = tile @ x.T keeps every BLAS output contiguous.
             tile_rows = max(16, policy.BLAS_TILE_BYTES // (4 * cols))

@@ -17,7 +17,11 @@ from .batch import ROWS, decode_tile, tile_dot
 from .formats import as_blocks
 from .intrinsics import FASTMATH
 from .linear import gemv_chunks, matmul, num_threads
-from .policy import EXPERT_GEMV_TOKENS, GEMM_TOKENS
+from .panels import NO_FORM, PANEL, panel_dots, panel_form, panel_input, panel_scratch, tokens_per_block
+from .policy import EXPERT_GEMV_TOKENS, GEMM_TOKENS, PANEL_MIN_TOKENS, TILE_X_BYTES
+
+# `_moe_fused`'s first_panel when no expert goes through the panels.
+NO_PANELS = 1 << 62
 from .rows import gemm_rows, gemm_takes, gemv_rows
 
 
@@ -63,11 +67,12 @@ def _experts_input(x, mode):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
-def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks):
+def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks, first_panel):
     """gate, up: uint8 [E, I, H-row-bytes]; down: uint8 [E, H, I-row-bytes]; x: float32
     [N, H]; ids: int64 [N, K]; weights: float32 [N, K]; out: float32 [N, H] (overwritten);
     acts: the activation form asked for (activations.ACT_*);
-    the rows of each matrix are split in `chunks` (one per thread)."""
+    the rows of each matrix are split in `chunks` (one per thread); experts with
+    `first_panel` or more (token, slot) pairs are left to `_moe_panels` (NO_PANELS: none)."""
     n_tok, k_top = ids.shape
     inter = gate.shape[1]
     hidden = down.shape[1]
@@ -87,6 +92,8 @@ def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks):
         lo = (task % chunks) * inter // chunks
         hi = (task % chunks + 1) * inter // chunks
         j0, j1 = first[g], first[g + 1]
+        if j1 - j0 >= first_panel:
+            continue
         if 2 <= j1 - j0 <= GEMM_TOKENS and multi:
             ps = pairs[j0:j1]
             u = np.empty((j1 - j0, inter), np.float32)
@@ -140,6 +147,8 @@ def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks):
         for g in range(used.size):
             e = used[g]
             j0, j1 = first[g], first[g + 1]
+            if j1 - j0 >= first_panel:
+                continue
             if 2 <= j1 - j0 <= GEMM_TOKENS and multi:
                 ps = pairs[j0:j1]
                 gemm_rows(td, down[e], ha, ps, np.arange(j1 - j0), j1 - j0, lo, hi, ys)
@@ -171,6 +180,86 @@ def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks):
                             out[nb, r + i] += wb * s[ROWS + i]
 
 
+@numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
+def _moe_panels(tg, gate, tu, up, td, down, form_in, form_mid, x, ids, weights, out, chunks, first_panel):
+    """Adds to out (as `_moe_fused`'s arguments) the experts with `first_panel` or more
+    (token, slot) pairs, on the integer panels (panels.py): x in the form form_in for gate
+    and up, the hidden state in form_mid for down. Each task takes one expert's panels of
+    gate and up rows for all of its pairs; then each task owns a range of out's columns
+    and adds every such expert's down rows there (no races)."""
+    n_tok, k_top = ids.shape
+    inter = gate.shape[1]
+    hidden = down.shape[1]
+    used, first, pairs = _group_by_expert(ids, gate.shape[0])
+    big = np.flatnonzero(first[1:] - first[:-1] >= first_panel)
+    if big.size == 0:
+        return
+    px = panel_input(x, form_in)
+    h = np.zeros((n_tok * k_top, inter), np.float32)
+    per = tokens_per_block(form_in, x.shape[1], TILE_X_BYTES)
+    panels_in = (inter + PANEL - 1) // PANEL
+    for task in prange(big.size * chunks):
+        g = big[task // chunks]
+        e = used[g]
+        p0 = (task % chunks) * panels_in // chunks
+        p1 = (task % chunks + 1) * panels_in // chunks
+        buf, sc, mn = panel_scratch()
+        yg = np.empty(PANEL * per, np.float32)
+        yu = np.empty(PANEL * per, np.float32)
+        toks = np.empty(per, np.int64)
+        for b0 in range(first[g], first[g + 1], per):
+            nt = min(per, first[g + 1] - b0)
+            for j in range(nt):
+                toks[j] = pairs[b0 + j] // k_top
+            for p in range(p0, p1):
+                lo = PANEL * p
+                hi = min(inter, lo + PANEL)
+                panel_dots(tg, gate[e], lo, hi, px, form_in, toks, nt, yg, buf, sc, mn)
+                panel_dots(tu, up[e], lo, hi, px, form_in, toks, nt, yu, buf, sc, mn)
+                for j in range(nt):
+                    pr = pairs[b0 + j]
+                    for i in range(hi - lo):
+                        h[pr, lo + i] = _silu(yg[PANEL * j + i]) * yu[PANEL * j + i]
+
+    ph = panel_input(h, form_mid)
+    per = tokens_per_block(form_mid, inter, TILE_X_BYTES)
+    panels_out = (hidden + PANEL - 1) // PANEL
+    for c in prange(chunks):
+        p0 = c * panels_out // chunks
+        p1 = (c + 1) * panels_out // chunks
+        buf, sc, mn = panel_scratch()
+        yd = np.empty(PANEL * per, np.float32)
+        toks = np.empty(per, np.int64)
+        for g in big:
+            e = used[g]
+            for b0 in range(first[g], first[g + 1], per):
+                nt = min(per, first[g + 1] - b0)
+                for j in range(nt):
+                    toks[j] = pairs[b0 + j]
+                for p in range(p0, p1):
+                    lo = PANEL * p
+                    hi = min(hidden, lo + PANEL)
+                    panel_dots(td, down[e], lo, hi, ph, form_mid, toks, nt, yd, buf, sc, mn)
+                    for j in range(nt):
+                        pr = toks[j]
+                        n = pr // k_top
+                        wk = weights[n, pr % k_top]
+                        for i in range(hi - lo):
+                            out[n, lo + i] += wk * yd[PANEL * j + i]
+
+
+def panel_plan(tg, tu, td, acts, hidden, inter):
+    """(first_panel, form_in, form_mid) of `_moe_panels` for these expert types: experts with
+    PANEL_MIN_TOKENS or more pairs take the panels when all three matrices have one for the
+    activation forms the fused kernel would use; else first_panel is NO_PANELS."""
+    mode_in = max(act_mode.py_func(acts, tg), act_mode.py_func(acts, tu))
+    form_in = panel_form.py_func(tg, mode_in, hidden)
+    form_mid = panel_form.py_func(td, act_mode.py_func(acts, td), inter)
+    if NO_FORM in (form_in, panel_form.py_func(tu, mode_in, hidden), form_mid):
+        return NO_PANELS, NO_FORM, NO_FORM
+    return PANEL_MIN_TOKENS, form_in, form_mid
+
+
 def moe_forward(qtype_gate, gate, qtype_up, up, qtype_down, down, x, topk_ids, topk_weights,
                 out=None, threads=None, acts=ACT_INT16) -> np.ndarray:
     """Mixture-of-experts MLP with SiLU gating.
@@ -197,10 +286,29 @@ def moe_forward(qtype_gate, gate, qtype_up, up, qtype_down, down, x, topk_ids, t
     y = np.empty_like(x) if out is None else out
     with num_threads(threads):
         if x.shape[0] <= policy.MOE_FUSED_MAX_TOKENS:
-            _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, y, gemv_chunks(min(inter, hidden)))
+            chunks = gemv_chunks(min(inter, hidden))
+            first_panel, form_in, form_mid = panel_plan(tg, tu, td, acts, hidden, inter)
+            valid = ids[ids >= 0]
+            if first_panel != NO_PANELS and (valid.size == 0 or np.bincount(valid).max() < first_panel):
+                first_panel = NO_PANELS  # no expert takes the panels: skip them (and their compile)
+            _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, y, chunks, first_panel)
+            if first_panel != NO_PANELS:
+                _moe_panels(tg, gate, tu, up, td, down, form_in, form_mid, x, ids, weights, y, chunks, first_panel)
         else:
             _moe_by_expert(*weights_in, x, ids, weights, y, acts)
     return y
+
+
+def moe_warm_up(qtype_gate, gate, qtype_up, up, qtype_down, down, threads=None, acts=ACT_INT16) -> None:
+    """Run `_moe_panels` once, on PANEL_MIN_TOKENS zero tokens routed to expert 0, where these
+    experts take it (so numba compiles it, or loads it from its cache, now)."""
+    tg, _, hidden = as_blocks(qtype_gate, gate)
+    td, _, inter = as_blocks(qtype_down, down)
+    if panel_plan(tg, int(qtype_up), td, acts, hidden, inter)[0] == NO_PANELS:
+        return
+    n = policy.PANEL_MIN_TOKENS
+    moe_forward(qtype_gate, gate, qtype_up, up, qtype_down, down, np.zeros((n, hidden), np.float32),
+                np.zeros((n, 1), np.int64), np.ones((n, 1), np.float32), threads=threads, acts=acts)
 
 
 def _moe_by_expert(qtype_gate, gate, qtype_up, up, qtype_down, down, x, ids, weights, out, acts):

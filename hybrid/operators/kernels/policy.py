@@ -15,6 +15,12 @@ TILE_MAX_TOKENS L1 tiles; above, dequantized tiles of BLAS_TILE_BYTES and BLAS.
 # or ahead and gain with every further token (docs/performance.md, "Several tokens per row").
 GEMM_TOKENS = 8
 
+# From this many tokens on, a weight (`linear.matmul`) or an expert in the fused MoE
+# (`moe._moe_panels`) whose format and activation form have integer panels (panels.py)
+# takes them: one core, Q4_K 768 x 2048, G multiply-adds/s at 16, 32, 64, 128 tokens,
+# panels 44, 55, 62, 65 against tiles 35, 38, 40, 41 (scripts/bench_panels.py).
+PANEL_MIN_TOKENS = GEMM_TOKENS + 1
+
 # Up to this many tokens, decode each group of 4 weight rows once into L1 and multiply it
 # there with every token (batch.py); above, decode a tile of rows and hand it to BLAS.
 # The L1 path measured 2-3.5x faster than BLAS (torch, one thread beside numba's) at every
