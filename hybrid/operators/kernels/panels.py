@@ -119,13 +119,29 @@ def _step4(split, halves):
                     s2 = builder.add(so[t], so[t])
                     sums = [builder.load(_at(context, builder, ty[18], x16, s2, 2 * g + h)) for h in range(2)]
                     for h, (q0, q1) in enumerate(parts):
+                        # two chains of at most 4 vpdpbusd each, so that 8 chains (4 tokens x
+                        # 2) hide the instruction's latency; one shift and one conversion
+                        # per sum
+                        mid = (q0 + q1) // 2
                         acc = zero
-                        for q in range(q0, q1):
+                        for q in range(q0, mid):
                             acc = _dot16(builder, acc, w[q], quad(4 * q))
+                        if halves:
+                            for q in range(mid, q1):
+                                acc = _dot16(builder, acc, w[q], quad(4 * q))
+                        else:
+                            other = zero
+                            for q in range(mid, q1):
+                                other = _dot16(builder, other, w[q], quad(4 * q))
+                            acc = builder.add(acc, other)
                         if split:  # x = 256 * high byte + low byte
                             acc = builder.shl(acc, ir.Constant(_I32x16, [8] * 16))
-                            for q in range(q0, q1):
+                            other = zero
+                            for q in range(q0, mid):
                                 acc = _dot16(builder, acc, w[q], quad(32 + 4 * q))
+                            for q in range(mid, q1):
+                                other = _dot16(builder, other, w[q], quad(32 + 4 * q))
+                            acc = builder.add(acc, other)
                         s16 = sums[h] if halves else builder.fadd(sums[0], sums[1])
                         scaled = builder.fmul(scv[h], _splat(builder, xs_g, 16), flags=["contract"])
                         term = builder.fmul(builder.sitofp(acc, _F32x16), scaled, flags=["contract"])
