@@ -33,7 +33,7 @@ test: $(VENV)/.test
 # odd shapes, and the server's routes on the built-in model. `make test` runs everything.
 FAST_TESTS = tests/test_rules.py tests/test_family_rules.py tests/test_fit.py tests/test_split_experts.py \
 	tests/test_loading_errors.py tests/test_gguf_fuzz.py tests/test_tokenizer.py tests/test_chat_template.py \
-	tests/test_sampling.py tests/test_tools.py tests/test_harmony.py tests/test_grammar.py tests/test_kernels.py \
+	tests/test_sampling.py tests/test_tools.py tests/test_harmony.py tests/test_grammar.py tests/test_kernels.py tests/test_panels.py \
 	tests/test_families.py tests/test_family_decode.py tests/test_odd_shapes.py tests/test_server.py
 test-fast: $(VENV)/.test
 	$(VENV)/bin/lint-imports
@@ -42,4 +42,4 @@ test-fast: $(VENV)/.test
 # The kernel tests again with numba compiling for an AVX2-only CPU (Haswell): the paths
 # that CPUs without AVX-512 or VNNI take, checked on any x86-64 machine.
 test-avx2: $(VENV)/.test
-	NUMBA_CPU_NAME=haswell $(PY) -m pytest -q -rs tests/test_kernels.py tests/test_batch.py
+	NUMBA_CPU_NAME=haswell $(PY) -m pytest -q -rs tests/test_kernels.py tests/test_batch.py tests/test_panels.py

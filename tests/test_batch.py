@@ -105,17 +105,19 @@ def test_integer_rows_are_the_gemv_in_any_company(qtype, acts):
         np.testing.assert_array_equal(batched[n], one[0])
 
 
+@pytest.mark.parametrize("qtype,cols,tokens", [(Q.Q8_0, 64, 5), (Q.Q4_K, 512, 12)], ids=["small", "panels"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_small_batch_nan_inf(bad):
-    """A bad activation spoils its own token only; a bad weight scale its own row only."""
-    w = make_weight(Q.Q8_0, (6, 64))
-    x = np.random.default_rng(8).standard_normal((5, 64), dtype=np.float32)
+def test_small_batch_nan_inf(bad, qtype, cols, tokens):
+    """A bad activation spoils its own token only; a bad weight scale its own row only (a
+    few tokens, and enough for the integer panels where the CPU has them)."""
+    w = make_weight(qtype, (6, cols))
+    x = np.random.default_rng(8).standard_normal((tokens, cols), dtype=np.float32)
     x[3, 40] = bad
-    y = kernels.matmul(Q.Q8_0, w, x)
+    y = kernels.matmul(qtype, w, x)
     assert not np.isfinite(y[3]).any() and np.isfinite(np.delete(y, 3, 0)).all()
     w[4, :2] = np.array([bad], np.float16).view(np.uint8)  # fp16 scale of row 4's first block
     x[3, 40] = 0
-    y = kernels.matmul(Q.Q8_0, w, x)
+    y = kernels.matmul(qtype, w, x)
     assert not np.isfinite(y[:, 4]).any() and np.isfinite(np.delete(y, 4, 1)).all()
 
 
