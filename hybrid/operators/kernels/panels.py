@@ -279,10 +279,13 @@ def panel_input(x, form):
     return data.reshape(data.size), data.shape[1], xs.reshape(xs.size), x16.reshape(x16.size), nb
 
 
-@numba.njit(inline="always", fastmath=FASTMATH)
+@numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
 def panel_dots(t, w, lo, hi, px, form, toks, nt, yp, buf, sc, mn):
     """yp[16 j + i] = w[lo + i] . x[toks[j]] for i < 16 (rows past hi: row hi - 1), j < nt;
-    px = `panel_input(x, form)`; buf, sc, mn: scratch (`panel_scratch`)."""
+    px = `panel_input(x, form)`; buf, sc, mn: scratch (`panel_scratch`). A function of its
+    own, not inlined: its four unrolled `_step4` variants compile once for every kernel
+    that calls it (inlined into `matmul_panels` and three times into `_moe_panels`, they
+    took 32 and 105 s to compile)."""
     xf, xrow, xs, x16, nb = px
     per_block = 64 if form == SPLIT else 32
     buf32 = buf.view(np.uint32)
@@ -332,14 +335,16 @@ def matmul_panels(t, w, x, y, chunks, form, budget):
         p0 = c * panels // chunks
         p1 = (c + 1) * panels // chunks
         buf, sc, mn = panel_scratch()
-        toks = np.arange(n_tok)
+        toks = np.empty(per, np.int64)
         yp = np.empty(PANEL * per, np.float32)
         for t0 in range(0, n_tok, per):
             nt = min(per, n_tok - t0)
+            for j in range(nt):
+                toks[j] = t0 + j
             for p in range(p0, p1):
                 lo = PANEL * p
                 hi = min(rows, lo + PANEL)
-                panel_dots(t, w, lo, hi, px, form, toks[t0:], nt, yp, buf, sc, mn)
+                panel_dots(t, w, lo, hi, px, form, toks, nt, yp, buf, sc, mn)
                 for j in range(nt):
                     for i in range(hi - lo):
                         y[t0 + j, lo + i] = yp[PANEL * j + i]
