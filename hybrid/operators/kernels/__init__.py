@@ -8,8 +8,9 @@ The modules, from the bottom up: intrinsics.py (the target CPU's features and th
 building blocks), blocks.py (every block layout and its decoders, per path), formats.py (one
 record per format, from which the type lists and dispatch derive), activations.py (x
 rounded to integers), policy.py (the dispatch thresholds), batch.py (decoded L1 tiles),
-rows.py (the row loops: GEMV, several tokens per row), then the kernels operators call:
-linear.py, moe.py, decode.py, layer.py.
+rows.py (the row loops: GEMV, several tokens per row), panels.py (integer panels: 16 rows
+against many tokens), then the kernels operators call: linear.py, moe.py, decode.py,
+layer.py.
 
 Compiled kernels are cached on disk under a directory named by a hash of this package's
 sources: numba's own cache checks only the file that defines a kernel, so an edit to a
