@@ -10,7 +10,10 @@ has no such path) and the element type its float and int16 routines read the row
 - vnni: the int16 x split in bytes, two vpdpbusd a block, where the CPU has VNNI (`HAS_VNNI`);
 - int8: x rounded to int8 (`quantize_rows(..., int8=True)`), on any x86-64 CPU;
 - gemm_vnni, gemm_int8: the 32-weight block as bytes (`W8`), unpacked once per row block and
-  dotted with several tokens (`gemm_rows`), on the split int16 or the int8 x.
+  dotted with several tokens (`gemm_rows`), on the split int16 or the int8 x;
+- panel: 16 rows unpacked per 256 columns and dotted with many tokens (panels.py), on the
+  split int16 x with VNNI and on the int8 x; `wide` formats (bytes up to 255) take the int8
+  panels only with VNNI (AVX2's vpmaddubsw would saturate).
 
 Type codes are GGML's own numbers, so a kernel can branch on int(qtype).
 """
@@ -41,6 +44,8 @@ class Format:
     gemm_vnni: W8 | None = None  # the block for `gemm_rows` on the split int16 x
     gemm_int8: W8 | None = None  # ... on the int8 x
     dtype: type | None = None  # float formats: the numpy dtype of their arrays
+    panel: bool = False  # the integer panels (panels.py) take it
+    wide: bool = False  # its panel bytes go up to 255
 
     @property
     def code(self) -> int:
@@ -62,14 +67,15 @@ class Format:
 # In the order of the per-format dispatch chains (the last format takes what the others
 # do not: F32 on the float path).
 FORMATS = (
-    Format(Q.Q8_0, np.int8, _acc_q8_0, _int_q8_0, vnni_of(W8_Q8_0), int8_of(W8_Q8_0_SIGNED), W8_Q8_0, W8_Q8_0_SIGNED),
-    Format(Q.Q4_0, np.uint8, _acc_q4_0, _int_q4_0, vnni_of(W8_Q4_0), int8_of(W8_Q4_0), W8_Q4_0, W8_Q4_0),
-    Format(Q.Q4_1, np.uint8, _acc_q4_1, None, vnni_of(W8_Q4_1), int8_of(W8_Q4_1), W8_Q4_1, W8_Q4_1),
+    Format(Q.Q8_0, np.int8, _acc_q8_0, _int_q8_0, vnni_of(W8_Q8_0), int8_of(W8_Q8_0_SIGNED), W8_Q8_0, W8_Q8_0_SIGNED,
+           panel=True, wide=True),
+    Format(Q.Q4_0, np.uint8, _acc_q4_0, _int_q4_0, vnni_of(W8_Q4_0), int8_of(W8_Q4_0), W8_Q4_0, W8_Q4_0, panel=True),
+    Format(Q.Q4_1, np.uint8, _acc_q4_1, None, vnni_of(W8_Q4_1), int8_of(W8_Q4_1), W8_Q4_1, W8_Q4_1, panel=True),
     Format(Q.Q5_0, np.uint8, _acc_q5_0),
     Format(Q.Q5_1, np.uint8, _acc_q5_1),
-    Format(Q.Q4_K, np.uint8, _acc_q4_k, _int_q4_k, BlockDot(_vnni_q4_k), BlockDot(_i8_q4_k)),
+    Format(Q.Q4_K, np.uint8, _acc_q4_k, _int_q4_k, BlockDot(_vnni_q4_k), BlockDot(_i8_q4_k), panel=True),
     Format(Q.Q5_K, np.uint8, _acc_q5_k),
-    Format(Q.Q6_K, np.int8, _acc_q6_k, _int_q6_k, None, BlockDot(_i8_q6_k)),
+    Format(Q.Q6_K, np.int8, _acc_q6_k, _int_q6_k, None, BlockDot(_i8_q6_k), panel=True),
     Format(Q.F16, np.uint16, _acc_f16, dtype=np.float16),
     Format(Q.BF16, np.uint16, _acc_bf16, dtype=np.uint16),  # bf16 bits
     Format(Q.F32, np.float32, dtype=np.float32),
@@ -90,6 +96,9 @@ INT_TYPES = INT16_TYPES + tuple(t for t in VNNI_TYPES if t not in INT16_TYPES)
 # Formats `gemm_rows` takes, on the split int16 x (VNNI) and on the int8 x.
 MULTI_TYPES = tuple(f.code for f in FORMATS if f.gemm_vnni) if HAS_VNNI else ()
 MULTI8_TYPES = tuple(f.code for f in FORMATS if f.gemm_int8)
+# Formats the integer panels take, on the split int16 x (VNNI) and on the int8 x.
+PANEL_TYPES = tuple(f.code for f in FORMATS if f.panel)
+PANEL8_TYPES = tuple(f.code for f in FORMATS if f.panel and (HAS_VNNI or not f.wide))
 
 
 def block_shape(qtype: Q) -> tuple[int, int]:

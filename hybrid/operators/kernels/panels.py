@@ -28,15 +28,12 @@ from numba.extending import intrinsic
 
 from .activations import ACT_INT8, ACT_INT16, quantize_rows
 from .blocks import _k_scale_min
-from .formats import Q4_0, Q4_1, Q4_K, Q6_K, Q8_0
+from .formats import PANEL8_TYPES, PANEL_TYPES, Q4_0, Q4_K, Q6_K, Q8_0
 from .intrinsics import FASTMATH, HAS_VNNI, HAS_VNNI512, _call, _dot4, _f16, _splat, _u32, _vec_at
 
 PANEL = 16  # rows per panel: the int32 lanes of one 512-bit vector
 STEP = 256  # columns unpacked per fill: a K-quant super-block, 8 blocks of the 32-formats
 NO_FORM, SPLIT, INT8 = 0, 1, 2
-
-PANEL_TYPES = (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)
-PANEL8_TYPES = PANEL_TYPES if HAS_VNNI else (Q4_0, Q4_1, Q4_K, Q6_K)
 
 
 @numba.njit(inline="always")
