@@ -38,12 +38,15 @@ def _warm_kernels() -> None:
     for q in kernels.SUPPORTED_TYPES:  # K-quants have no quantizer: compiled on first use
         if q.name == "F32" or q.name in QUANTIZABLE:
             w = square if q.name == "F32" else quantize(q, square)
-            for n in (1, 3, 32):
-                kernels.matmul(q, w, np.ones((n, 256), np.float32))
-            kernels.dequantize(q, w)
-            for n in (1, 32):
-                kernels.moe_forward(q, w[None], q, w[None], q, w[None], np.ones((n, 256), np.float32),
-                                    np.zeros((n, 1), np.int64), np.ones((n, 1), np.float32))
+            frozen = w.copy()  # memory-mapped weights are read-only arrays: numba compiles them apart
+            frozen.setflags(write=False)
+            for w in (w, frozen):
+                for n in (1, 3, 32):
+                    kernels.matmul(q, w, np.ones((n, 256), np.float32))
+                kernels.dequantize(q, w)
+                for n in (1, 32):
+                    kernels.moe_forward(q, w[None], q, w[None], q, w[None], np.ones((n, 256), np.float32),
+                                        np.zeros((n, 1), np.int64), np.ones((n, 1), np.float32))
 
 
 def serve_rss(model: str | None) -> dict:
