@@ -194,13 +194,19 @@ def _moe_panels(tg, gate, tu, up, td, down, form_in, form_mid, x, ids, weights, 
     big = np.flatnonzero(first[1:] - first[:-1] >= first_panel)
     if big.size == 0:
         return
+    # h holds only these experts' pairs, expert after expert: row base[i] + j is pair
+    # first[big[i]] + j (so only they are quantized for down)
+    base = np.zeros(big.size + 1, np.int64)
+    for i in range(big.size):
+        base[i + 1] = base[i] + first[big[i] + 1] - first[big[i]]
     px = panel_input(x, form_in)
-    h = np.zeros((n_tok * k_top, inter), np.float32)
+    h = np.empty((base[-1], inter), np.float32)
     per = tokens_per_block(form_in, x.shape[1], TILE_X_BYTES)
     panels_in = (inter + PANEL - 1) // PANEL
     for task in prange(big.size * chunks):
         g = big[task // chunks]
         e = used[g]
+        row0 = base[task // chunks] - first[g]  # h's row of pair index b0 + j: row0 + b0 + j
         p0 = (task % chunks) * panels_in // chunks
         p1 = (task % chunks + 1) * panels_in // chunks
         buf, sc, mn = panel_scratch()
@@ -217,9 +223,8 @@ def _moe_panels(tg, gate, tu, up, td, down, form_in, form_mid, x, ids, weights, 
                 panel_dots(tg, gate[e], lo, hi, px, form_in, toks, nt, yg, buf, sc, mn)
                 panel_dots(tu, up[e], lo, hi, px, form_in, toks, nt, yu, buf, sc, mn)
                 for j in range(nt):
-                    pr = pairs[b0 + j]
                     for i in range(hi - lo):
-                        h[pr, lo + i] = _silu(yg[PANEL * j + i]) * yu[PANEL * j + i]
+                        h[row0 + b0 + j, lo + i] = _silu(yg[PANEL * j + i]) * yu[PANEL * j + i]
 
     ph = panel_input(h, form_mid)
     per = tokens_per_block(form_mid, inter, TILE_X_BYTES)
@@ -230,18 +235,20 @@ def _moe_panels(tg, gate, tu, up, td, down, form_in, form_mid, x, ids, weights, 
         buf, sc, mn = panel_scratch()
         yd = np.empty(PANEL * per, np.float32)
         toks = np.empty(per, np.int64)
-        for g in big:
+        for i_big in range(big.size):
+            g = big[i_big]
             e = used[g]
+            row0 = base[i_big] - first[g]
             for b0 in range(first[g], first[g + 1], per):
                 nt = min(per, first[g + 1] - b0)
                 for j in range(nt):
-                    toks[j] = pairs[b0 + j]
+                    toks[j] = row0 + b0 + j
                 for p in range(p0, p1):
                     lo = PANEL * p
                     hi = min(hidden, lo + PANEL)
                     panel_dots(td, down[e], lo, hi, ph, form_mid, toks, nt, yd, buf, sc, mn)
                     for j in range(nt):
-                        pr = toks[j]
+                        pr = pairs[b0 + j]
                         n = pr // k_top
                         wk = weights[n, pr % k_top]
                         for i in range(hi - lo):
@@ -288,9 +295,10 @@ def moe_forward(qtype_gate, gate, qtype_up, up, qtype_down, down, x, topk_ids, t
         if x.shape[0] <= policy.MOE_FUSED_MAX_TOKENS:
             chunks = gemv_chunks(min(inter, hidden))
             first_panel, form_in, form_mid = panel_plan(tg, tu, td, acts, hidden, inter)
-            valid = ids[ids >= 0]
-            if first_panel != NO_PANELS and (valid.size == 0 or np.bincount(valid).max() < first_panel):
-                first_panel = NO_PANELS  # no expert takes the panels: skip them (and their compile)
+            # no expert with first_panel pairs (a decode step never has one): skip the call
+            if first_panel != NO_PANELS and (ids.size < first_panel
+                                             or np.bincount(ids[ids >= 0], minlength=1).max() < first_panel):
+                first_panel = NO_PANELS
             _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, y, chunks, first_panel)
             if first_panel != NO_PANELS:
                 _moe_panels(tg, gate, tu, up, td, down, form_in, form_mid, x, ids, weights, y, chunks, first_panel)
