@@ -543,3 +543,22 @@ def _dot8_nibbles(shift):
 
 # a[ao:ao + 8] += s * (w . x8[xo:]) for the low or the high nibbles of the 32 bytes at row[o:] (Q4_K)
 _dot8_low4, _dot8_high4 = _dot8_nibbles(0), _dot8_nibbles(4)
+
+
+@intrinsic
+def _prefetch(typingctx, arr, o, n):
+    """Asks the CPU to bring arr's bytes o .. o + n - 1 into its caches, a 64-byte line at a
+    time (prefetcht0; bytes past arr's end are harmless: a prefetch never faults)."""
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        start = builder.ptrtoint(builder.bitcast(data, i8p), ir.IntType(64))
+        start = builder.add(start, args[1])
+        fn = builder.module.globals.get("llvm.prefetch.p0") or ir.Function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+        with cgutils.for_range_slice(builder, ir.Constant(ir.IntType(64), 0), args[2], ir.Constant(ir.IntType(64), 64)) as (at, _):
+            ptr = builder.inttoptr(builder.add(start, at), i8p)
+            builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.none(arr, types.int64, types.int64), codegen

@@ -17,10 +17,17 @@ import numpy as np
 from .batch import ROWS, tile_rows
 from .blocks import W8
 from .formats import FORMATS, INT8_TYPES, INT16_TYPES, MULTI8_TYPES, MULTI_TYPES, VNNI_TYPES
-from .intrinsics import FASTMATH, STRICT, _dot8_sw, _dot8_w, _dot_w, _get, _lanes, _stack_f32, _stack_i64, _sum16
-from .policy import GEMM_TOKENS
+from .intrinsics import FASTMATH, STRICT, _dot8_sw, _dot8_w, _dot_w, _get, _lanes, _prefetch, _stack_f32, _stack_i64, _sum16
+from .policy import GEMM_TOKENS, PREFETCH_BYTES
 
 # --- one token: two rows at a time ------------------------------------------------------
+
+@numba.njit(inline="always")
+def _ahead(r0, r1, o, n):
+    """Prefetch bytes o .. o + n - 1 of rows r0 and r1, PREFETCH_BYTES ahead (policy.py)."""
+    _prefetch(r0, o + PREFETCH_BYTES, n)
+    _prefetch(r1, o + PREFETCH_BYTES, n)
+
 
 @numba.njit(inline="always")
 def far_pair(lo, hi, half, i):
@@ -53,6 +60,7 @@ def _pair(acc, block_elems, block_bytes, view):
         v0 = r0.view(view)
         v1 = r1.view(view)
         for b in range(r0.size // block_bytes):
+            _ahead(r0, r1, b * block_bytes, block_bytes)
             acc(r0, v0, b * block_bytes, x, b * block_elems, a0)
             acc(r1, v1, b * block_bytes, x, b * block_elems, a1)
         s0 = np.float32(0)
@@ -86,6 +94,7 @@ def _pair_int(acc, block_bytes, view):
         nb = r0.size // block_bytes
         for b in range(0, nb - 1, 2):
             o = b * block_bytes
+            _ahead(r0, r1, o, 2 * block_bytes)
             c0 += acc(r0, v0, o, xq, xs, xsum, b, a0, 0)
             c1 += acc(r1, v1, o, xq, xs, xsum, b, a1, 0)
             c0 += acc(r0, v0, o + block_bytes, xq, xs, xsum, b + 1, a0, 16)
@@ -119,11 +128,13 @@ def _pair_vnni(acc, block_bytes, off=np.float32(1)):
         nb = r0.size // block_bytes
         if block_bytes > 34:  # K-quants alternate the lanes within a block
             for b in range(nb):
+                _ahead(r0, r1, b * block_bytes, block_bytes)
                 c0 += acc(r0, b * block_bytes, xb, xs, xsum, b, a0, 0)
                 c1 += acc(r1, b * block_bytes, xb, xs, xsum, b, a1, 0)
             nb = 0
         for b in range(0, nb - 1, 2):
             o = b * block_bytes
+            _ahead(r0, r1, o, 2 * block_bytes)
             c0 += acc(r0, o, xb, xs, xsum, b, a0, 0)
             c1 += acc(r1, o, xb, xs, xsum, b, a1, 0)
             c0 += acc(r0, o + block_bytes, xb, xs, xsum, b + 1, a0, 8)
@@ -154,6 +165,7 @@ def _pair_int_k(acc, block_bytes, view):
         v0 = r0.view(view)
         v1 = r1.view(view)
         for b in range(r0.size // block_bytes):
+            _ahead(r0, r1, b * block_bytes, block_bytes)
             c0 += acc(r0, v0, b * block_bytes, xq, xs, xsum, b, a0, 0)
             c1 += acc(r1, v1, b * block_bytes, xq, xs, xsum, b, a1, 0)
         for j in range(32):
@@ -216,6 +228,7 @@ def _dots(blk, block_bytes, off, K, dot, step):
             at[k] = _get(ix, j0 + k) * nb  # token k's first block
         o = r * nb * block_bytes
         for b in range(0, nb - 1, 2):
+            _prefetch(w, o + b * block_bytes + PREFETCH_BYTES, 2 * block_bytes)
             d0, w0, m0 = blk(w, o + b * block_bytes)
             d1, w1, m1 = blk(w, o + (b + 1) * block_bytes)
             for k in range(K):
