@@ -23,7 +23,7 @@ from hybrid.operators.kernels.linear import num_threads
 # fp16 scale offsets inside each block: random bytes elsewhere are valid weights.
 SCALES = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2),
           Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
-GEMV_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F16, Q.BF16, Q.F32]
+GEMV_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.MXFP4, Q.F16, Q.BF16, Q.F32]
 
 
 def random_weight(qtype, shape, rng):
@@ -35,6 +35,9 @@ def random_weight(qtype, shape, rng):
         return (rng.standard_normal(shape, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
     elems, nbytes = GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, (*shape[:-1], shape[-1] // elems, nbytes), dtype=np.uint8)
+    if qtype == Q.MXFP4:  # an E8M0 scale byte: 2^(e - 127), here 2^-8
+        blocks[..., 0] = 119
+        return blocks.reshape(*shape[:-1], -1)
     scale = np.frombuffer(np.float16(1e-3).tobytes(), np.uint8)
     for at in SCALES[qtype]:
         blocks[..., at:at + 2] = scale

@@ -58,3 +58,27 @@ def test_mxfp4_logits_match_transformers_with_the_same_rounding(mxfp4_model, rul
             ex.down_proj.copy_(torch.from_numpy(mxfp4_round_trip(down).transpose(0, 2, 1).copy()))
     ref = reference_logits(ref_model, IDS)
     assert rel_err(hybrid.load(path, rules=rules).logits(IDS), ref) < 1e-4
+
+
+def test_cpu_rules_compute_the_mxfp4_blocks_as_stored(mxfp4_model):
+    """gpt_oss-cpu places CPUExperts: the experts stay MXFP4 blocks (the file's bytes, not a
+    float copy) with their biases and clamped SwiGLU, and decode steps give the logits the
+    torch experts give on the dequantized weights."""
+    _, path = mxfp4_model
+    stored = {t.name: t for t in open_gguf(path).tensors}
+    model = hybrid.load(path, rules="gpt_oss-cpu")
+    experts = model.module.model.layers[1].mlp.experts
+    assert type(experts).__name__ == "CPUExperts" and experts.has_bias and experts.glu is not None
+    qtype, blocks = experts.gate
+    assert Q(qtype) == Q.MXFP4 and blocks.dtype == np.uint8
+    np.testing.assert_array_equal(blocks.reshape(-1), np.asarray(stored["blk.1.ffn_gate_exps.weight"].data).reshape(-1))
+    torch_model = hybrid.load(path, rules="torch-cpu")
+    ids = torch.tensor([IDS])
+    out = {}
+    for name, m in (("cpu", model), ("torch", torch_model)):
+        cache = m.new_cache(1, 64)
+        steps = [m.forward(ids[:, :5], [0], [0], cache)[0]]
+        for t in range(5, 12):
+            steps.append(m.forward(ids[:, t : t + 1], [t], [0], cache)[0])
+        out[name] = torch.cat(steps)
+    assert rel_err(out["cpu"], out["torch"]) < 1e-4

@@ -22,7 +22,7 @@ from hybrid.operators.kernels.panels import NO_FORM, panel_form
 from hybrid.operators.kernels.rows import gemm_rows, gemm_takes, gemv_rows
 from hybrid.operators.quantize import QUANTIZABLE, RELATIVE_RMS_ERROR, quantize
 
-QUANTIZED = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+QUANTIZED = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.MXFP4]
 FORMATS = QUANTIZED + [Q.F16, Q.BF16, Q.F32]
 # Byte offsets of the fp16 scales inside a K-quant block; the other bytes may be random.
 K_SCALES = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
@@ -122,20 +122,30 @@ def test_unsupported_and_mismatched():
         kernels.gemv(Q.Q8_0, make_weight(Q.Q8_0, (2, 64)), np.zeros(32, np.float32))
 
 
-def torch_moe(gate, up, down, x, ids, weights, seen=lambda proj, e, v: v):
+def torch_moe(gate, up, down, x, ids, weights, seen=lambda proj, e, v: v, bias=None, glu=None):
     """The module being replaced: a loop over tokens and their experts. seen(proj, e, v):
-    the input of projection proj ("gate", "up", "down") of expert e as the kernel sees it."""
+    the input of projection proj ("gate", "up", "down") of expert e as the kernel sees it;
+    bias (gate, up, down) and glu as moe_forward takes them."""
     out = torch.zeros_like(x)
+    bg, bu, bd = (torch.from_numpy(b).double() for b in bias) if bias is not None else (None,) * 3
     for n in range(x.shape[0]):
         for k in range(ids.shape[1]):
             e = int(ids[n, k])
             if e >= 0:
-                h = torch.nn.functional.silu(gate[e] @ seen("gate", e, x[n])) * (up[e] @ seen("up", e, x[n]))
-                out[n] += weights[n, k] * (down[e] @ seen("down", e, h))
+                g, u = gate[e] @ seen("gate", e, x[n]), up[e] @ seen("up", e, x[n])
+                if bias is not None:
+                    g, u = g + bg[e], u + bu[e]
+                if glu is None:
+                    h = torch.nn.functional.silu(g) * u
+                else:  # gpt-oss's clamped SwiGLU, as transformers writes it
+                    g, u = g.clamp(max=glu[0]), u.clamp(-glu[0], glu[0])
+                    h = (u + 1) * g * torch.sigmoid(g * glu[1])
+                y = down[e] @ seen("down", e, h)
+                out[n] += weights[n, k] * (y + bd[e] if bias is not None else y)
     return out
 
 
-def run_moe(types, experts, top_k, tokens, hidden=256, inter=512, seed=0, x=None):
+def run_moe(types, experts, top_k, tokens, hidden=256, inter=512, seed=0, x=None, bias=None, glu=None):
     tg, tu, td = types
     gate = make_weight(tg, (experts, inter, hidden), seed)
     up = make_weight(tu, (experts, inter, hidden), seed + 1)
@@ -145,7 +155,7 @@ def run_moe(types, experts, top_k, tokens, hidden=256, inter=512, seed=0, x=None
         x = rng.standard_normal((tokens, hidden), dtype=np.float32)
     ids = np.stack([rng.permutation(experts)[:top_k] for _ in range(tokens)])
     weights = rng.random((tokens, top_k), dtype=np.float32)
-    y = kernels.moe_forward(tg, gate, tu, up, td, down, x, ids, weights)
+    y = kernels.moe_forward(tg, gate, tu, up, td, down, x, ids, weights, bias=bias, glu=glu)
     as_t = lambda t, w: torch.from_numpy(reference(t, w))  # noqa: E731
     proj = {"gate": tg, "up": tu, "down": td}
     # the fused kernel (up to FUSED_MAX_TOKENS) takes GEMVs for an expert with up to
@@ -167,11 +177,11 @@ def run_moe(types, experts, top_k, tokens, hidden=256, inter=512, seed=0, x=None
 
     see = lambda p, e, v: torch.from_numpy(seen(proj[p], v.numpy())) if rounded(p, e) else v  # noqa: E731
     ref = torch_moe(as_t(tg, gate), as_t(tu, up), as_t(td, down), torch.from_numpy(x).double(),
-                    torch.from_numpy(ids), torch.from_numpy(weights).double(), see)
+                    torch.from_numpy(ids), torch.from_numpy(weights).double(), see, bias, glu)
     return y, ref.numpy(), ids
 
 
-MOE_TYPES = [(Q.Q4_K, Q.Q4_K, Q.Q6_K), (Q.Q8_0, Q.Q8_0, Q.Q8_0), (Q.F16, Q.BF16, Q.F32)]
+MOE_TYPES = [(Q.Q4_K, Q.Q4_K, Q.Q6_K), (Q.Q8_0, Q.Q8_0, Q.Q8_0), (Q.F16, Q.BF16, Q.F32), (Q.MXFP4, Q.MXFP4, Q.MXFP4)]
 
 
 @pytest.mark.parametrize("tokens", [1, 4, 70])
@@ -179,6 +189,32 @@ MOE_TYPES = [(Q.Q4_K, Q.Q4_K, Q.Q6_K), (Q.Q8_0, Q.Q8_0, Q.Q8_0), (Q.F16, Q.BF16,
 def test_moe_matches_torch(types, tokens):
     y, ref, _ = run_moe(types, experts=8, top_k=3, tokens=tokens)
     assert_close(y, ref)
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 70, 2100])
+@pytest.mark.parametrize("types", [MOE_TYPES[0], MOE_TYPES[3]], ids=lambda ts: "-".join(t.name for t in ts))
+def test_moe_biases_and_clamped_swiglu(types, tokens):
+    """gpt-oss's experts: biases on the three projections and the clamped SwiGLU, on every
+    path (GEMVs, gemm_rows, tiles, panels for the K-quants, expert by expert above the fused
+    kernel's limit); the clamp bites (limit below the projections' spread)."""
+    rng = np.random.default_rng(7)
+    experts, hidden, inter = 8, 256, 512
+    bias = (rng.standard_normal((experts, inter), dtype=np.float32), rng.standard_normal((experts, inter), dtype=np.float32),
+            rng.standard_normal((experts, hidden), dtype=np.float32))
+    y, ref, _ = run_moe(types, experts, 3, tokens, hidden, inter, bias=bias, glu=(1.5, 1.702))
+    assert_close(y, ref)
+    plain, _, _ = run_moe(types, experts, 3, tokens, hidden, inter)
+    assert np.linalg.norm(y - plain) > 0.1 * np.linalg.norm(plain)  # the biases and clamp took effect
+
+
+def test_moe_bias_shapes_are_checked():
+    q = Q.Q8_0
+    gate, up, down = (make_weight(q, (4, 64, 64), seed) for seed in range(3))
+    x, ids, w = np.zeros((1, 64), np.float32), np.zeros((1, 1), np.int64), np.ones((1, 1), np.float32)
+    with pytest.raises(ValueError, match="biases"):
+        kernels.moe_forward(q, gate, q, up, q, down, x, ids, w, bias=(np.zeros((4, 64)),) * 2 + (np.zeros((4, 63)),))
+    with pytest.raises(ValueError, match="alpha"):
+        kernels.moe_forward(q, gate, q, up, q, down, x, ids, w, glu=(7.0, 0.0))
 
 
 @pytest.mark.parametrize("experts,top_k", [(1, 1), (4, 4)])
@@ -313,7 +349,7 @@ def test_int_path_shapes(qtype, blocks):
 
 
 @pytest.mark.skipif(not HAS_VNNI, reason="this CPU has no AVX-512 VNNI")
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.MXFP4], ids=lambda t: t.name)
 def test_vnni_path_is_the_int16_dot(qtype):
     """Where the CPU has VNNI, Q8_0/Q4_0/Q4_1/Q4_K rows take vpdpbusd: the same integer dots
     as the int16 path (Q4_1: the float path over the same rounded x), to float rounding."""
@@ -333,7 +369,7 @@ def test_vnni_path_is_the_int16_dot(qtype):
 
 @pytest.mark.parametrize("form", ["split", "int8"])
 @pytest.mark.parametrize("blocks", [1, 2, 7])
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.MXFP4], ids=lambda t: t.name)
 def test_gemm_rows_is_the_gemv_per_token(qtype, blocks, form):
     """Rows against several tokens at once (fours, then the rest), on the int8 path (any
     CPU) or the VNNI one: each token, picked by ix (repeats and any order) and written to

@@ -113,7 +113,7 @@ def test_moe_panels_are_each_tokens_own(monkeypatch):
     args = (q, gate, q, up, Q.Q6_K, down)
     calls = []
     real = moe._moe_panels
-    monkeypatch.setattr(moe, "_moe_panels", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(moe, "_moe_panels", lambda *a: calls.append(a[13]) or real(*a))  # first_panel
     full = kernels.moe_forward(*args, x, ids, weights)
     assert calls == ([policy.PANEL_MIN_TOKENS] if HAS_VNNI else [])  # int8 panels only when asked
     pick = rng.permutation(30)[:25]

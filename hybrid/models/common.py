@@ -362,23 +362,48 @@ class MLP(nn.Module):
 
 class Experts(nn.Module):
     """E gated MLPs stored stacked, so a kernel takes one array per projection:
-    gate_proj/up_proj [E, I, H], down_proj [E, H, I]. Operators replacing it keep
+    gate_proj/up_proj [E, I, H], down_proj [E, H, I], with `bias` also gate_proj_bias /
+    up_proj_bias [E, I] and down_proj_bias [E, H]. `glu`: None for silu(gate) * up, or
+    (limit, alpha) of gpt-oss's clamped SwiGLU (`gated`). Operators replacing it keep
     forward(x [N, H], ids [N, K], weights [N, K]) -> [N, H]."""
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, bias: bool = False, glu=None):
         super().__init__()
         self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
+        self.glu = glu
         self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        if bias:
+            self.gate_proj_bias = nn.Parameter(torch.empty(num_experts, intermediate))
+            self.up_proj_bias = nn.Parameter(torch.empty(num_experts, intermediate))
+            self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden))
+
+    @property
+    def biases(self) -> tuple | None:
+        """(gate, up, down) biases, or None."""
+        b = getattr(self, "gate_proj_bias", None)
+        return None if b is None else (b, self.up_proj_bias, self.down_proj_bias)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return routed_sum(x, ids, weights, lambda e: (self.gate_proj[e], self.up_proj[e], self.down_proj[e]))
+        return routed_sum(x, ids, weights, lambda e: (self.gate_proj[e], self.up_proj[e], self.down_proj[e]),
+                          self.biases, self.glu)
 
 
-def routed_sum(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert) -> torch.Tensor:
+def gated(g: torch.Tensor, u: torch.Tensor, glu=None) -> torch.Tensor:
+    """silu(g) * u; with glu = (limit, alpha), gpt-oss's clamped SwiGLU:
+    (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g'), g' = min(g, limit)."""
+    if glu is None:
+        return F.silu(g) * u
+    limit, alpha = glu
+    g, u = g.clamp(max=limit), u.clamp(-limit, limit)
+    return (u + 1) * g * torch.sigmoid(g * alpha)
+
+
+def routed_sum(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert, biases=None, glu=None) -> torch.Tensor:
     """out[n] = sum_k weights[n, k] * MLP_e(x[n]) for e = ids[n, k] (ids < 0 skipped), expert
-    by expert; expert(e) -> its (gate [I, H], up [I, H], down [H, I]) on x's device."""
+    by expert; expert(e) -> its (gate [I, H], up [I, H], down [H, I]) on x's device; biases:
+    None or (gate [E, I], up [E, I], down [E, H]); glu as `gated`'s."""
     out = torch.zeros_like(x)
     for e in ids.unique().tolist():
         if e < 0:
@@ -386,8 +411,14 @@ def routed_sum(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert
         token, slot = torch.where(ids == e)
         gate, up, down = expert(e)
         h = x[token]
-        h = F.silu(h @ gate.T) * (h @ up.T)
-        out.index_add_(0, token, (h @ down.T) * weights[token, slot, None].to(x.dtype))
+        g, u = h @ gate.T, h @ up.T
+        if biases is not None:
+            bg, bu, bd = (b[e].to(x.device, x.dtype) for b in biases)
+            g, u = g + bg, u + bu
+        y = gated(g, u, glu) @ down.T
+        if biases is not None:
+            y = y + bd
+        out.index_add_(0, token, y * weights[token, slot, None].to(x.dtype))
     return out
 
 

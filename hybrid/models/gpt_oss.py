@@ -7,8 +7,8 @@ gate), gate <= limit, |up| <= limit).
 
 Experts are stored per projection ([E, I, H] gate and up, [E, H, I] down, with their
 biases), as llama.cpp's GGUF holds them; `sanitize` splits a Hugging Face checkpoint's
-interleaved `gate_up_proj` [E, H, 2I] into that form. MXFP4 expert blocks load through
-gguf's dequantization into the torch experts (float32 on the CPU)."""
+interleaved `gate_up_proj` [E, H, 2I] into that form. CPUExperts computes MXFP4 expert blocks
+as they are stored (the numba kernels' MXFP4 format); the torch experts dequantize them."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from hybrid.files.checkpoint import TensorRef
 from . import llama
 from .common import Attention as _Attention
 from .common import Block, CausalLM
+from .common import Experts as _Experts
 
 MODEL_TYPES = ("gpt_oss",)
 GGUF_ARCHITECTURES = {"gpt-oss": "gpt_oss"}
@@ -73,29 +74,13 @@ class Attention(_Attention):
         return attend_with_sinks(q, k, v, mask, self.scale, self.sinks)
 
 
-class Experts(nn.Module):
+class Experts(_Experts):
     """E experts with biases and the clamped SwiGLU, stacked: gate_proj/up_proj [E, I, H],
-    down_proj [E, H, I]; forward(x [N, H], ids [N, K], weights [N, K]) -> [N, H]."""
+    down_proj [E, H, I] and their biases; forward(x [N, H], ids [N, K], weights [N, K]) -> [N, H]."""
 
     def __init__(self, cfg: Config):
-        super().__init__()
-        E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj, self.up_proj = nn.Parameter(torch.empty(E, I, H)), nn.Parameter(torch.empty(E, I, H))
-        self.down_proj = nn.Parameter(torch.empty(E, H, I))
-        self.gate_proj_bias, self.up_proj_bias = nn.Parameter(torch.empty(E, I)), nn.Parameter(torch.empty(E, I))
-        self.down_proj_bias = nn.Parameter(torch.empty(E, H))
-        self.limit, self.alpha = cfg.swiglu_limit, cfg.swiglu_alpha
-
-    def forward(self, x, ids, weights):
-        out = torch.zeros_like(x)
-        for e in ids.unique().tolist():
-            token, slot = torch.where(ids == e)
-            h = x[token]
-            gate = (h @ self.gate_proj[e].T + self.gate_proj_bias[e]).clamp(max=self.limit)
-            up = (h @ self.up_proj[e].T + self.up_proj_bias[e]).clamp(-self.limit, self.limit)
-            h = ((up + 1) * gate * torch.sigmoid(gate * self.alpha)) @ self.down_proj[e].T + self.down_proj_bias[e]
-            out.index_add_(0, token, h * weights[token, slot, None].to(x.dtype))
-        return out
+        super().__init__(cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, bias=True,
+                         glu=(cfg.swiglu_limit, cfg.swiglu_alpha))
 
 
 class MoE(nn.Module):

@@ -70,7 +70,9 @@ def linear(qtype, w: np.ndarray, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def experts(gate, up, down, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def experts(gate, up, down, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, biases=None, glu=None) -> torch.Tensor:
     """The routed-experts sum on x's device. gate/up/down: (qtype, host blocks [E, rows,
-    row bytes]); x [N, H] float32, ids [N, K], weights [N, K], all on that device."""
-    return routed_sum(x, ids, weights, lambda e: tuple(_weights(q, w[e], x.device) for q, w in (gate, up, down)))
+    row bytes]); x [N, H] float32, ids [N, K], weights [N, K], all on that device; biases,
+    glu as `routed_sum` takes them."""
+    return routed_sum(x, ids, weights, lambda e: tuple(_weights(q, w[e], x.device) for q, w in (gate, up, down)),
+                      biases, glu)

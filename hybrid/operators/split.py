@@ -61,6 +61,9 @@ class SplitExperts(Operator):
     ):
         super().__init__(original, config)
         self.check_kwargs(experts, device, dtype, quant, threads, activations, prefill_device, prefill_min_tokens)
+        if original.biases is not None or original.glu is not None:
+            raise ValueError("SplitExperts does not take experts with biases or a clamped SwiGLU (gpt-oss): place "
+                             "them with CPUExperts, or leave them in torch (replace: {class: default})")
         self.num_experts, self.hidden, self.intermediate = original.num_experts, original.hidden, original.intermediate
         self.torch_ids = chosen_experts(experts, self.num_experts)
         self.cpu_ids = [e for e in range(self.num_experts) if e not in set(self.torch_ids)]

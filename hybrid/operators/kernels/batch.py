@@ -20,8 +20,8 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic
 
-from .blocks import _row_q4, _row_q5, _row_q6_k, _row_q8_0, _row_qk
-from .formats import BF16, F16, F32, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
+from .blocks import _row_mxfp4, _row_q4, _row_q5, _row_q6_k, _row_q8_0, _row_qk
+from .formats import BF16, F16, F32, MXFP4, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 from .intrinsics import FASTMATH, _bf2f, _h2f
 from .policy import TILE_X_BYTES
 
@@ -53,6 +53,8 @@ def decode_row(t, row, out):
         _row_q4(row, out, n16, 18, False)
     elif t == Q4_1:
         _row_q4(row, out, n16, 20, True)
+    elif t == MXFP4:
+        _row_mxfp4(row, out, n16)
     elif t == Q5_0:
         _row_q5(row, out, n16, 22, False)
     elif t == Q5_1:

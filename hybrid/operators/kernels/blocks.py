@@ -43,8 +43,9 @@ from numba.extending import intrinsic
 
 from .intrinsics import (
     FASTMATH, _I8x32, _I32x8, _NO_LANES, _bf2f, _bits, _bytes, _dot4_signed, _dot8_high4, _dot8_low4, _dot8_sw,
-    _dot8_w, _dot_high4, _dot_low4, _dot_w, _f16, _get, _h2f, _i, _into_lanes, _load32, _madd, _minus, _nibbles,
-    _opaque, _opaque_f32, _splat, _stack_f32, _u32, _vec_at, _w_bytes, _w_nibbles, _w_raw, _with_high,
+    _dot8_w, _dot_high4, _dot_low4, _dot_w, _e2m1_fma, _e2m1_lanes, _f16, _get, _h2f, _i, _into_lanes, _load32, _madd,
+    _minus, _nibbles, _opaque, _opaque_f32, _splat, _stack_f32, _u2f, _u32, _vec_at, _w_bytes, _w_e2m1, _w_nibbles,
+    _w_raw, _with_high,
 )
 
 
@@ -123,6 +124,21 @@ def _acc_q5_0(row, v, o, x, xo, a):
 @numba.njit(inline="always", fastmath=FASTMATH)
 def _acc_q5_1(row, v, o, x, xo, a):
     _acc_q5(row, o, o + 8, _f16(row, o), _f16(row, o + 2), x, xo, a)
+
+
+# MXFP4, 17 bytes: e:u8 (an E8M0 scale, 2^(e - 127)) | qs:u8[16], 4-bit E2M1 codes in
+# Q4_0's order (weight j < 16 the low nibble of qs[j], j + 16 the high one); w = scale *
+# value(code). The code tables (intrinsics.E2M1) hold the values doubled, so every path
+# takes d = 2^(e - 128) (`_e8m0_half`, gguf's and llama.cpp's e8m0_to_fp32_half).
+@numba.njit(inline="always")
+def _e8m0_half(row, o):
+    e = np.uint32(row[o])
+    return _u2f(np.uint32(0x00200000) << e if e < np.uint32(2) else (e - np.uint32(1)) << np.uint32(23))
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _acc_mxfp4(row, v, o, x, xo, a):
+    _e2m1_fma(a, row, o + 1, _e8m0_half(row, o), x, xo)
 
 
 # Q4_K, 144 bytes, 256 weights in 8 groups of 32: d:f16 | dmin:f16 | scales:u8[12]
@@ -250,6 +266,13 @@ def _int_q4_0(row, v, o, xq, xs, xsum, b, a, ao):
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
+def _int_mxfp4(row, v, o, xq, xs, xsum, b, a, ao):
+    s = _e8m0_half(row, o) * _get(xs, b)
+    _madd(a, ao, s, s, _e2m1_lanes(row, o + 1), xq, 32 * b)
+    return np.float32(0)
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
 def _int_q4_k(row, v, o, xq, xs, xsum, b, a, ao):
     buf = _stack_f32(8)
     mins = _k_scales(row, o, _f16(row, o), xs, xsum, 8 * b, buf)
@@ -321,7 +344,14 @@ def _blk8_q8_0(row, o):
     return _f16(row, o), _w_raw(row, o + 2), np.float32(0)
 
 
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _blk_mxfp4(row, o):
+    d = _e8m0_half(row, o)
+    return d, _w_e2m1(row, o + 1), d
+
+
 W8_Q4_0 = W8(_blk_q4_0, np.float32(-8))
+W8_MXFP4 = W8(_blk_mxfp4, np.float32(-12))
 W8_Q4_1 = W8(_blk_q4_1, np.float32(1))
 W8_Q8_0 = W8(_blk_q8_0, np.float32(-128))
 W8_Q8_0_SIGNED = W8(_blk8_q8_0, np.float32(1), signed=True)
@@ -435,6 +465,12 @@ def _row_q8_0(row, out, n16):
         d = _f16(row, o)
         for j in range(2 * n16):
             out[w + j] = d * np.float32(v[o + 2 + j])
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _row_mxfp4(row, out, n16):
+    for b in range(row.size // 17):
+        _e2m1_fma(out, row, 17 * b + 1, _e8m0_half(row, 17 * b), None, 32 * b)
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)

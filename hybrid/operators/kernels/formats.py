@@ -5,7 +5,7 @@ activations.py and `gemm_takes` read its lists).
 A record names the format's block routine on each path (blocks.py; None where the format
 has no such path) and the element type its float and int16 routines read the row as:
 - float: every format (F32 takes a plain dot, `float_block` None);
-- int16: x rounded to int16 per 32-block (`quantize_rows`), Q8_0, Q4_0, Q4_K, Q6_K (Q4_1
+- int16: x rounded to int16 per 32-block (`quantize_rows`), Q8_0, Q4_0, MXFP4, Q4_K, Q6_K (Q4_1
   gained nothing there: SmolLM2's step 7.20 vs 7.11 ms);
 - vnni: the int16 x split in bytes, two vpdpbusd a block, where the CPU has VNNI (`HAS_VNNI`);
 - int8: x rounded to int8 (`quantize_rows(..., int8=True)`), on any x86-64 CPU;
@@ -24,9 +24,9 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from .blocks import (
-    W8, W8_Q4_0, W8_Q4_1, W8_Q8_0, W8_Q8_0_SIGNED, BlockDot, _acc_bf16, _acc_f16, _acc_q4_0, _acc_q4_1, _acc_q4_k,
-    _acc_q5_0, _acc_q5_1, _acc_q5_k, _acc_q6_k, _acc_q8_0, _i8_q4_k, _i8_q6_k, _int_q4_0, _int_q4_k, _int_q6_k,
-    _int_q8_0, _vnni_q4_k, int8_of, vnni_of,
+    W8, W8_MXFP4, W8_Q4_0, W8_Q4_1, W8_Q8_0, W8_Q8_0_SIGNED, BlockDot, _acc_bf16, _acc_f16, _acc_mxfp4, _acc_q4_0,
+    _acc_q4_1, _acc_q4_k, _acc_q5_0, _acc_q5_1, _acc_q5_k, _acc_q6_k, _acc_q8_0, _i8_q4_k, _i8_q6_k, _int_mxfp4,
+    _int_q4_0, _int_q4_k, _int_q6_k, _int_q8_0, _vnni_q4_k, int8_of, vnni_of,
 )
 from .intrinsics import HAS_VNNI
 
@@ -70,6 +70,7 @@ FORMATS = (
     Format(Q.Q8_0, np.int8, _acc_q8_0, _int_q8_0, vnni_of(W8_Q8_0), int8_of(W8_Q8_0_SIGNED), W8_Q8_0, W8_Q8_0_SIGNED,
            panel=True, wide=True),
     Format(Q.Q4_0, np.uint8, _acc_q4_0, _int_q4_0, vnni_of(W8_Q4_0), int8_of(W8_Q4_0), W8_Q4_0, W8_Q4_0, panel=True),
+    Format(Q.MXFP4, np.uint8, _acc_mxfp4, _int_mxfp4, vnni_of(W8_MXFP4), int8_of(W8_MXFP4), W8_MXFP4, W8_MXFP4),
     Format(Q.Q4_1, np.uint8, _acc_q4_1, None, vnni_of(W8_Q4_1), int8_of(W8_Q4_1), W8_Q4_1, W8_Q4_1, panel=True),
     Format(Q.Q5_0, np.uint8, _acc_q5_0),
     Format(Q.Q5_1, np.uint8, _acc_q5_1),
@@ -82,8 +83,8 @@ FORMATS = (
 )
 BY_CODE = {f.code: f for f in FORMATS}
 
-F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = (
-    int(t) for t in (Q.F32, Q.F16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.BF16)
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16, MXFP4 = (
+    int(t) for t in (Q.F32, Q.F16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.BF16, Q.MXFP4)
 )
 SUPPORTED_TYPES = frozenset(f.qtype for f in FORMATS)
 FLOAT_DTYPES = {f.qtype: f.dtype for f in FORMATS if f.dtype is not None}

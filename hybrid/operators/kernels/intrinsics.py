@@ -562,3 +562,60 @@ def _prefetch(typingctx, arr, o, n):
             builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         return context.get_dummy_value()
     return types.none(arr, types.int64, types.int64), codegen
+
+
+# --- MXFP4: 4-bit E2M1 codes looked up in a 16-entry table ------------------------------
+# A code's value, doubled so that it is an integer: 0, 1, 2, 3, 4, 6, 8, 12, then the same
+# negated (bit 3 the sign). One pshufb (SSSE3, on every x86-64 CPU numba targets) looks up
+# 16 codes; the block's scale carries the halving.
+E2M1 = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+
+
+def _e2m1(builder, context, rty, row, o, table):
+    """<32 x i8>: table[code] for the 32 codes at row[o:o + 16], low nibbles first."""
+    i8x16 = ir.VectorType(ir.IntType(8), 16)
+    v = builder.load(_vec_at(context, builder, rty, row, o, 16), align=1)
+    lo = builder.and_(v, ir.Constant(i8x16, [15] * 16))
+    hi = builder.lshr(v, ir.Constant(i8x16, [4] * 16))
+    t = ir.Constant(i8x16, [c & 0xFF for c in table])
+    look = [_call(builder, "llvm.x86.ssse3.pshuf.b.128", i8x16, [t, n]) for n in (lo, hi)]
+    return builder.shuffle_vector(look[0], look[1], ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
+
+
+@intrinsic
+def _w_e2m1(typingctx, row, o):
+    """The 32 E2M1 codes at row[o:o + 16] as a `_W8` of their doubled values plus 12 (0-24,
+    unsigned: the -12 comes back through the block's sum of x, as Q4_0's -8)."""
+    def codegen(context, builder, sig, args):
+        return _e2m1(builder, context, sig.args[0], args[0], args[1], [c + 12 for c in E2M1])
+    return _W8(row, o), codegen
+
+
+@intrinsic
+def _e2m1_lanes(typingctx, row, o):
+    """The 32 E2M1 codes at row[o:o + 16] as `_Lanes` of their doubled values (int16 path)."""
+    def codegen(context, builder, sig, args):
+        return builder.sext(_e2m1(builder, context, sig.args[0], args[0], args[1], E2M1), _V16)
+    return _LANES(row, o), codegen
+
+
+@intrinsic
+def _e2m1_fma(typingctx, a, row, o, d, x, xo):
+    """a[0:32] += d * w[j] * x[xo + j] for the doubled values w of the 32 E2M1 codes at
+    row[o:o + 16] (the float path); x: None writes d * w[j] into a[xo:xo + 32] (a row
+    decoder)."""
+    decode = isinstance(x, types.NoneType)
+
+    def codegen(context, builder, sig, args):
+        a, row, o, d, x, xo = args
+        f32x32 = ir.VectorType(ir.FloatType(), 32)
+        w = builder.sitofp(_e2m1(builder, context, sig.args[1], row, o, E2M1), f32x32)
+        w = builder.fmul(w, _splat(builder, d, 32), flags=["fast"])
+        if decode:
+            builder.store(w, _vec_at(context, builder, sig.args[0], a, xo, 32), align=4)
+        else:
+            xv = builder.load(_vec_at(context, builder, sig.args[4], x, xo, 32), align=4)
+            at = _vec_at(context, builder, sig.args[0], a, ir.Constant(ir.IntType(64), 0), 32)
+            builder.store(builder.fadd(builder.load(at, align=4), builder.fmul(w, xv, flags=["fast"]), flags=["fast"]), at, align=4)
+        return context.get_dummy_value()
+    return types.none(a, row, o, d, x, xo), codegen

@@ -93,7 +93,8 @@ def moe_layer_step(x, n1, eps1, n2, eps2, attn, step, router, experts, shared, m
     h = rms_norm(x, n2, eps2)
     ids, weights = _router(h, *router)
     out = np.empty_like(h)
-    _moe_fused(*experts, h, ids, weights, out, moe_chunks, NO_PANELS)
+    none = np.zeros((0, 0), np.float32)
+    _moe_fused(*experts, h, ids, weights, out, moe_chunks, NO_PANELS, (none, none, none), (np.float32(0), np.float32(0)))
     if shared is not None:
         _add_shared_expert(h, shared, out, threads)
     return x + out

@@ -1,4 +1,5 @@
-"""Fused MoE experts: out[n] = sum_k w[n,k] * down[e] @ (silu(gate[e] @ x[n]) * (up[e] @ x[n])).
+"""Fused MoE experts: out[n] = sum_k w[n,k] * down[e] @ (silu(gate[e] @ x[n]) * (up[e] @ x[n])),
+or with biases on the three projections and gpt-oss's clamped SwiGLU in place of silu(g) * u.
 
 Up to MOE_FUSED_MAX_TOKENS tokens (decode, batches, prefill chunks; policy.py) run as one
 numba call: tokens are grouped by expert, then one parallel pass computes every (expert,
@@ -22,12 +23,36 @@ from .policy import EXPERT_GEMV_TOKENS, GEMM_TOKENS, PANEL_MIN_TOKENS, TILE_X_BY
 
 # `_moe_fused`'s first_panel when no expert goes through the panels.
 NO_PANELS = 1 << 62
+# `_moe_fused`'s bias when the experts have none, and its act for silu(g) * u.
+NO_BIAS = (np.zeros((0, 0), np.float32),) * 3
+SILU = (np.float32(0), np.float32(0))
 from .rows import gemm_rows, gemm_takes, gemv_rows
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
 def _silu(g):
     return g / (np.float32(1) + np.exp(-g))
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _bias(b, e, r):
+    """b[e, r], or 0 where there is no bias (b of shape (0, 0)): adding it changes no bit."""
+    return b[e, r] if b.shape[0] else np.float32(0)
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _gated(g, u, bias, act, e, r):
+    """Row r of expert e's hidden state from its gate and up outputs g, u: silu(g) * u, or
+    for act = (limit, alpha) with alpha > 0 gpt-oss's clamped SwiGLU, (min(u, limit) above
+    -limit + 1) * g * sigmoid(alpha * g) with g = min(g, limit); biases first."""
+    g += _bias(bias[0], e, r)
+    u += _bias(bias[1], e, r)
+    limit, alpha = act
+    if alpha == 0:
+        return _silu(g) * u
+    g = min(g, limit)
+    u = min(max(u, -limit), limit)
+    return (u + np.float32(1)) * g / (np.float32(1) + np.exp(-alpha * g))
 
 
 @numba.njit(nogil=True, cache=True)
@@ -67,12 +92,13 @@ def _experts_input(x, mode):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
-def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks, first_panel):
+def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks, first_panel, bias, act):
     """gate, up: uint8 [E, I, H-row-bytes]; down: uint8 [E, H, I-row-bytes]; x: float32
     [N, H]; ids: int64 [N, K]; weights: float32 [N, K]; out: float32 [N, H] (overwritten);
     acts: the activation form asked for (activations.ACT_*);
     the rows of each matrix are split in `chunks` (one per thread); experts with
-    `first_panel` or more (token, slot) pairs are left to `_moe_panels` (NO_PANELS: none)."""
+    `first_panel` or more (token, slot) pairs are left to `_moe_panels` (NO_PANELS: none);
+    bias: float32 (gate [E, I], up [E, I], down [E, H]) or NO_BIAS; act: as `_gated`."""
     n_tok, k_top = ids.shape
     inter = gate.shape[1]
     hidden = down.shape[1]
@@ -102,7 +128,7 @@ def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks, f
             for j in range(j1 - j0):
                 p = ps[j]
                 for r in range(lo, hi):
-                    h[p, r] = _silu(h[p, r]) * u[j, r]
+                    h[p, r] = _gated(h[p, r], u[j, r], bias, act, e, r)
             continue
         if j1 - j0 <= EXPERT_GEMV_TOKENS:
             u = np.empty(inter, np.float32)
@@ -112,7 +138,7 @@ def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks, f
                 gemv_rows(tg, gate[e], xa, n, lo, hi, h[p])
                 gemv_rows(tu, up[e], xa, n, lo, hi, u)
                 for r in range(lo, hi):
-                    h[p, r] = _silu(h[p, r]) * u[r]
+                    h[p, r] = _gated(h[p, r], u[r], bias, act, e, r)
             continue
         tile = np.empty((ROWS, x.shape[1]), np.float32)
         for r in range(lo, hi, ROWS):
@@ -129,9 +155,9 @@ def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks, f
                 pa, pb = pairs[j], pairs[min(j + 1, j1 - 1)]
                 s = tile_dot(tile, x[pa // k_top], x[pb // k_top])
                 for i in range(min(ROWS, hi - r)):
-                    h[pa, r + i] = _silu(h[pa, r + i]) * s[i]
+                    h[pa, r + i] = _gated(h[pa, r + i], s[i], bias, act, e, r + i)
                     if pb != pa:
-                        h[pb, r + i] = _silu(h[pb, r + i]) * s[ROWS + i]
+                        h[pb, r + i] = _gated(h[pb, r + i], s[ROWS + i], bias, act, e, r + i)
 
     # A chunk of out rows is owned by one task (no races while summing over experts) and
     # read expert by expert, as above.
@@ -156,7 +182,7 @@ def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks, f
                     n = ps[j] // k_top
                     wk = weights[n, ps[j] % k_top]
                     for r in range(lo, hi):
-                        out[n, r] += wk * ys[j, r]
+                        out[n, r] += wk * (ys[j, r] + _bias(bias[2], e, r))
                 continue
             if j1 - j0 <= EXPERT_GEMV_TOKENS:
                 for j in range(j0, j1):
@@ -165,7 +191,7 @@ def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks, f
                     wk = weights[n, p % k_top]
                     gemv_rows(td, down[e], ha, p, lo, hi, y)
                     for r in range(lo, hi):
-                        out[n, r] += wk * y[r]
+                        out[n, r] += wk * (y[r] + _bias(bias[2], e, r))
                 continue
             for r in range(lo, hi, ROWS):
                 decode_tile(td, down[e], r, hi, tile)
@@ -175,13 +201,13 @@ def _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, out, chunks, f
                     na, nb = pa // k_top, pb // k_top
                     wa, wb = weights[na, pa % k_top], weights[nb, pb % k_top]
                     for i in range(min(ROWS, hi - r)):
-                        out[na, r + i] += wa * s[i]
+                        out[na, r + i] += wa * (s[i] + _bias(bias[2], e, r + i))
                         if pb != pa:
-                            out[nb, r + i] += wb * s[ROWS + i]
+                            out[nb, r + i] += wb * (s[ROWS + i] + _bias(bias[2], e, r + i))
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
-def _moe_panels(tg, gate, tu, up, td, down, form_in, form_mid, x, ids, weights, out, chunks, first_panel):
+def _moe_panels(tg, gate, tu, up, td, down, form_in, form_mid, x, ids, weights, out, chunks, first_panel, bias, act):
     """Adds to out (as `_moe_fused`'s arguments) the experts with `first_panel` or more
     (token, slot) pairs, on the integer panels (panels.py): x in the form form_in for gate
     and up, the hidden state in form_mid for down. Each task takes one expert's panels of
@@ -224,7 +250,7 @@ def _moe_panels(tg, gate, tu, up, td, down, form_in, form_mid, x, ids, weights, 
                 panel_dots(tu, up[e], lo, hi, px, form_in, toks, nt, yu, buf, sc, mn)
                 for j in range(nt):
                     for i in range(hi - lo):
-                        h[row0 + b0 + j, lo + i] = _silu(yg[PANEL * j + i]) * yu[PANEL * j + i]
+                        h[row0 + b0 + j, lo + i] = _gated(yg[PANEL * j + i], yu[PANEL * j + i], bias, act, e, lo + i)
 
     ph = panel_input(h, form_mid)
     per = tokens_per_block(form_mid, inter, TILE_X_BYTES)
@@ -252,7 +278,7 @@ def _moe_panels(tg, gate, tu, up, td, down, form_in, form_mid, x, ids, weights, 
                         n = pr // k_top
                         wk = weights[n, pr % k_top]
                         for i in range(hi - lo):
-                            out[n, lo + i] += wk * yd[PANEL * j + i]
+                            out[n, lo + i] += wk * (yd[PANEL * j + i] + _bias(bias[2], e, lo + i))
 
 
 def panel_plan(tg, tu, td, acts, hidden, inter):
@@ -268,13 +294,15 @@ def panel_plan(tg, tu, td, acts, hidden, inter):
 
 
 def moe_forward(qtype_gate, gate, qtype_up, up, qtype_down, down, x, topk_ids, topk_weights,
-                out=None, threads=None, acts=ACT_INT16) -> np.ndarray:
+                out=None, threads=None, acts=ACT_INT16, bias=None, glu=None) -> np.ndarray:
     """Mixture-of-experts MLP with SiLU gating.
 
     gate, up: [E, I, H-row-bytes] GGUF blocks (logical [E, I, H]; or float [E, I, H]);
     down: [E, H, I-row-bytes] (logical [E, H, I]); x: float32 [N, H];
     topk_ids: int [N, K], -1 = skip; topk_weights: float32 [N, K]; returns float32 [N, H];
-    acts: the activation form asked for (activations.ACT_*).
+    acts: the activation form asked for (activations.ACT_*); bias: None or the biases of
+    gate, up ([E, I]) and down ([E, H]); glu: None (silu(gate) * up) or (limit, alpha) of
+    gpt-oss's clamped SwiGLU (`_gated`).
     """
     weights_in = (qtype_gate, gate, qtype_up, up, qtype_down, down)
     tg, gate, hidden = as_blocks(qtype_gate, gate)
@@ -290,6 +318,7 @@ def moe_forward(qtype_gate, gate, qtype_up, up, qtype_down, down, x, topk_ids, t
         raise ValueError(f"x {x.shape}, topk_ids {ids.shape}, topk_weights {weights.shape} do not fit hidden size {hidden}")
     if ids.size and ids.max() >= experts:
         raise ValueError(f"expert id {ids.max()} out of range for {experts} experts")
+    bias, act = _bias_and_act(bias, glu, experts, inter, hidden)
     y = np.empty_like(x) if out is None else out
     with num_threads(threads):
         if x.shape[0] <= policy.MOE_FUSED_MAX_TOKENS:
@@ -299,15 +328,33 @@ def moe_forward(qtype_gate, gate, qtype_up, up, qtype_down, down, x, topk_ids, t
             if first_panel != NO_PANELS and (ids.size < first_panel
                                              or np.bincount(ids[ids >= 0], minlength=1).max() < first_panel):
                 first_panel = NO_PANELS
-            _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, y, chunks, first_panel)
+            _moe_fused(tg, gate, tu, up, td, down, acts, x, ids, weights, y, chunks, first_panel, bias, act)
             if first_panel != NO_PANELS:
-                _moe_panels(tg, gate, tu, up, td, down, form_in, form_mid, x, ids, weights, y, chunks, first_panel)
+                _moe_panels(tg, gate, tu, up, td, down, form_in, form_mid, x, ids, weights, y, chunks, first_panel,
+                            bias, act)
         else:
-            _moe_by_expert(*weights_in, x, ids, weights, y, acts)
+            _moe_by_expert(*weights_in, x, ids, weights, y, acts, bias, act)
     return y
 
 
-def moe_warm_up(qtype_gate, gate, qtype_up, up, qtype_down, down, threads=None, acts=ACT_INT16) -> None:
+def _bias_and_act(bias, glu, experts, inter, hidden):
+    """`_moe_fused`'s bias and act for moe_forward's bias and glu, checked."""
+    if bias is None:
+        bias = NO_BIAS
+    else:
+        bias = tuple(np.ascontiguousarray(b, dtype=np.float32) for b in bias)
+        want = ((experts, inter), (experts, inter), (experts, hidden))
+        if len(bias) != 3 or any(b.shape != w for b, w in zip(bias, want)):
+            raise ValueError(f"expert biases {[b.shape for b in bias]} are not gate, up, down of shapes {want}")
+    if glu is None:
+        return bias, SILU
+    limit, alpha = (np.float32(v) for v in glu)
+    if not alpha > 0:
+        raise ValueError(f"the clamped SwiGLU's alpha must be positive, got {alpha}")
+    return bias, (limit, alpha)
+
+
+def moe_warm_up(qtype_gate, gate, qtype_up, up, qtype_down, down, threads=None, acts=ACT_INT16, bias=None, glu=None) -> None:
     """Run `_moe_panels` once, on PANEL_MIN_TOKENS zero tokens routed to expert 0, where these
     experts take it (so numba compiles it, or loads it from its cache, now)."""
     tg, _, hidden = as_blocks(qtype_gate, gate)
@@ -316,20 +363,29 @@ def moe_warm_up(qtype_gate, gate, qtype_up, up, qtype_down, down, threads=None, 
         return
     n = policy.PANEL_MIN_TOKENS
     moe_forward(qtype_gate, gate, qtype_up, up, qtype_down, down, np.zeros((n, hidden), np.float32),
-                np.zeros((n, 1), np.int64), np.ones((n, 1), np.float32), threads=threads, acts=acts)
+                np.zeros((n, 1), np.int64), np.ones((n, 1), np.float32), threads=threads, acts=acts, bias=bias, glu=glu)
 
 
-def _moe_by_expert(qtype_gate, gate, qtype_up, up, qtype_down, down, x, ids, weights, out, acts):
+def _moe_by_expert(qtype_gate, gate, qtype_up, up, qtype_down, down, x, ids, weights, out, acts, bias, act):
     """Prefill: each expert's weights are read once for all of its tokens."""
     out[...] = 0
+    biased = bias[0].shape[0] > 0
+    limit, alpha = act
     for e in np.unique(ids[ids >= 0]):
         tok, slot = np.nonzero(ids == e)
         xe = x[tok]
         g = matmul(qtype_gate, gate[e], xe, acts=acts)
         u = matmul(qtype_up, up[e], xe, acts=acts)
+        if biased:
+            g, u = g + bias[0][e], u + bias[1][e]
         with np.errstate(over="ignore", invalid="ignore"):
-            h = g / (1 + np.exp(-g)) * u
-        y = weights[tok, slot, None] * matmul(qtype_down, down[e], h, acts=acts)
+            if alpha > 0:
+                g, u = np.minimum(g, limit), np.clip(u, -limit, limit)
+                h = (u + 1) * g / (1 + np.exp(-alpha * g))
+            else:
+                h = g / (1 + np.exp(-g)) * u
+        d = matmul(qtype_down, down[e], h, acts=acts)
+        y = weights[tok, slot, None] * (d + bias[2][e] if biased else d)
         if np.unique(tok).size == tok.size:
             out[tok] += y
         else:  # a token that lists this expert twice
