@@ -103,6 +103,9 @@ def test_unmatched_rule_warns(caplog):
         ("rulez: []\n", "expected a mapping with a 'rules' list"),
         ("default_device: cpu\ndtype: float8\nrules: []\n", "dtype 'float8'"),
         ("cudnn_attention: off-ish\nrules: []\n", "cudnn_attention must be true or false, not 'off-ish'"),
+        ("torch_threads: 0\nrules: []\n", "torch_threads must be a whole number of threads, 1 or more, not 0"),
+        ("torch_threads: two\nrules: []\n", "torch_threads must be a whole number of threads, 1 or more, not 'two'"),
+        ("torch_threads: true\nrules: []\n", "torch_threads must be a whole number of threads, 1 or more, not True"),
         ("rules:\n  - match: {name: a}\n    replace: {class: CPUExperts, kwargs: {threads: quarter}}\n",
          "rule 1 (line 2): CPUExperts: threads must be a positive integer or 'half', not 'quarter'"),
         ("rules:\n  - match: {name: a}\n    replace: {class: CPUDecoderStack, kwargs: {device: 'cuda:0'}}\n",
@@ -138,6 +141,40 @@ def test_every_builtin_file_parses_or_needs_cuda():
                 parse_rules(f)
         else:
             parse_rules(f)
+
+
+def test_every_builtin_file_that_places_kernels_sets_torch_threads():
+    """Files that place a numba operator give torch one thread (`torch_threads: 1`); the
+    others say nothing, so loading under them leaves torch's thread count alone."""
+    import yaml
+
+    numba_operators = {"CPULinear", "CPUEmbedding", "CPUExperts", "CPUAttention", "CPUMLP", "CPURMSNorm",
+                       "CPUDecoderLayer", "CPUDecoderStack", "SplitExperts"}
+    kinds = set()
+    for f in sorted(builtin_rules_dir().glob("*.yaml")):
+        data = yaml.safe_load(f.read_text())
+        places = any((r.get("replace") or {}).get("class") in numba_operators for r in data["rules"])
+        assert data.get("torch_threads") == (1 if places else None), f.name
+        kinds.add(places)
+    assert kinds == {True, False}
+
+
+def test_only_a_rule_file_that_says_so_sets_torch_threads(tiny_moe_gguf, caplog):
+    text = (builtin_rules_dir() / "mixtral-cpu.yaml").read_text()
+    assert "torch_threads: 1\n" in text
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with caplog.at_level("WARNING"):
+            hybrid.load(tiny_moe_gguf, rules=text.replace("torch_threads: 1\n", ""))
+        assert torch.get_num_threads() == 2
+        assert "sets no torch_threads: torch keeps 2 threads" in caplog.text
+        hybrid.load(tiny_moe_gguf, rules=text)
+        assert torch.get_num_threads() == 1
+        hybrid.load(tiny_moe_gguf, rules=text.replace("torch_threads: 1\n", "torch_threads: 2\n"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_unknown_rule_file_lists_builtins():

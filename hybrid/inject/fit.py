@@ -190,6 +190,8 @@ def _dump(data: dict) -> str:
     lines += [f"default_device: {_scalar(data.get('default_device', 'cpu'))}", f"dtype: {data.get('dtype', 'float32')}"]
     if data.get("cudnn_attention") is not None:
         lines.append(f"cudnn_attention: {_scalar(data['cudnn_attention'])}")
+    if data.get("torch_threads") is not None:
+        lines.append(f"torch_threads: {data['torch_threads']}")
     lines.append("rules:" if data["rules"] else "rules: []")
     for rule in data["rules"]:
         lines.append(f"  - match: {_scalar(rule['match'])}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 
@@ -10,6 +11,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from hybrid.models.common import KVCache, Step
+
+log = logging.getLogger(__name__)
 
 
 class Model:
@@ -31,12 +34,19 @@ class Model:
                    for p in self.placements)
 
     def set_torch_threads(self) -> None:
-        """With numba kernels, torch gets one thread (call again from the thread that runs
-        the model when another thread built it): the kernels keep the cores busy, torch's
-        pool only runs the small ops between them, and two OpenMP pools on the same cores
-        slow both down several times over."""
-        if self.runs_kernels:
-            torch.set_num_threads(1)
+        """torch's thread count as the rule file's `torch_threads` says (call again from the
+        thread that runs the model when another thread built it: the count is the calling
+        thread's). The built-in files that place numba kernels say 1: the kernels keep the
+        cores busy, torch's pool only runs the small ops between them, and two OpenMP pools
+        on the same cores slow both down several times over. A file that says nothing leaves
+        torch as it is, with a warning when it runs kernels."""
+        threads = getattr(self.ruleset, "torch_threads", None)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        elif self.runs_kernels and torch.get_num_threads() > 1:
+            log.warning("%s places numba kernels but sets no torch_threads: torch keeps %d threads, whose pool "
+                        "competes with numba's for the cores; add `torch_threads: 1` to the file",
+                        getattr(self.ruleset, "source", "the rule file"), torch.get_num_threads())
 
     def cache_layout(self) -> list[tuple]:
         """Per layer, what a KV cache made by this model is (kind, heads, head sizes, dtype,

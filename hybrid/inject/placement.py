@@ -7,9 +7,10 @@ path, and/or `class`: class name or import path), `replace` (`class`: an operato
 matching rule wins; an unmatched module inherits its parent's placement. An operator owns
 its whole subtree, except one that keeps its children (`keeps_children`, e.g. the layer
 list's `CPUDecoderStack`): their rules place them, and it is built after them. Optional
-`cudnn_attention` (true/false) is a process-wide torch setting applied when a model is
-loaded under the file. Everything is checked before any weight is read; errors name the
-rule number and file line.
+`cudnn_attention` (true/false) and `torch_threads` (a count) are process-wide torch
+settings applied when a model is loaded under the file; a file that names neither leaves
+torch as it is. Everything is checked before any weight is read; errors name the rule
+number and file line.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-_TOP_KEYS = {"default_device", "dtype", "rules", "description", "cudnn_attention"}
+_TOP_KEYS = {"default_device", "dtype", "rules", "description", "cudnn_attention", "torch_threads"}
 _RULE_KEYS = {"match", "replace", "recursive"}
 _MATCH_KEYS = {"name", "class"}
 _REPLACE_KEYS = {"class", "kwargs"}
@@ -77,6 +78,7 @@ class RuleSet:
     description: str = ""
     assumed: dict[str, int] = field(default_factory=dict)  # GPUs planned for without being present: device -> bytes
     cudnn_attention: bool | None = None  # process-wide, set at load (`apply_process_settings`); None: left as it is
+    torch_threads: int | None = None  # torch's thread count, set by the Model (`Model.set_torch_threads`); None: left
 
 
 @dataclass
@@ -178,10 +180,14 @@ def parse_rules(spec, family: str | None = None, assume: dict[str, int] | None =
     cudnn = data.get("cudnn_attention")
     if cudnn is not None and not isinstance(cudnn, bool):
         raise RuleError(f"{source}: cudnn_attention must be true or false, not {cudnn!r}")
+    torch_threads = data.get("torch_threads")
+    if torch_threads is not None and (isinstance(torch_threads, bool) or not isinstance(torch_threads, int) or torch_threads < 1):
+        raise RuleError(f"{source}: torch_threads must be a whole number of threads, 1 or more, not {torch_threads!r}")
     default_device = str(data.get("default_device", "cpu"))
     _check_device(default_device, f"{source}: default_device", family, assumed)
     rules = [_parse_rule(r, i + 1, source, family, assumed) for i, r in enumerate(data["rules"])]
-    return RuleSet(rules, default_device, DTYPES[dtype_name], source, data.get("description", ""), assumed, cudnn)
+    return RuleSet(rules, default_device, DTYPES[dtype_name], source, data.get("description", ""), assumed, cudnn,
+                   torch_threads)
 
 
 def _parse_rule(raw, index: int, source: str, family: str | None = None, assumed: dict | None = None) -> Rule:

@@ -130,6 +130,7 @@ def summarize(placements: list[Placement], counts: dict[int, int], refs: dict, r
         "default_device": ruleset.default_device,
         "dtype": str(ruleset.dtype).removeprefix("torch."),
         "cudnn_attention": ruleset.cudnn_attention,
+        "torch_threads": ruleset.torch_threads,
         "rules": [
             {
                 "rule": r.index,
@@ -183,6 +184,8 @@ def format_devices(devices: list[dict]) -> str:
 def format_plan(plan: dict) -> str:
     on = plan["cudnn_attention"]
     cudnn = "" if on is None else f", cuDNN attention {'on' if on else 'off'} (process-wide)"
+    threads = plan.get("torch_threads")
+    cudnn += "" if threads is None else f", torch threads {threads} (process-wide)"
     lines = [f"rules: {plan['rules_file']} (default device {plan['default_device']}, dtype {plan['dtype']}{cudnn})", ""]
     lines.append("rule  line  matches  replace          match")
     for r in plan["rules"]:
