@@ -149,7 +149,8 @@ def _expert_layers(placements: list[Placement], dtype, gpu: str) -> list[ExpertL
             continue  # on the GPU in the base file already (an operator declined it): part of the minimum
         on_gpu = Placement(p.path, p.module, gpu, dtype, None)
         num = getattr(p.module, "num_experts", None) or p.module.gate_proj.shape[0]
-        splittable = p.operator is CPUExperts and isinstance(p.module, SplitExperts.replaces)
+        splittable = (p.operator is CPUExperts and isinstance(p.module, SplitExperts.replaces)
+                      and p.module.biases is None and p.module.glu is None)  # SplitExperts takes neither
         out.append(ExpertLayer(int(m.group(1)), p.path, p, placement_bytes(on_gpu, {}), num, splittable))
     return out
 
