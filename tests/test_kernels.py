@@ -14,7 +14,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from hybrid.operators import kernels
 from hybrid.operators.kernels import formats, policy
-from hybrid.operators.kernels.activations import ACT_INT16, act_mode, quantize_rows
+from hybrid.operators.kernels.activations import ACT_INT16, X8_MAX, X_MAX, act_mode, quantize_rows
 from hybrid.operators.kernels.formats import INT_TYPES
 from hybrid.operators.kernels.intrinsics import HAS_VNNI
 from hybrid.operators.kernels.moe import NO_PANELS, panel_plan
@@ -334,6 +334,24 @@ def test_quantize_rows():
     np.testing.assert_allclose(xsum[ok], back.sum(-1)[ok], rtol=1e-6, atol=1e-6)
     assert not xq[0, :32].any() and xs[0, 0] == 0
     assert not np.isfinite(xs[2, [0, 2]]).any() and np.isfinite(xs[2, 1])
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_quantize_rows_subnormal_blocks(int8):
+    """A block whose largest value is subnormal (its scale's inverse would overflow float32)
+    rounds to integers in range, not to the undefined conversion of inf or NaN, and its dot
+    stays about the size of its values: ~0."""
+    x = np.random.default_rng(11).standard_normal((2, 64), dtype=np.float32)
+    x[0, :32] = np.float32(1e-40) * np.sign(x[0, :32])
+    x[0, 5] = 0
+    _, xq, xs, xsum, _, x8 = quantize_rows(x, True, False, int8)
+    q, top = (x8, X8_MAX) if int8 else (xq, X_MAX)
+    assert np.abs(q.astype(np.int32)).max() <= top
+    assert np.isfinite(xs).all() and np.isfinite(xsum).all()
+    assert abs(float(xs[0, 0]) * np.abs(q[0, :32].astype(np.float64)).sum()) < 1e-37
+    w = make_weight(Q.Q8_0, (3, 64))
+    y = kernels.gemv(Q.Q8_0, w, x[0])
+    assert np.isfinite(y).all()
 
 
 @pytest.mark.parametrize("blocks", [1, 2, 5])

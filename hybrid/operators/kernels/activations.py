@@ -73,7 +73,9 @@ def quantize_rows(x, needed=True, split=HAS_VNNI, int8=False):
             for j in range(32):
                 top = max(top, bits[32 * b + j] & np.uint32(0x7FFFFFFF))
             m = _u2f(top)
-            inv = np.float32(top_q) / m if m > 0 else np.float32(0)  # 0 for NaN and Inf
+            # 0 for NaN and Inf; at most float32's largest where m is subnormal (its inverse
+            # would be inf, and inf or NaN to integer is undefined): such a block rounds to 0
+            inv = min(np.float32(top_q) / m, np.float32(3.4028235e38)) if m > 0 else np.float32(0)
             if int8:
                 s = _round_block(x, i, 32 * b, inv, x8)
             else:

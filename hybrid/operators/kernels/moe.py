@@ -42,9 +42,9 @@ def _bias(b, e, r):
 
 @numba.njit(inline="always", fastmath=FASTMATH)
 def _gated(g, u, bias, act, e, r):
-    """Row r of expert e's hidden state from its gate and up outputs g, u: silu(g) * u, or
-    for act = (limit, alpha) with alpha > 0 gpt-oss's clamped SwiGLU, (min(u, limit) above
-    -limit + 1) * g * sigmoid(alpha * g) with g = min(g, limit); biases first."""
+    """Row r of expert e's hidden state from its gate and up outputs g, u, each plus its
+    bias first: silu(g) * u, or for act = (limit, alpha) with alpha > 0 gpt-oss's clamped
+    SwiGLU, (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g'), g' = min(g, limit)."""
     g += _bias(bias[0], e, r)
     u += _bias(bias[1], e, r)
     limit, alpha = act
