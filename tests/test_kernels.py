@@ -477,3 +477,51 @@ def test_the_kernel_cache_is_keyed_by_every_kernel_source(tmp_path):
     (copy / "formats.py").write_text((copy / "formats.py").read_text() + "\n# an edit\n")
     assert cache_dir(copy).name != before.name
     assert numba.config.CACHE_DIR == os.environ["NUMBA_CACHE_DIR"] == str(cache_dir(src))
+
+
+def _compiled_functions():
+    """Every numba function reachable from the kernel modules (their globals, the records
+    and tuples there, the closures of those functions), with whether numba inlines it."""
+    import importlib
+    import pkgutil
+
+    from numba.core.registry import CPUDispatcher
+
+    seen, found = set(), []
+
+    def visit(v):
+        if id(v) in seen:
+            return
+        seen.add(id(v))
+        if isinstance(v, CPUDispatcher):
+            found.append((v.py_func, v.targetoptions.get("inline") == "always"))
+            for cell in v.py_func.__closure__ or ():
+                visit(cell.cell_contents)
+        elif isinstance(v, (tuple, list)):
+            for item in v:
+                visit(item)
+        elif hasattr(v, "__dataclass_fields__") and not isinstance(v, type):
+            for name in v.__dataclass_fields__:
+                visit(getattr(v, name))
+
+    for info in pkgutil.iter_modules(kernels.__path__):
+        for v in vars(importlib.import_module(f"{kernels.__name__}.{info.name}")).values():
+            visit(v)
+    return found
+
+
+def test_every_compiled_kernel_function_has_a_name_of_its_own():
+    """numba names compiled code by module, qualified name, a per-process counter and the
+    argument types, and a library loaded from the on-disk cache keeps the first definition
+    of a name another loaded library has too (linkonce_odr): two functions under one name,
+    compiled by different processes, can run each other's code. It did: a GEMV cached by one
+    process and the fused MoE cached by another, loaded into a third, gave NaN (one format's
+    row kernel in place of another's). Functions numba inlines leave no name of their own."""
+    found = _compiled_functions()
+    assert sum(1 for f, inline in found if not inline and f.__qualname__.endswith("rows_Q8_0")) >= 2
+    owners = {}
+    for f, inline in found:
+        if not inline:
+            owners.setdefault((f.__module__, f.__qualname__), set()).add(f)
+    shared = sorted(".".join(name) for name, fs in owners.items() if len(fs) > 1)
+    assert not shared, f"compiled functions sharing a name: {shared}"

@@ -190,17 +190,22 @@ def _pair_f32(r0, r1, x):
     return s0, s1
 
 
-def _rows_of(pair, fastmath=FASTMATH):
-    """y[r] = w[r] . x for rows lo..hi-1 of w (uint8 [rows, row_bytes]), in far pairs."""
+def _rows_of(pair, name, fastmath=FASTMATH):
+    """y[r] = w[r] . x for rows lo..hi-1 of w (uint8 [rows, row_bytes]), in far pairs; a
+    function of its own (not inlined) named `name`, one name per kernel: numba names compiled
+    code by qualified name, a per-process counter and argument types, and a cached library
+    loaded next to another keeps the first definition of a name (linkonce_odr), so two
+    kernels both called `_rows_of.<locals>.rows`, compiled by different processes, could
+    run each other's code once both came from the cache."""
 
-    @numba.njit(nogil=True, fastmath=fastmath)
     def rows(w, x, lo, hi, y):
         half = (hi - lo + 1) // 2
         for i in range(half):
             r0, r1 = far_pair(lo, hi, half, i)
             y[r0], y[r1] = pair(w[r0], w[r1], x)
 
-    return rows
+    rows.__name__ = rows.__qualname__ = name
+    return numba.njit(nogil=True, fastmath=fastmath)(rows)
 
 
 # --- several tokens per weight row -------------------------------------------------------
@@ -310,13 +315,16 @@ def _by_type(kernels):
 
 # Each path's row kernels, for the formats formats.FORMATS gives a routine on it.
 _float_rows = _by_type(tuple(
-    (f.code, _rows_of(_pair(f.float_block, f.elems, f.nbytes, f.view) if f.float_block else _pair_f32))
+    (f.code, _rows_of(_pair(f.float_block, f.elems, f.nbytes, f.view) if f.float_block else _pair_f32,
+                      f"float_rows_{f.qtype.name}"))
     for f in FORMATS))
-_int16_rows = _by_type(tuple((f.code, _rows_of(_pair_int(f.int16_block, f.nbytes, f.view)))
+_int16_rows = _by_type(tuple((f.code, _rows_of(_pair_int(f.int16_block, f.nbytes, f.view), f"int16_rows_{f.qtype.name}"))
                              for f in FORMATS if f.int16_block))
-_vnni_rows = _by_type(tuple((f.code, _rows_of(_pair_vnni(f.vnni.block, f.nbytes, f.vnni.off), STRICT))
+_vnni_rows = _by_type(tuple((f.code, _rows_of(_pair_vnni(f.vnni.block, f.nbytes, f.vnni.off),
+                                              f"vnni_rows_{f.qtype.name}", STRICT))
                             for f in FORMATS if f.vnni))
-_int8_rows = _by_type(tuple((f.code, _rows_of(_pair_vnni(f.int8.block, f.nbytes, f.int8.off), STRICT))
+_int8_rows = _by_type(tuple((f.code, _rows_of(_pair_vnni(f.int8.block, f.nbytes, f.int8.off),
+                                              f"int8_rows_{f.qtype.name}", STRICT))
                             for f in FORMATS if f.int8))
 _gemm_vnni = _by_type(tuple((f.code, _gemm(f.gemm_vnni, f.nbytes, True)) for f in FORMATS if f.gemm_vnni))
 _gemm_int8 = _by_type(tuple((f.code, _gemm(f.gemm_int8, f.nbytes, False)) for f in FORMATS if f.gemm_int8))
