@@ -16,7 +16,8 @@ from torch import nn
 
 import hybrid
 from hybrid.cli.measure import decode_bytes_per_token
-from hybrid.models.common import MLP, Attention, KVCache, Layers, RMSNorm, Rotary, Step
+from hybrid.models import gpt_oss
+from hybrid.models.common import MLP, Attention, KVCache, Layers, RMSNorm, Rotary, SlidingKVCache, Step
 from hybrid.inject.placement import RuleError, parse_rules
 from hybrid.operators import CPUAttention, CPUDecoderLayer, CPUMLP, CPURMSNorm
 from hybrid.operators.kernels import decode
@@ -182,6 +183,44 @@ def test_long_context_attention_matches_torch(H, Hkv, D, dtype):
     assert rel_err(got, want) < (1e-4 if dtype == torch.float32 else 5e-3)
 
 
+@pytest.mark.parametrize("sinks", [False, True], ids=["window", "window+sinks"])
+def test_sliding_window_and_sinks_match_torch(sinks):
+    """A sliding layer (window 600) on its ring cache (1,112 rows of 1,200 positions): a
+    token at position 1,150 sees 551..1,150, rows 551..1,111 then 0..38 (the wrap), split
+    between two parts; one at 70 sees all its keys. With gpt-oss's sink logits and biases
+    too: the decode kernel against the module's own torch attention."""
+    torch.manual_seed(0)
+    H, Hkv, D, W = 8, 2, 64, 600
+    cfg = SimpleNamespace(num_attention_heads=H, num_key_value_heads=Hkv, head_dim=D, hidden_size=96,
+                          attention_bias=sinks, o_bias=sinks, qk_norm=False, rms_norm_eps=1e-6,
+                          sliding_window=W, layer_types=["sliding_attention"])
+    if sinks:
+        ref = gpt_oss.Attention(cfg, 0)
+    else:
+        ref = Attention(cfg)
+        ref.sliding_window = W
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    holder = _Holder(attn=copy.deepcopy(ref))
+    hybrid.inject(holder, [{"match": {"class": "Attention"}, "replace": {"class": "CPUAttention"}}])
+    assert isinstance(holder.attn, CPUAttention) and holder.attn.sliding_window == W
+    rotary = Rotary({"rope_theta": 10000.0, "rope_type": "default"}, D, 2048)
+    lengths, slots = [1150, 70], [1, 0]
+    caches = [SlidingKVCache(2, 1200, W, Hkv, D, D, torch.float32, "cpu") for _ in range(2)]
+    assert caches[0].k.shape[2] == 1112
+    with torch.inference_mode():
+        for slot, n in zip(slots, lengths):
+            x, step = torch.randn(1, n, 96), Step.make([slot], [0], n, "cpu")
+            for attn, cache in zip((ref, holder.attn), caches):
+                attn(x, rotary(step.positions), step, cache)
+        for _ in range(2):
+            x, step = torch.randn(2, 1, 96), Step.make(slots, lengths, 1, "cpu")
+            want, got = (attn(x, rotary(step.positions), step, cache) for attn, cache in zip((ref, holder.attn), caches))
+            assert rel_err(got, want) < 1e-4
+            lengths = [n + 1 for n in lengths]
+
+
 @pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_1"])
 def test_quantized_projections_match_their_float_weights(quant):
     """Integer-path formats (int16 activations) and a float-path one, against torch modules
@@ -338,7 +377,7 @@ def test_activation_forms_against_float_activations(tiny_dir):
     over the same Q8_0 weights, int8 within the error its rounding allows (and does differ,
     so the path is taken), in batched decode steps of sequences at different lengths."""
     ref = decode_logits(hybrid.load(tiny_dir, rules=_rules_with_activations("float")))
-    for activations, tol in (("int16", 1e-4), ("int8", 3e-2)):
+    for activations, tol in (("int16", 1e-4), ("auto", 1e-4), ("int8", 3e-2)):
         model = hybrid.load(tiny_dir, rules=_rules_with_activations(activations))
         got = decode_logits(model, follow=ref)
         errors = [rel_err(g, r) for g, r in zip(got, ref)]
@@ -348,5 +387,5 @@ def test_activation_forms_against_float_activations(tiny_dir):
 
 
 def test_bad_activations_kwarg_is_refused_when_the_rules_are_read():
-    with pytest.raises(RuleError, match="activations 'int4' is not one of float, int16, int8"):
+    with pytest.raises(RuleError, match="activations .int4. is not one of auto, int16, int8, float"):
         parse_rules("rules:\n  - match: {class: Linear}\n    replace: {class: CPULinear, kwargs: {activations: int4}}\n")

@@ -5,7 +5,10 @@ given format takes (`act_mode`, `rows_input`).
 What an operator's `activations` kwarg asks for: x as it is (the float path of every
 format), rounded to int16 per 32-block (formats.INT_TYPES; ~2e-5 relative error), or to
 int8 (formats.INT8_TYPES; ~4e-3 of a block's largest value). A format without the
-asked-for path takes the next one down.
+asked-for path takes the next one down. `auto` (the default) is int16, except on the
+integer panels (prefill) of a CPU without VNNI, whose panels take int8 x only
+(`panel_mode`): there int16 would leave prefill to the float tiles at about half the speed,
+and int8 x is what llama.cpp's dots take on every CPU.
 """
 
 import numba
@@ -15,9 +18,9 @@ from .formats import INT8_TYPES, INT_TYPES
 from .intrinsics import FASTMATH, HAS_VNNI, _u2f
 from .policy import GEMM_TOKENS
 
-ACT_FLOAT, ACT_INT16, ACT_INT8 = 0, 1, 2
-ACTIVATIONS = {"float": ACT_FLOAT, "int16": ACT_INT16, "int8": ACT_INT8}
-DEFAULT_ACTIVATIONS = "int16"
+ACT_FLOAT, ACT_INT16, ACT_INT8, ACT_AUTO = 0, 1, 2, 3
+ACTIVATIONS = {"auto": ACT_AUTO, "int16": ACT_INT16, "int8": ACT_INT8, "float": ACT_FLOAT}
+DEFAULT_ACTIVATIONS = "auto"
 
 # x is rounded to at most 127 * 256 in magnitude, so that its high byte (the VNNI path's xh)
 # stays within int8 however the low byte rounds; on the int8 path to at most 127.
@@ -97,12 +100,22 @@ def quantize_rows(x, needed=True, split=HAS_VNNI, int8=False):
 
 @numba.njit(inline="always")
 def act_mode(acts, t):
-    """The activation form (ACT_*) a weight of type code t takes under `acts`."""
+    """The activation form (ACT_FLOAT, ACT_INT16 or ACT_INT8) a weight of type code t takes
+    under `acts` on the row kernels (one to a few tokens); `auto` takes int16."""
     if acts == ACT_INT8 and t in INT8_TYPES:
         return ACT_INT8
     if acts != ACT_FLOAT and t in INT_TYPES:
         return ACT_INT16
     return ACT_FLOAT
+
+
+@numba.njit(inline="always")
+def panel_mode(acts, t):
+    """The activation form a weight of type code t takes under `acts` on the integer panels
+    (panels.py: prefill): `act_mode`'s, except that `auto` takes int8 on a CPU without VNNI."""
+    if acts == ACT_AUTO and not HAS_VNNI:
+        return act_mode(ACT_INT8, t)
+    return act_mode(acts, t)
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
