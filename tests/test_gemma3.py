@@ -12,6 +12,7 @@ import torch
 
 import hybrid
 from hybrid.models.common import KVCache, SlidingKVCache
+from hybrid.operators import CPUAttention
 
 from .tiny import make_tiny, rel_err
 
@@ -41,6 +42,26 @@ def test_sliding_layers_keep_only_their_window(tiny):
     assert [c.k.shape[2] for c in model.new_cache(1, 100)] == [100] * 6  # never more than the context
     with pytest.raises(ValueError, match="does not fit"):
         model.forward(torch.zeros(1, 3, dtype=torch.long), [4095], [0], cache)
+
+
+def test_decode_kernel_reads_the_ring_past_its_wrap(tiny):
+    """Under the family's CPU rules the decode steps' attention is the numba kernel
+    (CPUAttention) on the sliding layers' rings too: 500 tokens prefilled, then decode steps
+    over position 520 (a ring of 8 + PAD_ROOM rows wraps there): each step's logits those
+    of torch-cpu on the same weights."""
+    directory, _ = tiny
+    kernel, torch_model = hybrid.load(directory), hybrid.load(directory, rules="torch-cpu")
+    layers = kernel.module.model.layers
+    assert all(isinstance(layer.self_attn, CPUAttention) for layer in layers)
+    assert [layer.self_attn.sliding_window for layer in layers] == [WINDOW] * 5 + [None]
+    ids = torch.randint(0, 256, (1, 530), generator=torch.Generator().manual_seed(5))
+    caches = [m.new_cache(1, 600) for m in (kernel, torch_model)]
+    assert caches[0][0].k.shape[2] == WINDOW + SlidingKVCache.PAD_ROOM == 520
+    for model, cache in zip((kernel, torch_model), caches):
+        model.forward(ids[:, :500], [0], [0], cache)
+    for t in range(500, 530):
+        got, want = (m.forward(ids[:, t : t + 1], [t], [0], c) for m, c in zip((kernel, torch_model), caches))
+        assert rel_err(got, want) < 1e-4, t
 
 
 # ------------------------------------------------------------------ Gemma 3 270M
@@ -88,11 +109,6 @@ def test_hybrid_run_answers(gemma3_path):
     assert r.stdout.startswith(" Berlin.")
 
 
-def test_decode_kernel_attention_refuses_sliding_layers(tiny):
-    directory, _ = tiny
-    rules = "rules:\n  - match: {class: Attention}\n    replace: {class: CPUAttention}\n"
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn: sliding-window attention .* leave this layer's attention in torch"):
-        hybrid.load(directory, rules=rules)
 
 
 def test_rules_command_states_the_kv_cache_per_slot(gemma3_path, capsys):

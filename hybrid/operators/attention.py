@@ -1,4 +1,5 @@
-"""CPU attention for the Llama family (GQA, optional q/k/v bias, q/k RMSNorm): a decode
+"""CPU attention for the Llama family (GQA, optional q/k/v bias, q/k RMSNorm) and the
+families built on it (Gemma 3's sliding windows, gpt-oss's windows and sinks): a decode
 step is one numba call per layer; prefill runs the module's own torch code with the
 projections on the numba kernels."""
 
@@ -8,6 +9,7 @@ import numba
 import torch
 
 from hybrid.models.common import Attention, KVCache, RMSNorm, Step
+from hybrid.models.gpt_oss import attend_with_sinks
 
 from .base import Operator, check_cpu, check_quant
 from .kernels import decode
@@ -28,7 +30,13 @@ class CPUAttention(Operator):
     """
 
     replaces = (Attention,)
-    attend = Attention.attend  # prefill runs Attention.forward over this operator
+
+    def attend(self, q, k, v, mask):
+        """Prefill's attention (Attention.forward runs over this operator): with sinks, as
+        gpt-oss computes it."""
+        if self.has_sinks:
+            return attend_with_sinks(q, k, v, mask, self.scale, self.sinks)
+        return Attention.attend(self, q, k, v, mask)
 
     def __init__(self, original: Attention, config, *, device: str = "cpu", quant: str | None = None, kv_dtype: str = "float32",
                  activations: str = DEFAULT_ACTIVATIONS):
@@ -40,14 +48,11 @@ class CPUAttention(Operator):
                 f"partial rotary ({original.rotary_dim} of {original.head_dim} dimensions) is not in the decode "
                 "kernel: leave this layer's attention in torch (replace: {class: default})"
             )
-        if type(original).attend is not Attention.attend:
-            raise ValueError(f"{type(original).__name__} attends its own way (e.g. sinks), which the decode kernel does "
-                             "not: leave this layer's attention in torch (replace: {class: default})")
-        if original.sliding_window:
-            raise ValueError(
-                f"sliding-window attention (window {original.sliding_window}) is not in the decode kernel, which "
-                "attends to every key: leave this layer's attention in torch (replace: {class: default})"
-            )
+        self.has_sinks = isinstance(getattr(original, "sinks", None), torch.Tensor)
+        if type(original).attend is not Attention.attend and not self.has_sinks:
+            raise ValueError(f"{type(original).__name__} attends its own way, which the decode kernel does not: "
+                             "leave this layer's attention in torch (replace: {class: default})")
+        self.sliding_window = original.sliding_window  # the cache the model makes for it is a ring of its window
         self.n_heads, self.n_kv_heads, self.head_dim = original.n_heads, original.n_kv_heads, original.head_dim
         self.scale, self.kv_dtype = original.scale, KV_DTYPES[kv_dtype]
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -77,14 +82,16 @@ class CPUAttention(Operator):
         if hasattr(self, "q_norm"):
             self.q_norm.weight = torch.nn.Parameter(get("q_norm.weight").tensor(), requires_grad=False)
             self.k_norm.weight = torch.nn.Parameter(get("k_norm.weight").tensor(), requires_grad=False)
+        self.sinks = get("sinks").tensor().to(torch.float32) if self.has_sinks else _NONE
         # What the kernel takes, in the order it takes it: (type, blocks) per projection,
-        # then the biases and q/k norm weights as float32 arrays ([0]: none), their epsilon
-        # and the activation form.
+        # then the biases and q/k norm weights as float32 arrays ([0]: none), their epsilon,
+        # the activation form, the sliding window (0: none) and the sink logits ([0]: none).
         projections = (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
         weights = tuple(a for p in projections for a in (p.prepared.t, p.prepared.w))
         biases = tuple((p.bias if p.bias is not None else _NONE).numpy() for p in projections)
         norms = (self.q_norm.weight, self.k_norm.weight) if hasattr(self, "q_norm") else (_NONE, _NONE)
-        self.args = (*weights, *biases, *(w.detach().numpy() for w in norms), self.eps, self.acts)
+        self.args = (*weights, *biases, *(w.detach().numpy() for w in norms), self.eps, self.acts,
+                     self.sliding_window or 0, self.sinks.numpy())
 
     def step_args(self, rope, step: Step, cache: KVCache) -> tuple:
         """What `decode.attention_step` takes after `args`, for a decode step of B tokens:
@@ -108,4 +115,6 @@ class CPUAttention(Operator):
         return torch.from_numpy(y).view(B, T, -1).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, kv_dtype={self.kv_dtype}"
+        window = f", window={self.sliding_window}" if self.sliding_window else ""
+        sinks = ", sinks" if self.has_sinks else ""
+        return f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, kv_dtype={self.kv_dtype}{window}{sinks}"

@@ -180,7 +180,8 @@ def _attend(q, q0, gc, keys, vals, lo, hi, scale, m_out, l_out, o_out, D, W):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
-def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, eps, acts, cos, sin, kc, vc, slots, pos, scale, threads):
+def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, eps, acts, window, sinks,
+                   cos, sin, kc, vc, slots, pos, scale, threads):
     """Grouped-query attention of one new token per sequence; returns float32 [B, hidden].
 
     x: float32 [B, hidden], the normed input of token b of sequence b;
@@ -188,13 +189,18 @@ def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, ep
     bq, bk, bv, bo: float32 [rows] biases, or [0] for none;
     qn, kn: float32 [D] q/k RMSNorm weights, or [0] for none (eps: their epsilon);
     acts: the activation form the projections ask for (activations.ACT_*);
+    window: 0, or a sliding window: the token attends to its last `window` positions only;
+    sinks: float32 [H] per-head sink logits (gpt-oss: a logit in each head's softmax whose
+    value is zero), or [0] for none;
     cos, sin: float32 [B, D] rotary tables at each token's position (scale included);
-    kc, vc: float32, or uint16 float16 bits, [slots, Hkv, max_len, D], written at (slots[b], :, pos[b]);
-    slots, pos: int64 [B] cache slot and position of each token (it attends to keys 0..pos[b]);
+    kc, vc: float32, or uint16 float16 bits, [slots, Hkv, R, D]: R rows a slot, position p
+    at row p % R (R = max_len for a full cache, a ring for a sliding one: R >= window);
+    slots, pos: int64 [B] cache slot and position of each token (it attends to keys 0..pos[b],
+    the last `window` of them with a window);
     threads: numba's thread count (asking for it in here would keep the kernel out of the cache).
     """
     B = x.shape[0]
-    Hkv, D = kc.shape[1], kc.shape[3]
+    Hkv, R, D = kc.shape[1], kc.shape[2], kc.shape[3]
     H = wq.shape[0] // D
     G = H // Hkv
     if D > MAX_D:
@@ -228,51 +234,62 @@ def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, ep
             if kn.size:
                 _rms_norm(kh, kn, eps)
             _rope(kh, cos[b], sin[b])
-            krow = kc[slots[b], h, pos[b]]
-            vrow = vc[slots[b], h, pos[b]]
+            krow = kc[slots[b], h, pos[b] % R]
+            vrow = vc[slots[b], h, pos[b] % R]
             for d in range(D):
                 _store(krow, d, kh[d])
                 _store(vrow, d, v[b, h * D + d])
 
     # Attention, split over (sequence, kv head, key range) so that two cores share even
     # one long sequence; each part keeps its max, sum and weighted values (flash decoding).
-    # The G query heads of a kv head read each key and value row once, together.
+    # The G query heads of a kv head read each key and value row once, together. A key
+    # range of a ring may wrap past its last row: its part is two, before and after.
     longest = 0
     for b in range(B):
-        longest = max(longest, pos[b] + 1)
+        longest = max(longest, min(pos[b] + 1, window) if window > 0 else pos[b] + 1)
     S = max(1, min((8 * threads + B * Hkv - 1) // (B * Hkv), longest // 256))
-    part_m = np.empty((B, Hkv, S, G), np.float32)
-    part_l = np.empty((B, Hkv, S, G), np.float32)
-    part_o = np.empty((B, Hkv, S, G, D), np.float32)
+    part_m = np.empty((B, Hkv, 2 * S, G), np.float32)
+    part_l = np.empty((B, Hkv, 2 * S, G), np.float32)
+    part_o = np.empty((B, Hkv, 2 * S, G, D), np.float32)
     for u in prange(B * Hkv * S):
         b, h, s = u // (Hkv * S), u // S % Hkv, u % S
         sl = slots[b]
-        lo, hi = _share(pos[b] + 1, s, S)
-        keys, vals = kc[sl, h], vc[sl, h]  # [max_len, D]
-        for g0 in range(0, G, 4):
-            q0, gc = (h * G + g0) * D, min(4, G - g0)
-            pm, pl, po = part_m[b, h, s, g0:], part_l[b, h, s, g0:], part_o[b, h, s, g0:]
-            if D == 64 and gc == 3:
-                _attend(q[b], q0, gc, keys, vals, lo, hi, scale, pm, pl, po, 64, 3)
-            elif D == 64:
-                _attend(q[b], q0, gc, keys, vals, lo, hi, scale, pm, pl, po, 64, 4)
-            elif D == 128:
-                _attend(q[b], q0, gc, keys, vals, lo, hi, scale, pm, pl, po, 128, 4)
-            else:
-                _attend(q[b], q0, gc, keys, vals, lo, hi, scale, pm, pl, po, D, 4)
+        first = max(0, pos[b] + 1 - window) if window > 0 else 0
+        lo, hi = _share(pos[b] + 1 - first, s, S)
+        r0 = (first + lo) % R
+        r1 = min(R, r0 + hi - lo)  # rows r0..r1-1, then 0..wrap-1
+        wrap = r0 + hi - lo - r1
+        keys, vals = kc[sl, h], vc[sl, h]  # [R, D]
+        for half in range(2):
+            a, z = (r0, r1) if half == 0 else (0, wrap)
+            for g0 in range(0, G, 4):
+                q0, gc = (h * G + g0) * D, min(4, G - g0)
+                pm, pl, po = part_m[b, h, 2 * s + half, g0:], part_l[b, h, 2 * s + half, g0:], part_o[b, h, 2 * s + half, g0:]
+                if D == 64 and gc == 3:
+                    _attend(q[b], q0, gc, keys, vals, a, z, scale, pm, pl, po, 64, 3)
+                elif D == 64:
+                    _attend(q[b], q0, gc, keys, vals, a, z, scale, pm, pl, po, 64, 4)
+                elif D == 128:
+                    _attend(q[b], q0, gc, keys, vals, a, z, scale, pm, pl, po, 128, 4)
+                else:
+                    _attend(q[b], q0, gc, keys, vals, a, z, scale, pm, pl, po, D, 4)
 
-    # Merge the parts of each head: out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s;
-    # an empty part (m = -inf, l = 0) adds nothing; a NaN anywhere stays NaN.
+    # Merge the parts of each head: out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s,
+    # a sink logit z adding e^(z - M) to the sum alone; an empty part (m = -inf, l = 0)
+    # adds nothing; a NaN anywhere stays NaN.
     att = np.zeros((B, H * D), np.float32)
     for b in range(B):
         for h in range(Hkv):
             for g in range(G):
                 qo = (h * G + g) * D
                 M = np.float32(-np.inf)
-                for s in range(S):
+                for s in range(2 * S):
                     M = max(M, part_m[b, h, s, g])
                 total = np.float32(0)
-                for s in range(S):
+                if sinks.size:
+                    M = max(M, sinks[h * G + g])
+                    total = np.exp(sinks[h * G + g] - M)
+                for s in range(2 * S):
                     if part_l[b, h, s, g] != 0 or part_m[b, h, s, g] != -np.inf:
                         f = np.exp(part_m[b, h, s, g] - M)
                         total += f * part_l[b, h, s, g]
