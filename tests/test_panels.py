@@ -135,40 +135,27 @@ def test_panel_plan():
     assert on_vnni == (policy.PANEL_MIN_TOKENS if HAS_VNNI else NO_PANELS)
 
 
-# What `auto` is on the panels: int16 split in bytes where the CPU has VNNI, int8 where it has
-# not (the int16 panels need VNNI; without, int16 prefill took the float tiles).
+# What `auto` is on the experts' panels: int16 split in bytes where the CPU has VNNI, int8
+# where it has not (the int16 panels need VNNI; without, int16 prefill took the float tiles).
 AUTO_PANELS = ACT_INT16 if HAS_VNNI else ACT_INT8
 
 
-def test_auto_is_the_default_and_int16_off_the_panels():
-    """One token and a few (the row kernels) take int16 under `auto`, bitwise."""
-    assert DEFAULT_ACTIVATIONS == "auto"
-    w = make_weight(Q.Q4_K, (40, 512))
-    for tokens in (1, 3, policy.PANEL_MIN_TOKENS - 1):
-        x = np.random.default_rng(tokens).standard_normal((tokens, 512), dtype=np.float32)
-        np.testing.assert_array_equal(kernels.matmul(Q.Q4_K, w, x, acts=ACT_AUTO),
-                                      kernels.matmul(Q.Q4_K, w, x, acts=ACT_INT16))
-
-
 @pytest.mark.parametrize("qtype", PANEL_TYPES, ids=lambda t: t.name)
-def test_auto_on_the_panels(qtype):
-    """Prefill under `auto` is the panels of int16 x with VNNI and of int8 x without, bitwise;
-    a format with no panel for that form (Q8_0 without VNNI) takes the tiles, as under int16."""
-    w = make_weight(qtype, (33, 512))
-    x = np.random.default_rng(5).standard_normal((policy.PANEL_MIN_TOKENS + 3, 512), dtype=np.float32)
-    form = panels.panel_form.py_func(int(qtype), AUTO_PANELS, 512)
-    y = kernels.matmul(qtype, w, x, acts=ACT_AUTO)
-    if form == panels.NO_FORM:
-        np.testing.assert_array_equal(y, kernels.matmul(qtype, w, x, acts=ACT_FLOAT))
-    else:
-        assert form == (panels.SPLIT if HAS_VNNI else panels.INT8)
-        np.testing.assert_array_equal(y, run_panels(qtype, w, x, form))
+def test_auto_is_the_default_and_int16_for_dense_weights(qtype):
+    """`matmul` (dense weights) under `auto` is int16 on every CPU, one token, a few, or a
+    prefill's many (on the panels with VNNI, the tiles without), bitwise."""
+    assert DEFAULT_ACTIVATIONS == "auto"
+    w = make_weight(qtype, (40, 512))
+    for tokens in (1, 3, policy.PANEL_MIN_TOKENS + 3):
+        x = np.random.default_rng(tokens).standard_normal((tokens, 512), dtype=np.float32)
+        np.testing.assert_array_equal(kernels.matmul(qtype, w, x, acts=ACT_AUTO),
+                                      kernels.matmul(qtype, w, x, acts=ACT_INT16))
 
 
 def test_auto_moe_panels():
     """The fused MoE's experts with many pairs take the panels under `auto` on any CPU (Q4_K
-    gate and up, Q6_K down: Q4_K_M's experts), with `auto`'s form; the result is the
-    explicit form's, bitwise."""
+    gate and up, Q6_K down: Q4_K_M's experts): int16 with VNNI, int8 without; the result is
+    the explicit form's, bitwise."""
     plan = panel_plan(int(Q.Q4_K), int(Q.Q4_K), int(Q.Q6_K), ACT_AUTO, 512, 256)
     assert plan == panel_plan(int(Q.Q4_K), int(Q.Q4_K), int(Q.Q6_K), AUTO_PANELS, 512, 256)
     assert plan[0] == policy.PANEL_MIN_TOKENS

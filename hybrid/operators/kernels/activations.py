@@ -5,10 +5,12 @@ given format takes (`act_mode`, `rows_input`).
 What an operator's `activations` kwarg asks for: x as it is (the float path of every
 format), rounded to int16 per 32-block (formats.INT_TYPES; ~2e-5 relative error), or to
 int8 (formats.INT8_TYPES; ~4e-3 of a block's largest value). A format without the
-asked-for path takes the next one down. `auto` (the default) is int16, except on the
-integer panels (prefill) of a CPU without VNNI, whose panels take int8 x only
-(`panel_mode`): there int16 would leave prefill to the float tiles at about half the speed,
-and int8 x is what llama.cpp's dots take on every CPU.
+asked-for path takes the next one down. `auto` (the default) is int16, except for the
+routed experts' integer panels (their prefill) on a CPU without VNNI, whose panels take
+int8 x only (`panel_mode`): there int16 would leave the experts' prefill, most of a MoE
+model's, to the float tiles at about half the speed, and int8 x is what llama.cpp's dots
+take on every CPU. Dense weights keep int16 under `auto` on every CPU, so a dense model
+(the built-in one) computes the same on every ISA.
 """
 
 import numba
@@ -111,8 +113,9 @@ def act_mode(acts, t):
 
 @numba.njit(inline="always")
 def panel_mode(acts, t):
-    """The activation form a weight of type code t takes under `acts` on the integer panels
-    (panels.py: prefill): `act_mode`'s, except that `auto` takes int8 on a CPU without VNNI."""
+    """The activation form the fused MoE's experts of type code t take under `acts` on the
+    integer panels (panels.py: prefill): `act_mode`'s, except that `auto` takes int8 on a
+    CPU without VNNI."""
     if acts == ACT_AUTO and not HAS_VNNI:
         return act_mode(ACT_INT8, t)
     return act_mode(acts, t)
