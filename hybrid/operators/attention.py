@@ -9,7 +9,7 @@ import numba
 import torch
 
 from hybrid.models.common import Attention, KVCache, RMSNorm, Step
-from hybrid.models.gpt_oss import attend_with_sinks
+from hybrid.models import gpt_oss
 
 from .base import Operator, check_cpu, check_quant
 from .kernels import decode
@@ -35,7 +35,7 @@ class CPUAttention(Operator):
         """Prefill's attention (Attention.forward runs over this operator): with sinks, as
         gpt-oss computes it."""
         if self.has_sinks:
-            return attend_with_sinks(q, k, v, mask, self.scale, self.sinks)
+            return gpt_oss.attend_with_sinks(q, k, v, mask, self.scale, self.sinks)
         return Attention.attend(self, q, k, v, mask)
 
     def __init__(self, original: Attention, config, *, device: str = "cpu", quant: str | None = None, kv_dtype: str = "float32",
@@ -48,7 +48,8 @@ class CPUAttention(Operator):
                 f"partial rotary ({original.rotary_dim} of {original.head_dim} dimensions) is not in the decode "
                 "kernel: leave this layer's attention in torch (replace: {class: default})"
             )
-        self.has_sinks = isinstance(getattr(original, "sinks", None), torch.Tensor)
+        # The kernel computes the common softmax attention, and gpt-oss's with its sinks.
+        self.has_sinks = type(original).attend is gpt_oss.Attention.attend
         if type(original).attend is not Attention.attend and not self.has_sinks:
             raise ValueError(f"{type(original).__name__} attends its own way, which the decode kernel does not: "
                              "leave this layer's attention in torch (replace: {class: default})")

@@ -103,7 +103,7 @@ def quantize_rows(x, needed=True, split=HAS_VNNI, int8=False):
 @numba.njit(inline="always")
 def act_mode(acts, t):
     """The activation form (ACT_FLOAT, ACT_INT16 or ACT_INT8) a weight of type code t takes
-    under `acts` on the row kernels (one to a few tokens); `auto` takes int16."""
+    under `acts`, on every path but the fused MoE's panels (`panel_mode`); `auto` takes int16."""
     if acts == ACT_INT8 and t in INT8_TYPES:
         return ACT_INT8
     if acts != ACT_FLOAT and t in INT_TYPES:

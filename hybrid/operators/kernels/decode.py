@@ -265,7 +265,10 @@ def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, ep
             for g0 in range(0, G, 4):
                 q0, gc = (h * G + g0) * D, min(4, G - g0)
                 pm, pl, po = part_m[b, h, 2 * s + half, g0:], part_l[b, h, 2 * s + half, g0:], part_o[b, h, 2 * s + half, g0:]
-                if D == 64 and gc == 3:
+                if a == z:  # no keys (the second half unless the range wraps): an empty part
+                    for g in range(gc):
+                        pm[g], pl[g] = -np.inf, 0
+                elif D == 64 and gc == 3:
                     _attend(q[b], q0, gc, keys, vals, a, z, scale, pm, pl, po, 64, 3)
                 elif D == 64:
                     _attend(q[b], q0, gc, keys, vals, a, z, scale, pm, pl, po, 64, 4)
