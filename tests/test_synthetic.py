@@ -205,8 +205,9 @@ def test_llamacpp_reads_the_gpt_oss_file_as_hybrid_does(mxfp4_moe):
     """llama.cpp rounds its activations to Q8_0 blocks for every quantized dot: 1.0-1.3% of
     the largest logit measured at each position, as on llama / qwen3moe files of Q8_0 and
     these widths. A router near-tie that the rounding tips picks another expert at one
-    position (11% there); a semantic difference moves every position by 6-50% (measured:
-    sinks, window, layer pattern, YaRN, router / expert / attention biases, SwiGLU clamp)."""
+    position (11% there); each semantic difference measured moves the median position by
+    6-50% (sinks, window, layer pattern, YaRN, router / expert / attention biases, SwiGLU
+    clamp)."""
     llm = llamacpp(mxfp4_moe)
     llm.eval(GPT_TOKENS)
     theirs = torch.from_numpy(np.array(llm.scores[: len(GPT_TOKENS)]))
