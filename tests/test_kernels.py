@@ -14,8 +14,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from hybrid.operators import kernels
 from hybrid.operators.kernels import formats, policy
-from hybrid.operators.kernels.activations import ACT_INT16, X8_MAX, X_MAX, act_mode, quantize_rows
-from hybrid.operators.kernels.formats import INT_TYPES
+from hybrid.operators.kernels.activations import ACT_INT16, X8_MAX, X_MAX, panel_mode, quantize_rows
+from hybrid.operators.kernels.formats import INT_TYPES, PANEL_TYPES
 from hybrid.operators.kernels.intrinsics import HAS_VNNI
 from hybrid.operators.kernels.moe import NO_PANELS, panel_plan
 from hybrid.operators.kernels.panels import NO_FORM, panel_form
@@ -62,11 +62,12 @@ def assert_close(y, ref, rtol=1e-5):
     assert err < rtol, f"relative error {err:.2e}"
 
 
-def seen(qtype, x):
+def seen(qtype, x, panel=False):
     """x as the kernel for qtype sees it (float64): formats on the integer path take it
-    rounded to int16 per 32-block (~2e-5 relative; test_quantize_rows bounds that error)."""
+    rounded to int16 per 32-block (~2e-5 relative; test_quantize_rows bounds that error), as
+    does every format the int16 panels take (`panel`: Q5_0's rows are float, its panels not)."""
     x = np.asarray(x, dtype=np.float32)
-    if int(qtype) not in INT_TYPES:
+    if int(qtype) not in INT_TYPES and not (panel and int(qtype) in PANEL_TYPES):
         return x.astype(np.float64)
     _, xq, xs, _, _, _ = quantize_rows(np.ascontiguousarray(x.reshape(-1, x.shape[-1])))
     return (xq.reshape(xs.shape[0], -1, 32) * xs[..., None].astype(np.float64)).reshape(x.shape)
@@ -75,7 +76,7 @@ def seen(qtype, x):
 def on_panels(qtype, cols, tokens, acts=ACT_INT16):
     """Whether `matmul` takes the integer panels (x rounded) for this weight and batch."""
     return (policy.PANEL_MIN_TOKENS <= tokens <= policy.TILE_MAX_TOKENS
-            and panel_form.py_func(int(qtype), act_mode.py_func(acts, int(qtype)), cols) != NO_FORM)
+            and panel_form.py_func(int(qtype), panel_mode.py_func(acts, int(qtype), False), cols) != NO_FORM)
 
 
 def cols_for(qtype, blocks=3):
@@ -99,7 +100,7 @@ def test_matmul(qtype, tokens):
     # format (rounded x), else the float kernels
     rounded = (tokens == 1 or (tokens <= policy.GEMM_TOKENS and int(qtype) in formats.MULTI_TYPES)
                or on_panels(qtype, x.shape[1], tokens))
-    assert_close(y, (seen(qtype, x) if rounded else x) @ reference(qtype, w).T)
+    assert_close(y, (seen(qtype, x, on_panels(qtype, x.shape[1], tokens)) if rounded else x) @ reference(qtype, w).T)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.F16, Q.F32], ids=lambda t: t.name)
@@ -175,7 +176,12 @@ def run_moe(types, experts, top_k, tokens, hidden=256, inter=512, seed=0, x=None
         return (count[e] <= policy.EXPERT_GEMV_TOKENS or (multi[p] and count[e] <= policy.GEMM_TOKENS)
                 or (first_panel != NO_PANELS and count[e] >= first_panel))
 
-    see = lambda p, e, v: torch.from_numpy(seen(proj[p], v.numpy())) if rounded(p, e) else v  # noqa: E731
+    def on_panel(p, e):
+        if tokens > policy.MOE_FUSED_MAX_TOKENS:
+            return on_panels(proj[p], inter if p == "down" else hidden, count[e])
+        return first_panel != NO_PANELS and count[e] >= first_panel
+
+    see = lambda p, e, v: torch.from_numpy(seen(proj[p], v.numpy(), on_panel(p, e))) if rounded(p, e) else v  # noqa: E731
     ref = torch_moe(as_t(tg, gate), as_t(tu, up), as_t(td, down), torch.from_numpy(x).double(),
                     torch.from_numpy(ids), torch.from_numpy(weights).double(), see, bias, glu)
     return y, ref.numpy(), ids

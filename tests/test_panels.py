@@ -16,7 +16,8 @@ from hybrid.operators.kernels.policy import TILE_X_BYTES
 
 from .test_kernels import assert_close, make_weight, reference, run_moe, torch_moe
 
-PANEL_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K]
+PANEL_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q4_K, Q.Q6_K]
+BLOCK32_TYPES = [t for t in PANEL_TYPES if t not in (Q.Q4_K, Q.Q6_K)]
 FORMS = ([("split", panels.SPLIT)] if HAS_VNNI else []) + [("int8", panels.INT8)]
 
 
@@ -48,6 +49,19 @@ def test_panels_are_the_dot_with_rounded_x(qtype, form_name, form, rows, tokens)
     assert_close(run_panels(qtype, w, x, form), rounded(x, form) @ reference(qtype, w).T, rtol=2e-6)
 
 
+@pytest.mark.parametrize("form_name,form", FORMS)
+@pytest.mark.parametrize("qtype", BLOCK32_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("cols", [32, 288, 640])
+def test_a_partial_last_step(qtype, form_name, form, cols):
+    """Rows of a 32-weight format that are not whole 256-column steps (Gemma 3 270M's 640,
+    one block alone): the last step's groups go one by one, the same exact dot."""
+    if form == panels.INT8 and qtype not in [Q(t) for t in panels.PANEL8_TYPES]:
+        pytest.skip(f"{qtype.name} has no int8 panel on this CPU")
+    w = make_weight(qtype, (37, cols), seed=cols)
+    x = np.random.default_rng(cols).standard_normal((11, cols), dtype=np.float32)
+    assert_close(run_panels(qtype, w, x, form), rounded(x, form) @ reference(qtype, w).T, rtol=2e-6)
+
+
 def test_token_blocks_and_chunks():
     """More tokens than one block of x (a small budget: 4 tokens a block), one to three chunks
     of panels: the same outputs, bitwise."""
@@ -62,8 +76,7 @@ def test_token_blocks_and_chunks():
 @pytest.mark.parametrize("qtype", PANEL_TYPES, ids=lambda t: t.name)
 def test_matmul_takes_the_panels(qtype):
     """`matmul` with PANEL_MIN_TOKENS or more tokens of a panel format is the panels' product
-    (bitwise), for the activation form asked for; fewer tokens, or columns not in whole
-    256-column steps, do not take them."""
+    (bitwise), for the activation form asked for; float activations do not take them."""
     w = make_weight(qtype, (33, 512))
     x = np.random.default_rng(5).standard_normal((policy.PANEL_MIN_TOKENS + 3, 512), dtype=np.float32)
     for acts, (form_name, form) in [(ACT_INT16, ("split", panels.SPLIT)), (ACT_INT8, ("int8", panels.INT8))]:
@@ -72,7 +85,8 @@ def test_matmul_takes_the_panels(qtype):
             continue
         np.testing.assert_array_equal(kernels.matmul(qtype, w, x, acts=acts), run_panels(qtype, w, x, form))
     assert panels.panel_form.py_func(int(qtype), ACT_FLOAT, 512) == panels.NO_FORM
-    assert panels.panel_form.py_func(int(qtype), ACT_INT8, 576) == panels.NO_FORM  # 2.25 steps
+    if qtype in BLOCK32_TYPES and int(qtype) in panels.PANEL8_TYPES:  # 2.25 steps
+        assert panels.panel_form.py_func(int(qtype), ACT_INT8, 576) == panels.INT8
 
 
 def test_formats_without_panels():
@@ -84,7 +98,8 @@ def test_formats_without_panels():
         assert_close(kernels.matmul(qtype, w, x), x @ reference(qtype, w).T)
 
 
-MOE_PANEL_TYPES = [(Q.Q4_K, Q.Q4_K, Q.Q6_K), (Q.Q8_0, Q.Q8_0, Q.Q8_0), (Q.Q4_0, Q.Q4_0, Q.Q4_1)]
+MOE_PANEL_TYPES = [(Q.Q4_K, Q.Q4_K, Q.Q6_K), (Q.Q8_0, Q.Q8_0, Q.Q8_0), (Q.Q4_0, Q.Q4_0, Q.Q4_1),
+                   (Q.Q5_0, Q.Q5_0, Q.Q8_0)]
 
 
 @pytest.mark.parametrize("tokens,experts", [(12, 6), (40, 12)])
@@ -95,6 +110,16 @@ def test_moe_experts_on_panels_match_torch(types, tokens, experts):
     y, ref, ids = run_moe(types, experts=experts, top_k=3, tokens=tokens, hidden=512, inter=256)
     count = np.bincount(ids.ravel(), minlength=experts)
     assert count.max() >= policy.PANEL_MIN_TOKENS and count.min() < policy.PANEL_MIN_TOKENS
+    assert_close(y, ref)
+
+
+def test_moe_experts_on_panels_with_partial_steps():
+    """Experts whose hidden size and width are not whole 256-column steps (576 and 288)
+    take the panels too, and match the module they replace."""
+    types = (Q.Q4_0, Q.Q5_0, Q.Q4_1)
+    assert panel_plan(*(int(t) for t in types), ACT_INT8, 576, 288)[0] == policy.PANEL_MIN_TOKENS
+    y, ref, ids = run_moe(types, experts=6, top_k=3, tokens=40, hidden=576, inter=288)
+    assert np.bincount(ids.ravel(), minlength=6).max() >= policy.PANEL_MIN_TOKENS
     assert_close(y, ref)
 
 
@@ -126,10 +151,10 @@ def test_moe_panels_are_each_tokens_own(monkeypatch):
 
 
 def test_panel_plan():
-    """All three expert types need a panel for their activation form, and whole steps."""
+    """All three expert types need a panel for their activation form."""
     assert panel_plan(int(Q.Q4_K), int(Q.Q4_K), int(Q.Q6_K), ACT_INT8, 512, 256)[0] == policy.PANEL_MIN_TOKENS
     assert panel_plan(int(Q.Q4_K), int(Q.Q5_K), int(Q.Q6_K), ACT_INT8, 512, 256)[0] == NO_PANELS
-    assert panel_plan(int(Q.Q4_K), int(Q.Q4_K), int(Q.Q6_K), ACT_INT8, 576, 256)[0] == NO_PANELS
+    assert panel_plan(int(Q.Q4_0), int(Q.Q4_0), int(Q.Q5_1), ACT_INT8, 512, 256)[0] == NO_PANELS
     assert panel_plan(int(Q.Q4_K), int(Q.Q4_K), int(Q.Q6_K), ACT_FLOAT, 512, 256)[0] == NO_PANELS
     on_vnni = panel_plan(int(Q.Q8_0), int(Q.Q8_0), int(Q.Q8_0), ACT_INT16, 512, 256)[0]
     assert on_vnni == (policy.PANEL_MIN_TOKENS if HAS_VNNI else NO_PANELS)

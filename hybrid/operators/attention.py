@@ -8,13 +8,14 @@ from __future__ import annotations
 import numba
 import torch
 
-from hybrid.models.common import Attention, KVCache, RMSNorm, Step
+from hybrid.models.common import Attention, KVCache, Step
 from hybrid.models import gpt_oss
 
 from .base import Operator, check_cpu, check_quant
 from .kernels import decode
 from .kernels.activations import DEFAULT_ACTIVATIONS, check_activations
 from .linear import CPULinear
+from .norm import CPURMSNorm
 
 KV_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _NONE = torch.empty(0)  # "no bias" / "no norm" for the kernel
@@ -59,9 +60,9 @@ class CPUAttention(Operator):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(self, name, CPULinear(getattr(original, name), config, quant=quant, activations=activations))
         self.eps = 0.0
-        if hasattr(original, "q_norm"):
+        if hasattr(original, "q_norm"):  # prefill's q/k norms on the kernel too
             self.eps = original.q_norm.eps
-            self.q_norm, self.k_norm = RMSNorm(self.head_dim, self.eps), RMSNorm(self.head_dim, self.eps)
+            self.q_norm, self.k_norm = CPURMSNorm(original.q_norm, config), CPURMSNorm(original.k_norm, config)
 
     @staticmethod
     def check_kwargs(device="cpu", quant=None, kv_dtype="float32", activations=DEFAULT_ACTIVATIONS):
@@ -81,8 +82,8 @@ class CPUAttention(Operator):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             getattr(self, name).load(lambda n, p=name: get(f"{p}.{n}"))
         if hasattr(self, "q_norm"):
-            self.q_norm.weight = torch.nn.Parameter(get("q_norm.weight").tensor(), requires_grad=False)
-            self.k_norm.weight = torch.nn.Parameter(get("k_norm.weight").tensor(), requires_grad=False)
+            self.q_norm.load(lambda n: get(f"q_norm.{n}"))
+            self.k_norm.load(lambda n: get(f"k_norm.{n}"))
         self.sinks = get("sinks").tensor().to(torch.float32) if self.has_sinks else _NONE
         # What the kernel takes, in the order it takes it: (type, blocks) per projection,
         # then the biases and q/k norm weights as float32 arrays ([0]: none), their epsilon,
@@ -90,8 +91,8 @@ class CPUAttention(Operator):
         projections = (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
         weights = tuple(a for p in projections for a in (p.prepared.t, p.prepared.w))
         biases = tuple((p.bias if p.bias is not None else _NONE).numpy() for p in projections)
-        norms = (self.q_norm.weight, self.k_norm.weight) if hasattr(self, "q_norm") else (_NONE, _NONE)
-        self.args = (*weights, *biases, *(w.detach().numpy() for w in norms), self.eps, self.acts,
+        norms = (self.q_norm.w, self.k_norm.w) if hasattr(self, "q_norm") else (_NONE.numpy(), _NONE.numpy())
+        self.args = (*weights, *biases, *norms, self.eps, self.acts,
                      self.sliding_window or 0, self.sinks.numpy())
 
     def step_args(self, rope, step: Step, cache: KVCache) -> tuple:

@@ -16,7 +16,7 @@ take on every CPU. Dense weights keep int16 under `auto` on every CPU, so a dens
 import numba
 import numpy as np
 
-from .formats import INT8_TYPES, INT_TYPES
+from .formats import INT8_TYPES, INT_TYPES, PANEL_TYPES
 from .intrinsics import FASTMATH, HAS_VNNI, _u2f
 from .policy import GEMM_TOKENS
 
@@ -103,7 +103,8 @@ def quantize_rows(x, needed=True, split=HAS_VNNI, int8=False):
 @numba.njit(inline="always")
 def act_mode(acts, t):
     """The activation form (ACT_FLOAT, ACT_INT16 or ACT_INT8) a weight of type code t takes
-    under `acts`, on every path but the fused MoE's panels (`panel_mode`); `auto` takes int16."""
+    under `acts` on the row paths (one token, a few: `rows_input`); `auto` takes int16. The
+    integer panels have their own (`panel_mode`)."""
     if acts == ACT_INT8 and t in INT8_TYPES:
         return ACT_INT8
     if acts != ACT_FLOAT and t in INT_TYPES:
@@ -112,13 +113,16 @@ def act_mode(acts, t):
 
 
 @numba.njit(inline="always")
-def panel_mode(acts, t):
-    """The activation form the fused MoE's experts of type code t take under `acts` on the
-    integer panels (panels.py: prefill): `act_mode`'s, except that `auto` takes int8 on a
-    CPU without VNNI."""
-    if acts == ACT_AUTO and not HAS_VNNI:
-        return act_mode(ACT_INT8, t)
-    return act_mode(acts, t)
+def panel_mode(acts, t, experts):
+    """The activation form weights of type code t take on the integer panels (panels.py:
+    prefill) under `acts`: every panel format takes both integer forms, whatever its row
+    paths have (Q5_0 has only the float row path); `auto` is int16, except for the routed
+    experts (`experts`) on a CPU without VNNI, whose panels take int8."""
+    if acts == ACT_FLOAT or t not in PANEL_TYPES:
+        return ACT_FLOAT
+    if acts == ACT_INT8 or (acts == ACT_AUTO and experts and not HAS_VNNI):
+        return ACT_INT8
+    return ACT_INT16
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)

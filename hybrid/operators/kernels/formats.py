@@ -12,7 +12,7 @@ has no such path) and the element type its float and int16 routines read the row
 - gemm_vnni, gemm_int8: the 32-weight block as bytes (`W8`), unpacked once per row block and
   dotted with several tokens (`gemm_rows`), on the split int16 or the int8 x;
 - panel: 16 rows unpacked per 256 columns and dotted with many tokens (panels.py), on the
-  split int16 x with VNNI and on the int8 x; `wide` formats (bytes up to 255) take the int8
+  split int16 x with VNNI and on the int8 x (whatever row paths the format has); `wide` formats (bytes up to 255) take the int8
   panels only with VNNI (AVX2's vpmaddubsw would saturate).
 
 Type codes are GGML's own numbers, so a kernel can branch on int(qtype).
@@ -72,7 +72,7 @@ FORMATS = (
     Format(Q.Q4_0, np.uint8, _acc_q4_0, _int_q4_0, vnni_of(W8_Q4_0), int8_of(W8_Q4_0), W8_Q4_0, W8_Q4_0, panel=True),
     Format(Q.MXFP4, np.uint8, _acc_mxfp4, _int_mxfp4, vnni_of(W8_MXFP4), int8_of(W8_MXFP4), W8_MXFP4, W8_MXFP4),
     Format(Q.Q4_1, np.uint8, _acc_q4_1, None, vnni_of(W8_Q4_1), int8_of(W8_Q4_1), W8_Q4_1, W8_Q4_1, panel=True),
-    Format(Q.Q5_0, np.uint8, _acc_q5_0),
+    Format(Q.Q5_0, np.uint8, _acc_q5_0, panel=True),
     Format(Q.Q5_1, np.uint8, _acc_q5_1),
     Format(Q.Q4_K, np.uint8, _acc_q4_k, _int_q4_k, BlockDot(_vnni_q4_k), BlockDot(_i8_q4_k), panel=True),
     Format(Q.Q5_K, np.uint8, _acc_q5_k),

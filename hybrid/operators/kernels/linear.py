@@ -12,7 +12,7 @@ import torch
 from numba import prange
 
 from . import policy
-from .activations import ACT_INT16, act_mode, rows_input
+from .activations import ACT_INT16, act_mode, panel_mode, rows_input
 from .batch import decode_row, matmul_small
 from .formats import as_blocks
 from .intrinsics import FASTMATH
@@ -135,7 +135,7 @@ def matmul(qtype, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, t
         elif n <= GEMM_TOKENS:
             _few(t, w, x, y, gemv_chunks(rows), acts)
         elif n <= policy.TILE_MAX_TOKENS:
-            form = panel_form.py_func(t, act_mode.py_func(acts, t), cols)
+            form = panel_form.py_func(t, panel_mode.py_func(acts, t, False), cols)
             if form != NO_FORM:
                 matmul_panels(t, w, x, y, gemv_chunks(rows), form, TILE_X_BYTES)
             else:

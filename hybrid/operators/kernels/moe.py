@@ -285,9 +285,9 @@ def panel_plan(tg, tu, td, acts, hidden, inter):
     """(first_panel, form_in, form_mid) of `_moe_panels` for these expert types: experts with
     PANEL_MIN_TOKENS or more pairs take the panels when all three matrices have one for the
     activation forms the fused kernel would use; else first_panel is NO_PANELS."""
-    mode_in = max(panel_mode.py_func(acts, tg), panel_mode.py_func(acts, tu))
+    mode_in = max(panel_mode.py_func(acts, tg, True), panel_mode.py_func(acts, tu, True))
     form_in = panel_form.py_func(tg, mode_in, hidden)
-    form_mid = panel_form.py_func(td, panel_mode.py_func(acts, td), inter)
+    form_mid = panel_form.py_func(td, panel_mode.py_func(acts, td, True), inter)
     if NO_FORM in (form_in, panel_form.py_func(tu, mode_in, hidden), form_mid):
         return NO_PANELS, NO_FORM, NO_FORM
     return PANEL_MIN_TOKENS, form_in, form_mid

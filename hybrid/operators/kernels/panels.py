@@ -15,8 +15,8 @@ weights stay integers, as GGUF stores them, and so does x (its int16 form split 
 
 The offsets (Q4_0's -8, Q8_0's stored +128, Q6_K's -32, Q4_1's and Q4_K's minimums) come
 back through the tokens' sums of x per 16 columns (`panel_input`), so the unsigned bytes go
-into vpdpbusd as they are. Formats: Q8_0, Q4_0, Q4_1, Q4_K, Q6_K with rows of whole 256-column
-steps; on a CPU without VNNI only the int8 form, and not Q8_0 (whose bytes up to 255 would
+into vpdpbusd as they are. Formats: Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K; a 32-weight format's
+row that is not whole steps ends in a partial one, whose groups go one by one. On a CPU without VNNI only the int8 form, and not Q8_0 (whose bytes up to 255 would
 saturate vpmaddubsw's pair sums).
 """
 
@@ -28,7 +28,7 @@ from numba.extending import intrinsic
 
 from .activations import ACT_INT8, ACT_INT16, quantize_rows
 from .blocks import _k_scale_min
-from .formats import PANEL8_TYPES, PANEL_TYPES, Q4_0, Q4_K, Q6_K, Q8_0
+from .formats import PANEL8_TYPES, PANEL_TYPES, Q4_0, Q4_K, Q5_0, Q6_K, Q8_0
 from .intrinsics import FASTMATH, HAS_VNNI, HAS_VNNI512, _call, _dot4, _f16, _splat, _u32, _vec_at
 
 PANEL = 16  # rows per panel: the int32 lanes of one 512-bit vector
@@ -39,9 +39,8 @@ NO_FORM, SPLIT, INT8 = 0, 1, 2
 @numba.njit(inline="always")
 def panel_form(t, mode, cols):
     """How rows of type code t and `cols` columns go through the panels for the activation
-    form `mode` (activations.ACT_*): SPLIT (int16 x in bytes, VNNI), INT8, or NO_FORM."""
-    if cols % STEP:
-        return NO_FORM
+    form `mode` (activations.ACT_*): SPLIT (int16 x in bytes, VNNI), INT8, or NO_FORM. Any
+    whole number of blocks goes: a row's last step may be part of one (`panel_dots`)."""
     if mode == ACT_INT16 and HAS_VNNI and t in PANEL_TYPES:
         return SPLIT
     if mode == ACT_INT8 and t in PANEL8_TYPES:
@@ -80,7 +79,7 @@ def _at(context, builder, aty, arr, off, k=0):
     return builder.gep(data, [builder.add(off, ir.Constant(off.type, k))])
 
 
-def _step4(split, halves):
+def _step4(split, halves, groups=8):
     """The intrinsic that adds 4 tokens' products with one filled step to their rows of y:
     (y, y0..y3, buf, sc, mn, x, x0..x3, xs, s0..s3, x16) with y float32 (16 per token from
     y0..y3), buf the step's 4096 weight bytes, sc/mn float32 [8 groups][2 halves][16 rows],
@@ -88,8 +87,9 @@ def _step4(split, halves):
     else 32 int8), xs their block scales (from s0..s3) and x16 their sums per 16 columns
     (from 2 * s0..s3). Without `halves` (one scale per group: every format but Q6_K) a
     group's 8 quads go into one sum, which saves a shift and a conversion per 8 vpdpbusd
-    (both share the port vpdpbusd runs on). Duplicate tokens are fine: all of y is read
-    before any is written."""
+    (both share the port vpdpbusd runs on). `groups` < 8: only the first groups of the step
+    (a row's last, partial step, given views that start at its group). Duplicate tokens are
+    fine: all of y is read before any is written."""
     per_block = 64 if split else 32
     parts = ((0, 4), (4, 8)) if halves else ((0, 8),)
 
@@ -101,7 +101,7 @@ def _step4(split, halves):
             yo, xo, so = (y0, y1, y2, y3), (x0, x1, x2, x3), (s0, s1, s2, s3)
             ys = [builder.load(_vec_at(context, builder, ty[0], y, o, 16), align=4) for o in yo]
             zero = ir.Constant(_I32x16, [0] * 16)
-            for g in range(8):
+            for g in range(groups):
                 w = [builder.load(_vec_at(context, builder, ty[5], buf, ir.Constant(y0.type, 512 * g + 64 * q), 64),
                                   align=1) for q in range(8)]
                 scv = [builder.load(_vec_at(context, builder, ty[6], sc, ir.Constant(y0.type, 32 * g + 16 * h), 16),
@@ -153,6 +153,9 @@ def _step4(split, halves):
 
 _split_halves, _split_groups = _step4(True, True), _step4(True, False)
 _int8_halves, _int8_groups = _step4(False, True), _step4(False, False)
+# One group of 32 columns: the groups of a row's last step where its columns are not whole
+# steps (the 32-weight formats only; a K-quant row is whole super-blocks).
+_split_group, _int8_group = _step4(True, False, 1), _step4(False, False, 1)
 
 
 # --- filling a step: 16 rows' weights as unsigned bytes, transposed into quads ------------
@@ -163,9 +166,9 @@ _NIB = np.uint32(0x0F0F0F0F)
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
-def _fill_q8_0(row, s, i, buf32, sc, mn):
+def _fill_q8_0(row, s, i, buf32, sc, mn, ng):
     """Q8_0 (d | q:int8[32]): bytes q + 128, offset 128 d."""
-    for g in range(8):
+    for g in range(ng):
         o = 34 * (8 * s + g)
         d = _f16(row, o)
         for h in range(2):
@@ -176,10 +179,10 @@ def _fill_q8_0(row, s, i, buf32, sc, mn):
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
-def _fill_q4(row, s, i, buf32, sc, mn, block_bytes):
+def _fill_q4(row, s, i, buf32, sc, mn, block_bytes, ng):
     """Q4_0 (d | qs, w = d*(q - 8)) and Q4_1 (d | m | qs, w = d*q + m): weights 0-15 the low
     nibbles of qs, 16-31 the high ones."""
-    for g in range(8):
+    for g in range(ng):
         o = block_bytes * (8 * s + g)
         d = _f16(row, o)
         m = np.float32(8) * d if block_bytes == 18 else -_f16(row, o + 2)
@@ -191,6 +194,29 @@ def _fill_q4(row, s, i, buf32, sc, mn, block_bytes):
             word = _u32(row, qs + 4 * q)
             buf32[128 * g + 16 * q + i] = word & _NIB
             buf32[128 * g + 16 * (q + 4) + i] = (word >> np.uint32(4)) & _NIB
+
+
+@numba.njit(inline="always")
+def _spread4(bits):
+    """Bits 0-3 of `bits` as bit 4 of bytes 0-3."""
+    return ((bits & np.uint32(0xF)) * np.uint32(0x00204081) & np.uint32(0x01010101)) << np.uint32(4)
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _fill_q5_0(row, s, i, buf32, sc, mn, ng):
+    """Q5_0 (d | qh:u32 | qs, w = d*(q - 16)): weight j < 16 the low nibble of qs[j] with
+    bit j of qh as its fifth bit, j + 16 the high nibble with bit j + 16."""
+    for g in range(ng):
+        o = 22 * (8 * s + g)
+        d = _f16(row, o)
+        for h in range(2):
+            sc[32 * g + 16 * h + i] = d
+            mn[32 * g + 16 * h + i] = np.float32(16) * d
+        qh = _u32(row, o + 2)
+        for q in range(4):
+            word = _u32(row, o + 6 + 4 * q)
+            buf32[128 * g + 16 * q + i] = (word & _NIB) | _spread4(qh >> np.uint32(4 * q))
+            buf32[128 * g + 16 * (q + 4) + i] = ((word >> np.uint32(4)) & _NIB) | _spread4(qh >> np.uint32(16 + 4 * q))
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
@@ -235,8 +261,9 @@ def _fill_q6_k(row, s, i, buf32, sc, mn):
 
 
 @numba.njit(inline="always", fastmath=FASTMATH)
-def _fill(t, w, lo, hi, s, buf32, sc, mn):
-    """Step s of rows lo..lo+15 of w (a panel cut short by hi repeats row hi - 1)."""
+def _fill(t, w, lo, hi, s, buf32, sc, mn, ng):
+    """Step s of rows lo..lo+15 of w (a panel cut short by hi repeats row hi - 1): its first
+    ng groups (8, or fewer in a 32-weight format's last, partial step)."""
     for i in range(PANEL):
         row = w[min(lo + i, hi - 1)]
         if t == Q4_K:
@@ -244,11 +271,13 @@ def _fill(t, w, lo, hi, s, buf32, sc, mn):
         elif t == Q6_K:
             _fill_q6_k(row, s, i, buf32, sc, mn)
         elif t == Q8_0:
-            _fill_q8_0(row, s, i, buf32, sc, mn)
+            _fill_q8_0(row, s, i, buf32, sc, mn, ng)
+        elif t == Q5_0:
+            _fill_q5_0(row, s, i, buf32, sc, mn, ng)
         elif t == Q4_0:
-            _fill_q4(row, s, i, buf32, sc, mn, 18)
+            _fill_q4(row, s, i, buf32, sc, mn, 18, ng)
         else:
-            _fill_q4(row, s, i, buf32, sc, mn, 20)
+            _fill_q4(row, s, i, buf32, sc, mn, 20, ng)
 
 
 # --- the loops ---------------------------------------------------------------------------
@@ -288,7 +317,7 @@ def panel_dots(t, w, lo, hi, px, form, toks, nt, yp, buf, sc, mn):
     buf32 = buf.view(np.uint32)
     yp[: 16 * nt] = 0
     for s in range(nb // 8):
-        _fill(t, w, lo, hi, s, buf32, sc, mn)
+        _fill(t, w, lo, hi, s, buf32, sc, mn, 8)
         for j in range(0, nt, 4):
             j1, j2, j3 = min(j + 1, nt - 1), min(j + 2, nt - 1), min(j + 3, nt - 1)
             a, b, c, d = toks[j], toks[j1], toks[j2], toks[j3]
@@ -304,6 +333,24 @@ def panel_dots(t, w, lo, hi, px, form, toks, nt, yp, buf, sc, mn):
                 _int8_halves(yp, ya, yb, yc, yd, buf, sc, mn, xf, xa, xb, xc, xd, xs, sa, sb, sc_, sd, x16)
             else:
                 _int8_groups(yp, ya, yb, yc, yd, buf, sc, mn, xf, xa, xb, xc, xd, xs, sa, sb, sc_, sd, x16)
+    tail = nb % 8  # groups in the last, partial step: one at a time
+    if tail:
+        s = nb // 8
+        _fill(t, w, lo, hi, s, buf32, sc, mn, tail)
+        for j in range(0, nt, 4):
+            j1, j2, j3 = min(j + 1, nt - 1), min(j + 2, nt - 1), min(j + 3, nt - 1)
+            a, b, c, d = toks[j], toks[j1], toks[j2], toks[j3]
+            ya, yb, yc, yd = 16 * j, 16 * j1, 16 * j2, 16 * j3
+            for g in range(tail):
+                x0 = (s * 8 + g) * per_block
+                xa, xb, xc, xd = a * xrow + x0, b * xrow + x0, c * xrow + x0, d * xrow + x0
+                k = 8 * s + g
+                sa, sb, sc_, sd = a * nb + k, b * nb + k, c * nb + k, d * nb + k
+                bg, scg, mng = buf[512 * g:], sc[32 * g:], mn[32 * g:]
+                if form == SPLIT:
+                    _split_group(yp, ya, yb, yc, yd, bg, scg, mng, xf, xa, xb, xc, xd, xs, sa, sb, sc_, sd, x16)
+                else:
+                    _int8_group(yp, ya, yb, yc, yd, bg, scg, mng, xf, xa, xb, xc, xd, xs, sa, sb, sc_, sd, x16)
 
 
 @numba.njit(inline="always")
