@@ -16,7 +16,7 @@ from hybrid.operators.kernels.policy import TILE_X_BYTES
 
 from .test_kernels import assert_close, make_weight, reference, run_moe, torch_moe
 
-PANEL_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q4_K, Q.Q6_K]
+PANEL_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.MXFP4, Q.Q4_K, Q.Q6_K]
 BLOCK32_TYPES = [t for t in PANEL_TYPES if t not in (Q.Q4_K, Q.Q6_K)]
 FORMS = ([("split", panels.SPLIT)] if HAS_VNNI else []) + [("int8", panels.INT8)]
 
@@ -99,7 +99,7 @@ def test_formats_without_panels():
 
 
 MOE_PANEL_TYPES = [(Q.Q4_K, Q.Q4_K, Q.Q6_K), (Q.Q8_0, Q.Q8_0, Q.Q8_0), (Q.Q4_0, Q.Q4_0, Q.Q4_1),
-                   (Q.Q5_0, Q.Q5_0, Q.Q8_0)]
+                   (Q.Q5_0, Q.Q5_0, Q.Q8_0), (Q.MXFP4, Q.MXFP4, Q.MXFP4)]
 
 
 @pytest.mark.parametrize("tokens,experts", [(12, 6), (40, 12)])

@@ -13,11 +13,12 @@ weights stay integers, as GGUF stores them, and so does x (its int16 form split 
   (of a half group for Q6_K, whose scales are per 16 columns) become floats once:
   y += xs * (sc * dot) - mn * (sum of x over the group).
 
-The offsets (Q4_0's -8, Q8_0's stored +128, Q6_K's -32, Q4_1's and Q4_K's minimums) come
-back through the tokens' sums of x per 16 columns (`panel_input`), so the unsigned bytes go
-into vpdpbusd as they are. Formats: Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K; a 32-weight format's
-row that is not whole steps ends in a partial one, whose groups go one by one. On a CPU without VNNI only the int8 form, and not Q8_0 (whose bytes up to 255 would
-saturate vpmaddubsw's pair sums).
+The offsets (Q4_0's -8, Q5_0's -16, MXFP4's -12, Q8_0's stored +128, Q6_K's -32, Q4_1's
+and Q4_K's minimums) come back through the tokens' sums of x per 16 columns (`panel_input`),
+so the unsigned bytes go into vpdpbusd as they are. Formats: Q8_0, Q4_0, Q4_1, Q5_0, MXFP4,
+Q4_K, Q6_K; a 32-weight format's row that is not whole steps ends in a partial one, whose
+groups go one by one. On a CPU without VNNI only the int8 form, and not Q8_0 (whose bytes
+up to 255 would saturate vpmaddubsw's pair sums).
 """
 
 import numba
@@ -27,9 +28,9 @@ from numba import types
 from numba.extending import intrinsic
 
 from .activations import ACT_INT8, ACT_INT16, quantize_rows
-from .blocks import _k_scale_min
-from .formats import PANEL8_TYPES, PANEL_TYPES, Q4_0, Q4_K, Q5_0, Q6_K, Q8_0
-from .intrinsics import FASTMATH, HAS_VNNI, HAS_VNNI512, _call, _dot4, _f16, _splat, _u32, _vec_at
+from .blocks import _e8m0_half, _k_scale_min
+from .formats import MXFP4, PANEL8_TYPES, PANEL_TYPES, Q4_0, Q4_K, Q5_0, Q6_K, Q8_0
+from .intrinsics import E2M1, FASTMATH, HAS_VNNI, HAS_VNNI512, _call, _dot4, _e2m1, _f16, _splat, _u32, _vec_at
 
 PANEL = 16  # rows per panel: the int32 lanes of one 512-bit vector
 STEP = 256  # columns unpacked per fill: a K-quant super-block, 8 blocks of the 32-formats
@@ -196,6 +197,35 @@ def _fill_q4(row, s, i, buf32, sc, mn, block_bytes, ng):
             buf32[128 * g + 16 * (q + 4) + i] = (word >> np.uint32(4)) & _NIB
 
 
+@intrinsic
+def _e2m1_quads(typingctx, buf32, at, row, o):
+    """buf32[at + 16 q] = weights 4q..4q+3 of the MXFP4 block whose codes are at row[o:o + 16],
+    as their doubled values plus 12 (bytes 0-24), for q < 8: one pshufb per 16 codes."""
+    def codegen(context, builder, sig, args):
+        buf, at, row, o = args
+        words = builder.bitcast(_e2m1(builder, context, sig.args[2], row, o, [c + 12 for c in E2M1]),
+                                ir.VectorType(_I32, 8))
+        data = context.make_array(sig.args[0])(context, builder, buf).data
+        for q in range(8):
+            builder.store(builder.extract_element(words, ir.Constant(_I32, q)),
+                          builder.gep(data, [builder.add(at, ir.Constant(at.type, 16 * q))]))
+        return context.get_dummy_value()
+    return types.none(buf32, at, row, o), codegen
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _fill_mxfp4(row, s, i, buf32, sc, mn, ng):
+    """MXFP4 (e | 16 bytes of E2M1 codes in Q4_0's order, w = 2^(e - 127) * value): the
+    doubled values plus 12, with the halving in the scale (blocks._e8m0_half)."""
+    for g in range(ng):
+        o = 17 * (8 * s + g)
+        d = _e8m0_half(row, o)
+        for h in range(2):
+            sc[32 * g + 16 * h + i] = d
+            mn[32 * g + 16 * h + i] = np.float32(12) * d
+        _e2m1_quads(buf32, 128 * g + i, row, o + 1)
+
+
 @numba.njit(inline="always")
 def _spread4(bits):
     """Bits 0-3 of `bits` as bit 4 of bytes 0-3."""
@@ -274,6 +304,8 @@ def _fill(t, w, lo, hi, s, buf32, sc, mn, ng):
             _fill_q8_0(row, s, i, buf32, sc, mn, ng)
         elif t == Q5_0:
             _fill_q5_0(row, s, i, buf32, sc, mn, ng)
+        elif t == MXFP4:
+            _fill_mxfp4(row, s, i, buf32, sc, mn, ng)
         elif t == Q4_0:
             _fill_q4(row, s, i, buf32, sc, mn, 18, ng)
         else:
