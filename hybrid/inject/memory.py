@@ -28,9 +28,12 @@ def rss_bytes(pid: int | str = "self") -> int:
 
 def kv_bytes_per_token(module, placement) -> int:
     """Bytes of KV cache one token takes across all layers: placement(path) -> (device,
-    dtype) as `Model.placement`; an attention with a `kv_dtype` of its own keeps that."""
+    dtype) as `Model.placement`; an attention with a `kv_dtype` of its own keeps that. A
+    layer without attention (a recurrent one) keeps a state that does not grow with tokens."""
     total = 0
     for i, layer in enumerate(module.model.layers):
+        if not hasattr(layer, "self_attn"):
+            continue
         _, dtype = placement(f"model.layers.{i}.self_attn")
         dtype = getattr(layer.self_attn, "kv_dtype", dtype)
         kv_heads, k_dim, v_dim = layer.self_attn.cache_shape()

@@ -158,7 +158,7 @@ def kv_cache_per_slot(module, placements: list[Placement], context: int) -> dict
     """Bytes of KV cache one sequence slot of `context` tokens takes (sliding-window layers
     hold only their window), from the model's own `cache_bytes`."""
     placement = placement_of(placements)
-    sliding = sum(1 for layer in module.model.layers if getattr(layer.self_attn, "sliding_window", None))
+    sliding = sum(1 for layer in module.model.layers if getattr(getattr(layer, "self_attn", None), "sliding_window", None))
     return {"context": context, "bytes_per_slot": module.cache_bytes(context, placement), "sliding_layers": sliding,
             "layers": len(module.model.layers)}
 
