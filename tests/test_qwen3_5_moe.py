@@ -94,3 +94,21 @@ def test_engine_serves_it_with_the_prefix_cache_off(tiny, caplog):
         got = [[e.token for e in s if e.token is not None] for s in streams]
         assert got == [greedy_reference(ref_model, p, 6) for p in prompts]
     assert engine.prefix.stats()["hits"] == 0
+
+
+def test_rules_plan_counts_the_recurrent_state_once_per_slot(tiny, capsys):
+    """Layer 3's KV cache grows with tokens (2 heads x (32 + 32) x float32 = 512 B each); the
+    three DeltaNet layers' state does not (conv 192 channels x 3 taps + 4 heads x 16 x 32,
+    float32 = 10,496 B each), and the prefix cache is off."""
+    from hybrid.cli import main as cli
+
+    directory, _ = tiny
+    assert cli.main(["rules", "--model", str(directory), "--rules", "qwen3_5_moe-cpu", "--json", "--slots", "2",
+                     "--ctx", "100"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    state = 3 * 4 * (192 * 3 + 4 * 16 * 32)
+    assert plan["kv_cache"]["recurrent_layers"] == 3 and plan["kv_cache"]["bytes_per_slot"] == 512 * 512 + state
+    assert plan["prefix_cache"]["budget_bytes"] == 0
+    rss = plan["expected_rss"]
+    assert (rss["kv_bytes_per_token"], rss["state_bytes_per_slot"]) == (512, state)
+    assert rss["kv_full_bytes"] - rss["at_start_bytes"] == (512 * 100 + state) * 2

@@ -41,12 +41,15 @@ def kv_bytes_per_token(module, placement) -> int:
     return total
 
 
-def expected_rss(cpu_weight_bytes: int, kv_per_token: int, slots: int, ctx: int, prefix_cache: int = 0) -> dict:
+def expected_rss(cpu_weight_bytes: int, kv_per_token: int, slots: int, ctx: int, prefix_cache: int = 0,
+                 state_per_slot: int = 0) -> dict:
     """RSS a server is expected to reach: the runtime, the weights it keeps on the CPU
     (mapped once, resident as they are read) and the KV cache, which becomes resident as
-    tokens are written (none at start, `slots` x `ctx` tokens when every slot is full),
-    plus the prefix cache's budget once it has filled (CPU caches; a GPU's stays on the GPU)."""
+    tokens are written (none at start, `slots` x `ctx` tokens when every slot is full; a
+    recurrent layer's state, `state_per_slot`, whole once its slot is used), plus the prefix
+    cache's budget once it has filled (CPU caches; a GPU's stays on the GPU)."""
     start = RUNTIME_BYTES + cpu_weight_bytes
     return {"runtime_bytes": RUNTIME_BYTES, "cpu_weight_bytes": cpu_weight_bytes, "kv_bytes_per_token": kv_per_token,
-            "slots": slots, "ctx": ctx, "at_start_bytes": start, "prefix_cache_bytes": prefix_cache,
-            "kv_full_bytes": start + kv_per_token * slots * ctx + prefix_cache}
+            "state_bytes_per_slot": state_per_slot, "slots": slots, "ctx": ctx, "at_start_bytes": start,
+            "prefix_cache_bytes": prefix_cache,
+            "kv_full_bytes": start + (kv_per_token * ctx + state_per_slot) * slots + prefix_cache}
