@@ -112,3 +112,33 @@ def test_rules_plan_counts_the_recurrent_state_once_per_slot(tiny, capsys):
     rss = plan["expected_rss"]
     assert (rss["kv_bytes_per_token"], rss["state_bytes_per_slot"]) == (512, state)
     assert rss["kv_full_bytes"] - rss["at_start_bytes"] == (512 * 100 + state) * 2
+
+
+def test_gguf_with_the_multi_token_prediction_layer_loads_without_it(tiny, tmp_path):
+    """llama.cpp's converter writes Qwen3.5's MTP layer as one more block (block_count + 1,
+    nextn_predict_layers 1: its layer's tensors and blk.N.nextn.*); decoding does not use it."""
+    import gguf
+    import numpy as np
+
+    from hybrid.writers.convert import write_gguf
+
+    directory, ref = tiny
+    plain = gguf.GGUFReader(write_gguf(directory, tmp_path / "plain.gguf", "F32"))
+    writer = gguf.GGUFWriter(str(tmp_path / "mtp.gguf"), "qwen35moe")
+    for name, f in plain.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        value = f.contents() + 1 if name == "qwen35moe.block_count" else f.contents()
+        writer.add_key_value(name, value, f.types[0], f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+    writer.add_uint32("qwen35moe.nextn_predict_layers", 1)
+    for t in plain.tensors:
+        writer.add_tensor(t.name, np.asarray(t.data))
+    writer.add_tensor("blk.4.attn_norm.weight", np.ones(64, np.float32))
+    writer.add_tensor("blk.4.nextn.eh_proj.weight", np.ones((64, 128), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    model = hybrid.load(tmp_path / "mtp.gguf", rules="torch-cpu")
+    assert model.config.num_hidden_layers == 4
+    assert rel_err(model.logits(IDS), reference_logits(ref, IDS)) < 1e-4
