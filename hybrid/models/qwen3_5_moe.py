@@ -181,6 +181,9 @@ class GatedRMSNorm(nn.Module):
 
 
 class GatedDeltaNet(nn.Module):
+    """Linear attention: forward(x [B, T, hidden], rope (unused), step, state) -> [B, T, hidden],
+    reading and writing the step's rows of its `RecurrentState`."""
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.Hk, self.Hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
