@@ -1,7 +1,8 @@
 """Decode steps and batched decode of sequences of mixed lengths against transformers, for
 the families whose attention is not the numba decode kernel's (sliding windows, partial
-rotary, sinks): tiny random models, prompts longer than their sliding windows, under
-torch-cpu and the family's CPU rule file (rules=None)."""
+rotary, sinks) or who have recurrent layers (Qwen3.5's gated DeltaNet, whose state per
+slot must follow each sequence and leave padding out): tiny random models, prompts longer
+than their sliding windows, under torch-cpu and the family's CPU rule file (rules=None)."""
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("cpu_machine")
 IDS = [int(i) for i in torch.randint(0, 256, (41,), generator=torch.Generator().manual_seed(3))]
 
 
-@pytest.fixture(scope="module", params=["gemma3_text", "glm4_moe", "gpt_oss"])
+@pytest.fixture(scope="module", params=["gemma3_text", "glm4_moe", "gpt_oss", "qwen3_5_moe"])
 def tiny(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
     return directory, make_tiny(request.param, directory)

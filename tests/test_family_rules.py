@@ -1,4 +1,4 @@
-"""The rule files of the families added with the registry (gemma3, glm4_moe, gpt_oss):
+"""The rule files of the families added with the registry (gemma3, glm4_moe, gpt_oss, qwen3_5_moe):
 `hybrid rules` plans each CPU file on a tiny model with every rule matching something,
 the GPU files name the family's CPU file on a machine without CUDA, and the GPU files
 run on tiny models where CUDA is present."""
@@ -15,7 +15,7 @@ from hybrid.inject.placement import RuleError, parse_rules
 
 from .tiny import make_tiny, reference_logits, rel_err
 
-NEW = ["gemma3_text", "glm4_moe", "gpt_oss"]
+NEW = ["gemma3_text", "glm4_moe", "gpt_oss", "qwen3_5_moe"]
 IDS = list(range(3, 40))
 
 
@@ -63,8 +63,9 @@ def test_registry_finds_every_family_file_and_its_rule_files():
     from hybrid.models import family, family_names, gguf_architectures, supported_families
     from hybrid.inject.placement import builtin_rules_dir
 
-    assert {"gemma3_text", "glm4_moe", "gpt_oss", "llama", "deepseek_v3"} <= set(supported_families())
-    assert {"gemma3": "gemma3_text", "glm4moe": "glm4_moe", "gpt-oss": "gpt_oss"}.items() <= gguf_architectures().items()
+    assert {"gemma3_text", "glm4_moe", "gpt_oss", "llama", "deepseek_v3", "qwen3_5_moe"} <= set(supported_families())
+    assert {"gemma3": "gemma3_text", "glm4moe": "glm4_moe", "gpt-oss": "gpt_oss",
+            "qwen35moe": "qwen3_5_moe_text"}.items() <= gguf_architectures().items()
     rule_files = {f.stem for f in builtin_rules_dir().glob("*.yaml")}
     for name in family_names():
         assert {f"{name}-cpu", f"{name}-gpu", f"{name}-multi-gpu"} <= rule_files, name

@@ -122,4 +122,5 @@ def test_rules_command_states_the_kv_cache_per_slot(gemma3_path, capsys):
     kv = json.loads(capsys.readouterr().out)["kv_cache"]
     per_position = 1 * 2 * 256 * 4
     rows = 512 + SlidingKVCache.PAD_ROOM
-    assert kv == {"context": 32768, "bytes_per_slot": per_position * (15 * rows + 3 * 32768), "sliding_layers": 15, "layers": 18}
+    assert kv == {"context": 32768, "bytes_per_slot": per_position * (15 * rows + 3 * 32768), "sliding_layers": 15,
+                  "recurrent_layers": 0, "layers": 18}

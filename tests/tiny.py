@@ -53,6 +53,13 @@ TINY = {
         "head_dim": 16, "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 8,
         "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 16.0, "beta_fast": 32.0,
                             "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 32}}),
+    # the text model of Qwen3.5 MoE: layers 0-2 gated DeltaNet (2 key heads of 16, 4 value heads
+    # of 32: llama.cpp's files tile them), layer 3 gated full attention with RoPE on 8 of its
+    # 32 dims; 4 experts, top 2, and a shared expert in every layer
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", {
+        "num_hidden_layers": 4, "head_dim": 32, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+        "linear_key_head_dim": 16, "linear_value_head_dim": 32, "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 64, "num_experts": 4, "num_experts_per_tok": 2}),
     # 6 layers: 5 sliding (window 8, shorter than the test prompts) and 1 full, llama.cpp's
     # fixed pattern; linear RoPE scaling on the full layer as Gemma 3 4B+ has
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {

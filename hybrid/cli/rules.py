@@ -45,10 +45,12 @@ def main(args) -> int:
     plan["kv_cache"] = kv_cache_per_slot(module, placements, config.max_position_embeddings)
     cpu = sum(d["weight_bytes"] for d in plan["devices"] if d["device"] == "cpu")
     per_token = kv_bytes_per_token(module, placement)
-    plan["prefix_cache"] = {"budget_bytes": prefix_cache_bytes(args), "block_tokens": DEFAULT_BLOCK,
-                            "kv_bytes_per_token": per_token}
-    cpu_per_token = kv_cache_by_device(module, placement, 1, 1).get("cpu", 0)  # a GPU's KV cache is not resident
-    plan["expected_rss"] = expected_rss(cpu, cpu_per_token, args.slots, ctx, prefix_cache_bytes(args))
+    # the engine keeps no prefix cache for a model with recurrent layers (hybrid.engine.scheduler)
+    budget = 0 if plan["kv_cache"]["recurrent_layers"] else prefix_cache_bytes(args)
+    plan["prefix_cache"] = {"budget_bytes": budget, "block_tokens": DEFAULT_BLOCK, "kv_bytes_per_token": per_token}
+    # a GPU's KV cache is not resident; a recurrent state is the same size at 1 token as at 2
+    one, two = (kv_cache_by_device(module, placement, 1, n).get("cpu", 0) for n in (1, 2))
+    plan["expected_rss"] = expected_rss(cpu, two - one, args.slots, ctx, budget, state_per_slot=2 * one - two)
     print(json.dumps(plan, indent=2) if args.json else f"model: {src.path}\n" + format_plan(plan))
     if not plan["fits"]:
         print("the plan does not fit the memory available", file=sys.stderr)

@@ -66,6 +66,16 @@ def _cache_layout(model) -> list | None:
     return layout() if layout is not None else None
 
 
+def _prefix_budget(caches, budget: int) -> int:
+    """The prefix cache's budget for these caches: 0 (off) when a layer's cache cannot have
+    positions copied out and back in (a recurrent layer's state folds them all together)."""
+    if budget and not all(getattr(c, "copies_rows", True) for c in caches):
+        log.warning("prefix cache off: this model's recurrent layers keep one state per slot, which cached "
+                    "blocks of positions cannot rebuild")
+        return 0
+    return budget
+
+
 class QueueFull(RuntimeError):
     """The engine's waiting queue is full; retry later."""
 
@@ -154,7 +164,7 @@ class Engine:
             log.warning("context %d is longer than the model's %d; quality may drop", self.ctx, model.context_length)
         self.slots, self.prefill_chunk = slots, prefill_chunk
         self.cache = model.new_cache(slots, self.ctx)
-        self.prefix = PrefixCache(prefix_cache, prefix_block)
+        self.prefix = PrefixCache(_prefix_budget(self.cache, prefix_cache), prefix_block)
         self.prefilled_tokens = 0   # prompt tokens run through the model (not copied from the prefix cache)
         self.free = list(range(slots))
         self.waiting: queue.Queue[Sequence] = queue.Queue(max_queue)
@@ -313,7 +323,7 @@ class Engine:
             return
         if not same:
             self.cache = model.new_cache(self.slots, self.ctx)
-            self.prefix = PrefixCache(self.prefix.budget, self.prefix.block)
+            self.prefix = PrefixCache(_prefix_budget(self.cache, self.prefix.budget), self.prefix.block)
         if getattr(self.model, "_engine", None) is self:
             del self.model._engine
             model._engine = self

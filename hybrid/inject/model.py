@@ -49,9 +49,10 @@ class Model:
                         getattr(self.ruleset, "source", "the rule file"), torch.get_num_threads())
 
     def cache_layout(self) -> list[tuple]:
-        """Per layer, what a KV cache made by this model is (kind, heads, head sizes, dtype,
-        device): two models with the same layout can share one cache."""
-        return [(type(c).__name__, c.k.shape[1], c.k.shape[3], c.v.shape[3], c.k.dtype, c.k.device)
+        """Per layer, what a cache made by this model is (its kind, then each buffer's shape
+        past the slot dimension, dtype and device): two models with the same layout can
+        share one cache."""
+        return [(type(c).__name__, *((tuple(b.shape[1:]), b.dtype, b.device) for b in c.buffers()))
                 for c in self.new_cache(1, 1)]
 
     def placement(self, path: str) -> tuple[torch.device, torch.dtype]:
@@ -91,8 +92,10 @@ class Model:
     def forward(self, tokens: torch.Tensor, starts: list[int], slots: list[int], cache, keep: list[int] | None = None) -> torch.Tensor:
         """tokens [B, T]; sequence b's tokens go to cache slot slots[b] at positions
         starts[b]... Returns logits [B, T, V] float32, or with `keep` only those of
-        position keep[b] of each row: [B, 1, V]."""
-        step = Step.make(list(slots), list(starts), tokens.shape[1], self.input_device)
+        position keep[b] of each row: [B, 1, V]; a row's tokens after keep[b] are then
+        padding (a batched prefill's), which a recurrent layer leaves out of its state."""
+        lengths = None if keep is None else [k + 1 for k in keep]
+        step = Step.make(list(slots), list(starts), tokens.shape[1], self.input_device, lengths)
         return self.module(tokens.to(self.input_device), step, cache, keep)
 
     # What `warm_up` runs, in order: (what it exercises, tokens of the forward).

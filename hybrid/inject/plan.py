@@ -156,11 +156,14 @@ def summarize(placements: list[Placement], counts: dict[int, int], refs: dict, r
 
 def kv_cache_per_slot(module, placements: list[Placement], context: int) -> dict:
     """Bytes of KV cache one sequence slot of `context` tokens takes (sliding-window layers
-    hold only their window), from the model's own `cache_bytes`."""
+    hold only their window, recurrent layers a state of one size), from the model's own
+    `cache_bytes`."""
     placement = placement_of(placements)
-    sliding = sum(1 for layer in module.model.layers if getattr(layer.self_attn, "sliding_window", None))
+    layers = module.model.layers
+    sliding = sum(1 for layer in layers if getattr(getattr(layer, "self_attn", None), "sliding_window", None))
+    recurrent = sum(1 for layer in layers if not hasattr(layer, "self_attn"))
     return {"context": context, "bytes_per_slot": module.cache_bytes(context, placement), "sliding_layers": sliding,
-            "layers": len(module.model.layers)}
+            "recurrent_layers": recurrent, "layers": len(layers)}
 
 
 def human(n: float) -> str:
@@ -201,6 +204,8 @@ def format_plan(plan: dict) -> str:
     if "kv_cache" in plan:
         kv = plan["kv_cache"]
         window = f", {kv['sliding_layers']} of {kv['layers']} layers sliding-window" if kv["sliding_layers"] else ""
+        if kv.get("recurrent_layers"):
+            window += f", {kv['recurrent_layers']} of {kv['layers']} layers recurrent (a state of one size)"
         lines += ["", f"KV cache: {human(kv['bytes_per_slot'])} per slot of {kv['context']} tokens{window}"]
     if "prefix_cache" in plan:
         pc = plan["prefix_cache"]
@@ -209,7 +214,7 @@ def format_plan(plan: dict) -> str:
             lines += [f"prefix cache: up to {human(pc['budget_bytes'])} of earlier prompts' KV (about {tokens} tokens, "
                       f"in blocks of {pc['block_tokens']})"]
         else:
-            lines += ["prefix cache: off"]
+            lines += ["prefix cache: off" + (" (recurrent layers)" if plan.get("kv_cache", {}).get("recurrent_layers") else "")]
     if plan["fallbacks"]:
         lines += ["", f"fallbacks ({len(plan['fallbacks'])} modules: a matching operator could not take the shapes)"]
         for f in plan["fallbacks"]:
@@ -220,6 +225,8 @@ def format_plan(plan: dict) -> str:
     if rss:
         lines += ["", f"expected RSS: {human(rss['at_start_bytes'])} at start (runtime {human(rss['runtime_bytes'])} + CPU "
                   f"weights {human(rss['cpu_weight_bytes'])}), up to {human(rss['kv_full_bytes'])} with {rss['slots']} "
-                  f"slots of {rss['ctx']} tokens full (KV cache {human(rss['kv_bytes_per_token'])} per token)"
+                  f"slots of {rss['ctx']} tokens full (KV cache {human(rss['kv_bytes_per_token'])} per token"
+                  + (f", recurrent state {human(rss['state_bytes_per_slot'])} per slot" if rss.get("state_bytes_per_slot") else "")
+                  + ")"
                   + (" and the prefix cache full" if rss.get("prefix_cache_bytes") else "")]
     return "\n".join(lines)

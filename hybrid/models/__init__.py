@@ -3,8 +3,10 @@ family. A family module provides `MODEL_TYPES` (the Hugging Face `model_type`s i
 `Config`, `Model` and its checkpoint tables `GGUF_NAMES`, `GGUF_PERMUTED`, `STACKED`;
 optionally `GGUF_ARCHITECTURES` (GGUF general.architecture -> model_type), `GGUF_CONFIG`
 (extra GGUF metadata keys -> config keys), `gguf_config(meta, cfg)` (what llama.cpp fixes
-in code rather than storing) and `sanitize(refs)` (a Hugging Face checkpoint's tensors
-into the module tree's form). Adding a family is adding its file and its rule files."""
+in code rather than storing), `sanitize(refs)` (a Hugging Face checkpoint's tensors
+into the module tree's form), `merge_gguf(refs, cfg)` (a GGUF file's tensors into that
+form) and `to_gguf(name, w, config)` (what llama.cpp's converter does to a tensor beyond
+naming it, for the GGUF writer). Adding a family is adding its file and its rule files."""
 
 from __future__ import annotations
 

@@ -150,15 +150,18 @@ class RMSNorm(nn.Module):
 class Step:
     """Where the tokens of one forward call sit: sequence b writes its T new tokens into
     cache slot `slots[b]` at positions starts[b] .. starts[b]+T-1 and attends to keys
-    0 .. starts[b]+T-1 of that slot."""
+    0 .. starts[b]+T-1 of that slot. Only the first lengths[b] tokens of row b are its
+    own; the rest pad a batched prefill's row to T: attention caches take them at positions
+    the row's next step overwrites, a recurrent state (`RecurrentState`) leaves them out."""
 
     slots: list[int]
     starts: list[int]
     positions: torch.Tensor  # [B, T] absolute positions
     mask: torch.Tensor | None  # [B, 1, T, L] bool, None when every key is visible
+    lengths: list[int]
 
     @classmethod
-    def make(cls, slots: list[int], starts: list[int], T: int, device) -> "Step":
+    def make(cls, slots: list[int], starts: list[int], T: int, device, lengths: list[int] | None = None) -> "Step":
         starts_t = torch.tensor(starts, device=device)
         positions = starts_t[:, None] + torch.arange(T, device=device)
         L = max(starts) + T
@@ -166,7 +169,10 @@ class Step:
         if T > 1 or len(set(starts)) > 1:
             keys = torch.arange(L, device=device)
             mask = (keys[None, None, :] <= positions[:, :, None])[:, None]
-        return cls(slots, starts, positions, mask)
+        lengths = [T] * len(slots) if lengths is None else list(lengths)
+        if len(lengths) != len(slots) or not all(1 <= n <= T for n in lengths):
+            raise ValueError(f"lengths {lengths} must give 1..{T} tokens for each of the {len(slots)} rows")
+        return cls(slots, starts, positions, mask, lengths)
 
     @property
     def length(self) -> int:
@@ -181,11 +187,13 @@ class Step:
         if self.positions.device == torch.device(device):
             return self
         mask = None if self.mask is None else self.mask.to(device)
-        return Step(self.slots, self.starts, self.positions.to(device), mask)
+        return Step(self.slots, self.starts, self.positions.to(device), mask, self.lengths)
 
 
 class KVCache(nn.Module):
     """Preallocated keys and values of one attention layer: [slots, Hkv, max_len, D]."""
+
+    copies_rows = True  # the prefix cache may copy positions out and back in (read_rows, write_rows)
 
     def __init__(self, slots: int, max_len: int, kv_heads: int, k_dim: int, v_dim: int, dtype, device):
         super().__init__()
@@ -295,6 +303,48 @@ class SlidingKVCache(KVCache):
         q = step.positions[:, :, None]  # [B, T, 1]
         visible = (keys >= 0) & (keys <= q) & (keys > q - self.window)
         return None if bool(visible.all()) else visible[:, None]
+
+
+class RecurrentState(nn.Module):
+    """What a linear-attention layer (a gated DeltaNet) keeps per slot in place of a KV
+    cache: the last K-1 inputs of its short convolution, `conv` [slots, C, K-1], and the
+    delta rule's state, `ssm` [slots, H, Dk, Dv], both float32 whatever the layer's dtype.
+
+    Every position is folded into the state, so a slot only moves forward: a step starts
+    at the position the slot's state has reached (`length`), or at 0, which starts the
+    slot afresh. There are no rows to copy out and back in, so the prefix cache cannot
+    serve a model that has one (`copies_rows`)."""
+
+    copies_rows = False
+
+    def __init__(self, slots: int, conv_dim: int, kernel: int, heads: int, k_dim: int, v_dim: int, device):
+        super().__init__()
+        self.register_buffer("conv", torch.zeros(slots, conv_dim, kernel - 1, device=device))
+        self.register_buffer("ssm", torch.zeros(slots, heads, k_dim, v_dim, device=device))
+        self.length = [0] * slots  # positions folded into each slot's state
+
+    @staticmethod
+    def nbytes(conv_dim: int, kernel: int, heads: int, k_dim: int, v_dim: int) -> int:
+        """Bytes of one slot's state."""
+        return 4 * (conv_dim * (kernel - 1) + heads * k_dim * v_dim)
+
+    def read(self, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conv [B, C, K-1], ssm [B, H, Dk, Dv]) of the step's rows; zeros for a row that starts at 0."""
+        for slot, start in zip(step.slots, step.starts):
+            if start not in (0, self.length[slot]):
+                raise ValueError(f"slot {slot}'s recurrent state holds positions 0..{self.length[slot] - 1}; a step "
+                                 f"cannot start at {start} (the state only goes forward, or starts afresh at 0)")
+        index = torch.tensor(step.slots, device=self.conv.device)
+        kept = torch.tensor([s > 0 for s in step.starts], device=self.conv.device)
+        return (torch.where(kept[:, None, None], self.conv[index], 0.0),
+                torch.where(kept[:, None, None, None], self.ssm[index], 0.0))
+
+    def write(self, step: Step, conv: torch.Tensor, ssm: torch.Tensor) -> None:
+        """Store the states after each row's own `step.lengths[b]` tokens."""
+        index = torch.tensor(step.slots, device=self.conv.device)
+        self.conv[index], self.ssm[index] = conv.to(self.conv.dtype), ssm.to(self.ssm.dtype)
+        for slot, start, n in zip(step.slots, step.starts, step.lengths):
+            self.length[slot] = start + n
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:

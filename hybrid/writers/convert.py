@@ -65,6 +65,8 @@ def write_gguf(model_dir, out_path, qtype: str = "F32", tokenizer_from=None, ext
         if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
             continue
         w = ref.numpy()
+        if hasattr(fam, "to_gguf"):  # what llama.cpp's converter changes beyond names and types
+            w = fam.to_gguf(name, w, config)
         if arch == "llama" and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
             w = permute_rows(w, heads)
@@ -98,6 +100,8 @@ def _add_config(writer: GGUFWriter, arch: str, config, cfg: dict) -> None:
     values = dict(cfg)
     derived = ("num_key_value_heads", "head_dim", "num_local_experts")
     values.update({k: getattr(config, k) for k in derived if hasattr(config, k)})
+    own = getattr(family(cfg["model_type"]), "GGUF_CONFIG", {}).values()  # a family's keys its config derives
+    values.update({k: getattr(config, k) for k in own if k not in values and hasattr(config, k)})
     if arch == "deepseek2":  # llama.cpp's key_length is the whole q/k head; gating 1 softmax, 2 sigmoid
         values.update(head_dim=config.qk_head_dim, rope_dimension_count=config.qk_rope_head_dim)
         writer.add_uint32(f"{arch}.expert_gating_func", 2 if config.scoring_func == "sigmoid" else 1)
