@@ -36,8 +36,9 @@ def test_small_batch_matches_gguf(qtype, tokens):
     x = np.random.default_rng(tokens).standard_normal((tokens, cols_for(qtype, 3)), dtype=np.float32)
     # with VNNI, up to GEMM_TOKENS tokens of MULTI_TYPES take the integer rows (x rounded),
     # more the integer panels where they take the format (rounded too)
-    rounded = (tokens <= policy.GEMM_TOKENS and int(qtype) in formats.MULTI_TYPES) or on_panels(qtype, x.shape[1], tokens)
-    assert_close(kernels.matmul(qtype, w, x), (seen(qtype, x) if rounded else x) @ reference(qtype, w).T)
+    panel = on_panels(qtype, x.shape[1], tokens)
+    rounded = (tokens <= policy.GEMM_TOKENS and int(qtype) in formats.MULTI_TYPES) or panel
+    assert_close(kernels.matmul(qtype, w, x), (seen(qtype, x, panel) if rounded else x) @ reference(qtype, w).T)
 
 
 @pytest.mark.parametrize("rows,chunks", [(1, 1), (2, 2), (5, 3), (9, 2)])
