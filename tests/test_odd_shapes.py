@@ -31,6 +31,8 @@ ODD_FAMILY = {
     "qwen3_moe": {"head_dim": 20, "moe_intermediate_size": 72},
     "deepseek_v2": _MLA_ODD,
     "deepseek_v3": {**_MLA_ODD, "q_lora_rank": 40},
+    "qwen3_5_moe": {"head_dim": 20, "linear_key_head_dim": 20, "linear_value_head_dim": 20,
+                    "moe_intermediate_size": 72, "shared_expert_intermediate_size": 136},
 }
 # Hidden size and heads fit, the feed-forward widths do not: kernels and torch side by side.
 MIXED = {"vocab_size": 200, "hidden_size": 64, "intermediate_size": 136}
@@ -41,6 +43,7 @@ MIXED_FAMILY = {
     "qwen3_moe": {"head_dim": 16, "moe_intermediate_size": 72},
     "deepseek_v2": {"moe_intermediate_size": 72},
     "deepseek_v3": {"moe_intermediate_size": 72},
+    "qwen3_5_moe": {"head_dim": 16, "moe_intermediate_size": 72, "shared_expert_intermediate_size": 136},
 }
 SHAPES = {"odd": (ODD, ODD_FAMILY), "mixed": (MIXED, MIXED_FAMILY)}
 

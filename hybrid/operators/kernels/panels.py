@@ -166,15 +166,21 @@ _split_group, _int8_group = _step4(True, False, 1), _step4(False, False, 1)
 _NIB = np.uint32(0x0F0F0F0F)
 
 
+@numba.njit(inline="always")
+def _scales(sc, mn, g, i, d, m):
+    """Row i's scale d and offset m for both half groups of group g (the 32-weight formats)."""
+    for h in range(2):
+        sc[32 * g + 16 * h + i] = d
+        mn[32 * g + 16 * h + i] = m
+
+
 @numba.njit(inline="always", fastmath=FASTMATH)
 def _fill_q8_0(row, s, i, buf32, sc, mn, ng):
     """Q8_0 (d | q:int8[32]): bytes q + 128, offset 128 d."""
     for g in range(ng):
         o = 34 * (8 * s + g)
         d = _f16(row, o)
-        for h in range(2):
-            sc[32 * g + 16 * h + i] = d
-            mn[32 * g + 16 * h + i] = np.float32(128) * d
+        _scales(sc, mn, g, i, d, np.float32(128) * d)
         for q in range(8):
             buf32[128 * g + 16 * q + i] = _u32(row, o + 2 + 4 * q) ^ np.uint32(0x80808080)
 
@@ -186,10 +192,7 @@ def _fill_q4(row, s, i, buf32, sc, mn, block_bytes, ng):
     for g in range(ng):
         o = block_bytes * (8 * s + g)
         d = _f16(row, o)
-        m = np.float32(8) * d if block_bytes == 18 else -_f16(row, o + 2)
-        for h in range(2):
-            sc[32 * g + 16 * h + i] = d
-            mn[32 * g + 16 * h + i] = m
+        _scales(sc, mn, g, i, d, np.float32(8) * d if block_bytes == 18 else -_f16(row, o + 2))
         qs = o + block_bytes - 16
         for q in range(4):
             word = _u32(row, qs + 4 * q)
@@ -220,9 +223,7 @@ def _fill_mxfp4(row, s, i, buf32, sc, mn, ng):
     for g in range(ng):
         o = 17 * (8 * s + g)
         d = _e8m0_half(row, o)
-        for h in range(2):
-            sc[32 * g + 16 * h + i] = d
-            mn[32 * g + 16 * h + i] = np.float32(12) * d
+        _scales(sc, mn, g, i, d, np.float32(12) * d)
         _e2m1_quads(buf32, 128 * g + i, row, o + 1)
 
 
@@ -239,9 +240,7 @@ def _fill_q5_0(row, s, i, buf32, sc, mn, ng):
     for g in range(ng):
         o = 22 * (8 * s + g)
         d = _f16(row, o)
-        for h in range(2):
-            sc[32 * g + 16 * h + i] = d
-            mn[32 * g + 16 * h + i] = np.float32(16) * d
+        _scales(sc, mn, g, i, d, np.float32(16) * d)
         qh = _u32(row, o + 2)
         for q in range(4):
             word = _u32(row, o + 6 + 4 * q)
