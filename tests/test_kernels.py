@@ -76,7 +76,7 @@ def seen(qtype, x, panel=False):
 def on_panels(qtype, cols, tokens, acts=ACT_INT16):
     """Whether `matmul` takes the integer panels (x rounded) for this weight and batch."""
     return (policy.PANEL_MIN_TOKENS <= tokens <= policy.TILE_MAX_TOKENS
-            and panel_form.py_func(int(qtype), panel_mode.py_func(acts, int(qtype), False), cols) != NO_FORM)
+            and panel_form.py_func(int(qtype), panel_mode.py_func(acts, int(qtype), False)) != NO_FORM)
 
 
 def cols_for(qtype, blocks=3):
@@ -168,7 +168,7 @@ def run_moe(types, experts, top_k, tokens, hidden=256, inter=512, seed=0, x=None
     multi = {"gate": tg in formats.MULTI_TYPES and tu in formats.MULTI_TYPES, "down": td in formats.MULTI_TYPES}
     multi["up"] = multi["gate"]
 
-    first_panel = panel_plan(int(tg), int(tu), int(td), ACT_INT16, hidden, inter)[0]
+    first_panel = panel_plan(int(tg), int(tu), int(td), ACT_INT16)[0]
 
     def rounded(p, e):
         if tokens > policy.MOE_FUSED_MAX_TOKENS:  # expert by expert through matmul

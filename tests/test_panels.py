@@ -81,18 +81,18 @@ def test_matmul_takes_the_panels(qtype):
     x = np.random.default_rng(5).standard_normal((policy.PANEL_MIN_TOKENS + 3, 512), dtype=np.float32)
     for acts, (form_name, form) in [(ACT_INT16, ("split", panels.SPLIT)), (ACT_INT8, ("int8", panels.INT8))]:
         if (form_name, form) not in FORMS or (form == panels.INT8 and int(qtype) not in panels.PANEL8_TYPES):
-            assert panels.panel_form.py_func(int(qtype), acts, 512) == panels.NO_FORM
+            assert panels.panel_form.py_func(int(qtype), acts) == panels.NO_FORM
             continue
         np.testing.assert_array_equal(kernels.matmul(qtype, w, x, acts=acts), run_panels(qtype, w, x, form))
-    assert panels.panel_form.py_func(int(qtype), ACT_FLOAT, 512) == panels.NO_FORM
+    assert panels.panel_form.py_func(int(qtype), ACT_FLOAT) == panels.NO_FORM
     if qtype in BLOCK32_TYPES and int(qtype) in panels.PANEL8_TYPES:  # 2.25 steps
-        assert panels.panel_form.py_func(int(qtype), ACT_INT8, 576) == panels.INT8
+        assert panels.panel_form.py_func(int(qtype), ACT_INT8) == panels.INT8
 
 
 def test_formats_without_panels():
     """Q5_K (no panel) and F16 go through the tiles, unrounded."""
     for qtype in (Q.Q5_K, Q.F16):
-        assert panels.panel_form.py_func(int(qtype), ACT_INT16, 512) == panels.NO_FORM
+        assert panels.panel_form.py_func(int(qtype), ACT_INT16) == panels.NO_FORM
         w = make_weight(qtype, (9, 512))
         x = np.random.default_rng(2).standard_normal((20, 512), dtype=np.float32)
         assert_close(kernels.matmul(qtype, w, x), x @ reference(qtype, w).T)
@@ -117,7 +117,7 @@ def test_moe_experts_on_panels_with_partial_steps():
     """Experts whose hidden size and width are not whole 256-column steps (576 and 288)
     take the panels too, and match the module they replace."""
     types = (Q.Q4_0, Q.Q5_0, Q.Q4_1)
-    assert panel_plan(*(int(t) for t in types), ACT_INT8, 576, 288)[0] == policy.PANEL_MIN_TOKENS
+    assert panel_plan(*(int(t) for t in types), ACT_INT8)[0] == policy.PANEL_MIN_TOKENS
     y, ref, ids = run_moe(types, experts=6, top_k=3, tokens=40, hidden=576, inter=288)
     assert np.bincount(ids.ravel(), minlength=6).max() >= policy.PANEL_MIN_TOKENS
     assert_close(y, ref)
@@ -152,11 +152,11 @@ def test_moe_panels_are_each_tokens_own(monkeypatch):
 
 def test_panel_plan():
     """All three expert types need a panel for their activation form."""
-    assert panel_plan(int(Q.Q4_K), int(Q.Q4_K), int(Q.Q6_K), ACT_INT8, 512, 256)[0] == policy.PANEL_MIN_TOKENS
-    assert panel_plan(int(Q.Q4_K), int(Q.Q5_K), int(Q.Q6_K), ACT_INT8, 512, 256)[0] == NO_PANELS
-    assert panel_plan(int(Q.Q4_0), int(Q.Q4_0), int(Q.Q5_1), ACT_INT8, 512, 256)[0] == NO_PANELS
-    assert panel_plan(int(Q.Q4_K), int(Q.Q4_K), int(Q.Q6_K), ACT_FLOAT, 512, 256)[0] == NO_PANELS
-    on_vnni = panel_plan(int(Q.Q8_0), int(Q.Q8_0), int(Q.Q8_0), ACT_INT16, 512, 256)[0]
+    assert panel_plan(int(Q.Q4_K), int(Q.Q4_K), int(Q.Q6_K), ACT_INT8)[0] == policy.PANEL_MIN_TOKENS
+    assert panel_plan(int(Q.Q4_K), int(Q.Q5_K), int(Q.Q6_K), ACT_INT8)[0] == NO_PANELS
+    assert panel_plan(int(Q.Q4_0), int(Q.Q4_0), int(Q.Q5_1), ACT_INT8)[0] == NO_PANELS
+    assert panel_plan(int(Q.Q4_K), int(Q.Q4_K), int(Q.Q6_K), ACT_FLOAT)[0] == NO_PANELS
+    on_vnni = panel_plan(int(Q.Q8_0), int(Q.Q8_0), int(Q.Q8_0), ACT_INT16)[0]
     assert on_vnni == (policy.PANEL_MIN_TOKENS if HAS_VNNI else NO_PANELS)
 
 
@@ -181,8 +181,8 @@ def test_auto_moe_panels():
     """The fused MoE's experts with many pairs take the panels under `auto` on any CPU (Q4_K
     gate and up, Q6_K down: Q4_K_M's experts): int16 with VNNI, int8 without; the result is
     the explicit form's, bitwise."""
-    plan = panel_plan(int(Q.Q4_K), int(Q.Q4_K), int(Q.Q6_K), ACT_AUTO, 512, 256)
-    assert plan == panel_plan(int(Q.Q4_K), int(Q.Q4_K), int(Q.Q6_K), AUTO_PANELS, 512, 256)
+    plan = panel_plan(int(Q.Q4_K), int(Q.Q4_K), int(Q.Q6_K), ACT_AUTO)
+    assert plan == panel_plan(int(Q.Q4_K), int(Q.Q4_K), int(Q.Q6_K), AUTO_PANELS)
     assert plan[0] == policy.PANEL_MIN_TOKENS
     gate, up = (make_weight(Q.Q4_K, (4, 256, 512), s) for s in (1, 2))
     down = make_weight(Q.Q6_K, (4, 512, 256), 3)

@@ -12,8 +12,9 @@ has no such path) and the element type its float and int16 routines read the row
 - gemm_vnni, gemm_int8: the 32-weight block as bytes (`W8`), unpacked once per row block and
   dotted with several tokens (`gemm_rows`), on the split int16 or the int8 x;
 - panel: 16 rows unpacked per 256 columns and dotted with many tokens (panels.py), on the
-  split int16 x with VNNI and on the int8 x (whatever row paths the format has); `wide` formats (bytes up to 255) take the int8
-  panels only with VNNI (AVX2's vpmaddubsw would saturate).
+  split int16 x with VNNI and on the int8 x (whatever row paths the format has); `wide`
+  formats (bytes up to 255) take the int8 panels only with VNNI (AVX2's vpmaddubsw would
+  saturate).
 
 Type codes are GGML's own numbers, so a kernel can branch on int(qtype).
 """

@@ -135,7 +135,7 @@ def matmul(qtype, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, t
         elif n <= GEMM_TOKENS:
             _few(t, w, x, y, gemv_chunks(rows), acts)
         elif n <= policy.TILE_MAX_TOKENS:
-            form = panel_form.py_func(t, panel_mode.py_func(acts, t, False), cols)
+            form = panel_form.py_func(t, panel_mode.py_func(acts, t, False))
             if form != NO_FORM:
                 matmul_panels(t, w, x, y, gemv_chunks(rows), form, TILE_X_BYTES)
             else:

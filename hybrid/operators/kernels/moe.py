@@ -281,14 +281,14 @@ def _moe_panels(tg, gate, tu, up, td, down, form_in, form_mid, x, ids, weights, 
                             out[n, lo + i] += wk * (yd[PANEL * j + i] + _bias(bias[2], e, lo + i))
 
 
-def panel_plan(tg, tu, td, acts, hidden, inter):
+def panel_plan(tg, tu, td, acts):
     """(first_panel, form_in, form_mid) of `_moe_panels` for these expert types: experts with
     PANEL_MIN_TOKENS or more pairs take the panels when all three matrices have one for the
     activation forms the fused kernel would use; else first_panel is NO_PANELS."""
     mode_in = max(panel_mode.py_func(acts, tg, True), panel_mode.py_func(acts, tu, True))
-    form_in = panel_form.py_func(tg, mode_in, hidden)
-    form_mid = panel_form.py_func(td, panel_mode.py_func(acts, td, True), inter)
-    if NO_FORM in (form_in, panel_form.py_func(tu, mode_in, hidden), form_mid):
+    form_in = panel_form.py_func(tg, mode_in)
+    form_mid = panel_form.py_func(td, panel_mode.py_func(acts, td, True))
+    if NO_FORM in (form_in, panel_form.py_func(tu, mode_in), form_mid):
         return NO_PANELS, NO_FORM, NO_FORM
     return PANEL_MIN_TOKENS, form_in, form_mid
 
@@ -323,7 +323,7 @@ def moe_forward(qtype_gate, gate, qtype_up, up, qtype_down, down, x, topk_ids, t
     with num_threads(threads):
         if x.shape[0] <= policy.MOE_FUSED_MAX_TOKENS:
             chunks = gemv_chunks(min(inter, hidden))
-            first_panel, form_in, form_mid = panel_plan(tg, tu, td, acts, hidden, inter)
+            first_panel, form_in, form_mid = panel_plan(tg, tu, td, acts)
             # no expert with first_panel pairs (a decode step never has one): skip the call
             if first_panel != NO_PANELS and (ids.size < first_panel
                                              or np.bincount(ids[ids >= 0], minlength=1).max() < first_panel):
@@ -359,7 +359,7 @@ def moe_warm_up(qtype_gate, gate, qtype_up, up, qtype_down, down, threads=None, 
     experts take it (so numba compiles it, or loads it from its cache, now)."""
     tg, _, hidden = as_blocks(qtype_gate, gate)
     td, _, inter = as_blocks(qtype_down, down)
-    if panel_plan(tg, int(qtype_up), td, acts, hidden, inter)[0] == NO_PANELS:
+    if panel_plan(tg, int(qtype_up), td, acts)[0] == NO_PANELS:
         return
     n = policy.PANEL_MIN_TOKENS
     moe_forward(qtype_gate, gate, qtype_up, up, qtype_down, down, np.zeros((n, hidden), np.float32),

@@ -38,10 +38,10 @@ NO_FORM, SPLIT, INT8 = 0, 1, 2
 
 
 @numba.njit(inline="always")
-def panel_form(t, mode, cols):
-    """How rows of type code t and `cols` columns go through the panels for the activation
-    form `mode` (activations.ACT_*): SPLIT (int16 x in bytes, VNNI), INT8, or NO_FORM. Any
-    whole number of blocks goes: a row's last step may be part of one (`panel_dots`)."""
+def panel_form(t, mode):
+    """How rows of type code t go through the panels for the activation form `mode`
+    (activations.ACT_*): SPLIT (int16 x in bytes, VNNI), INT8, or NO_FORM. Any row length
+    goes: a row's last step may be part of one (`panel_dots`)."""
     if mode == ACT_INT16 and HAS_VNNI and t in PANEL_TYPES:
         return SPLIT
     if mode == ACT_INT8 and t in PANEL8_TYPES:
