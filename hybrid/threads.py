@@ -8,16 +8,23 @@ is loaded. Anything already in the environment wins, so a user can still choose.
   `docker --cpuset-cpus` and batch schedulers set), capped by the cgroup's CPU quota
   (`docker --cpus`, Kubernetes limits), rounded up. `os.cpu_count()`, numba's default,
   counts every core of the machine whatever the process may use.
-- Waiting: OpenMP's default is to spin a while after each parallel region; a decode step is
-  hundreds of short regions, so the workers never sleep, and a competing process on the
-  same cores slows both down many times over (decode of the built-in model beside one
-  busy process: see docs/performance.md, "Contention"). PASSIVE makes them sleep at once.
+- Waiting: a decode step is hundreds of short parallel regions. libgomp's default spins
+  300,000 rounds after each, so the workers never sleep, and beside one busy process the
+  built-in model decoded at 0.03-0.3x its idle speed. Sleeping at once (OMP_WAIT_POLICY=PASSIVE)
+  is fair but pays a wake-up per region: in a VM, whose sleeping vCPU the host must wake,
+  decode fell to 0.4x. SPIN_ROUNDS bridges the gaps inside a step and sleeps between steps
+  and requests (docs/performance.md, "Contention", has the measurements).
 """
 
 from __future__ import annotations
 
 import math
 import os
+
+# libgomp's spin rounds before an idle worker sleeps (GOMP_SPINCOUNT). The built-in model,
+# 2 threads, decode alone / beside one busy process, tok/s: 300 rounds 57 / 67 (as PASSIVE),
+# 1,000 rounds 131-155 / 58-61, 3,000 146 / 44, endless spinning 151-155 / 30-47.
+SPIN_ROUNDS = 1000
 
 # cgroup v2 and v1 files holding the CPU quota of the process's cgroup.
 CGROUP_V2 = "/sys/fs/cgroup/cpu.max"
@@ -57,4 +64,4 @@ def configure() -> None:
     Call before numba and torch are imported (a library loaded earlier keeps what it read)."""
     os.environ.setdefault("NUMBA_NUM_THREADS", str(default_threads()))
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ["GOMP_SPINCOUNT"] = str(SPIN_ROUNDS)

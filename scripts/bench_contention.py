@@ -13,7 +13,7 @@ ratio busy / idle is what a user sees beside a browser or a second model.
 
 Layers: `default` is what `import hybrid` chooses (hybrid/threads.py); `omp` is numba's
 OpenMP layer with libgomp's default wait (spin 300,000 rounds, then sleep), `omp-active`
-spins without end, `omp-spin20k` spins 20,000 rounds, `omp-passive` sleeps at once
+spins without end, `omp-spinN` (`omp-spin20k`, `omp-spin500`) spins N rounds, `omp-passive` sleeps at once
 (OMP_WAIT_POLICY=PASSIVE); `workqueue` is numba's portable pool, `tbb` needs the tbb
 package. `--llama-cpp` also measures llama.cpp (llama-cpp-python, if installed) on the
 same GGUF, same thread count, same competitor, in its own default environment.
@@ -68,10 +68,10 @@ def alternate(decode, repeats: int) -> dict:
 
 
 def child_hybrid(model_path: str, tokens: int, repeats: int) -> dict:
+    import hybrid  # first, as the CLI does: its defaults reach numba's and torch's OpenMP
+
     import numba
     import torch
-
-    import hybrid
 
     model = hybrid.load(model_path)
     model.warm_up()
@@ -139,6 +139,10 @@ def main() -> None:
         from hybrid.cli.defaults import default_model_path
 
         args.model = default_model_path()
+    for name in args.layer.split(","):  # omp-spinN: libgomp spins N rounds, then sleeps
+        if name.startswith("omp-spin") and name[8:].rstrip("k").isdigit():
+            LAYERS.setdefault(name, {"NUMBA_THREADING_LAYER": "omp",
+                                     "GOMP_SPINCOUNT": str(int(name[8:].rstrip("k")) * (1000 if name.endswith("k") else 1))})
     unknown = set(args.layer.split(",")) - set(LAYERS)
     if unknown:
         ap.error(f"unknown layer(s) {sorted(unknown)}; choose from {', '.join(LAYERS)}")

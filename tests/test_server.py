@@ -452,6 +452,7 @@ def test_metrics_count_requests_tokens_and_ttft(srv):
     assert metric(srv, "hybrid_time_to_first_token_seconds_count") > 0
     assert metric(srv, "hybrid_generation_tokens_per_second_count") > 0
     assert metric(srv, "hybrid_queue_depth") == 0
+    assert 50e6 < metric(srv, "process_resident_memory_bytes") < 4e9  # the server's RSS
 
 
 # ---------------------------------------------------------------- a scripted engine, for failures on demand

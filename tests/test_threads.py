@@ -25,7 +25,7 @@ c0, t0 = time.process_time(), time.perf_counter()
 time.sleep(1.0)
 print(json.dumps({"cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - t0,
                   "threads": numba.get_num_threads(), "layer": numba.threading_layer(),
-                  "wait": os.environ.get("OMP_WAIT_POLICY")}))
+                  "wait": os.environ.get("OMP_WAIT_POLICY"), "spin": os.environ.get("GOMP_SPINCOUNT")}))
 """
 
 
@@ -40,8 +40,9 @@ def run(code: str, env: dict | None = None) -> dict:
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: numba starts no worker threads")
 def test_idle_worker_pool_does_not_spin():
     r = run(IDLE_POOL)
-    assert r["threads"] >= 2 and r["wait"] == "PASSIVE", r
-    assert r["cpu_s"] < 0.05, r  # sleeping workers; a spinning one burns ~1 s of CPU here
+    assert r["threads"] >= 2 and r["wait"] is None and r["spin"] == str(threads.SPIN_ROUNDS), r
+    assert r["cpu_s"] < 0.05, r  # workers asleep after a short spin; a spinning one burns ~1 s of CPU here
+    assert run(IDLE_POOL, {"OMP_WAIT_POLICY": "PASSIVE"})["spin"] is None  # the user's choice stays alone
     active = run(IDLE_POOL, {"OMP_WAIT_POLICY": "ACTIVE"})  # the same check sees a spinning pool
     if active["layer"] == "omp":
         assert active["cpu_s"] > 0.05, active

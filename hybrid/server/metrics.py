@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 __all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
@@ -30,6 +32,8 @@ class Metrics:
         self.inflight = Gauge("hybrid_inflight_requests", "Generation requests being served (HTTP side)",
                               registry=r)
         self.free_slots = Gauge("hybrid_free_slots", "Engine KV-cache slots free", registry=r)
+        # process_resident_memory_bytes (the RSS `hybrid rules` predicts), CPU seconds, open files
+        ProcessCollector(registry=r)
 
     def watch(self, engine, backend) -> None:
         """Read the engine's queue and slots (engine.stats()) and the server's requests at scrape time."""
