@@ -35,9 +35,12 @@ def test_small_batch_matches_gguf(qtype, tokens):
     w = make_weight(qtype, (37, cols_for(qtype, 3)))
     x = np.random.default_rng(tokens).standard_normal((tokens, cols_for(qtype, 3)), dtype=np.float32)
     # with VNNI, up to GEMM_TOKENS tokens of MULTI_TYPES take the integer rows (x rounded),
-    # more the integer panels where they take the format (rounded too)
+    # the other formats on the integer path a GEMV per token (rounded), more tokens the
+    # integer panels where they take the format (rounded too)
     panel = on_panels(qtype, x.shape[1], tokens)
-    rounded = (tokens <= policy.GEMM_TOKENS and int(qtype) in formats.MULTI_TYPES) or panel
+    few = tokens <= policy.GEMM_TOKENS and int(qtype) in formats.MULTI_TYPES
+    each = tokens <= policy.GEMV_EACH_TOKENS and int(qtype) in formats.INT_TYPES  # a GEMV per token
+    rounded = few or each or panel
     assert_close(kernels.matmul(qtype, w, x), (seen(qtype, x, panel) if rounded else x) @ reference(qtype, w).T)
 
 
@@ -65,7 +68,7 @@ def test_token_blocks():
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q4_1], ids=lambda t: t.name)
 def test_rows_do_not_depend_on_the_batch(qtype):
     """A token's outputs are bitwise the same whatever else is in a batch on the same path
-    (2..GEMM_TOKENS tokens: tiles or gemm_rows; PANEL_MIN_TOKENS or more: panels where they
+    (2..GEMM_TOKENS tokens: tiles, gemm_rows or GEMVs; PANEL_MIN_TOKENS or more: panels where they
     take the format, else tiles), so a request batched with others computes what it
     computes with any other company of that size."""
     w = make_weight(qtype, (21, 512))
@@ -78,6 +81,24 @@ def test_rows_do_not_depend_on_the_batch(qtype):
     np.testing.assert_array_equal(kernels.matmul(qtype, w, x[pick]), full[pick])
     np.testing.assert_array_equal(kernels.matmul(qtype, w, x[10:10 + policy.PANEL_MIN_TOKENS]),
                                   full[10:10 + policy.PANEL_MIN_TOKENS])
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.MXFP4, Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)
+def test_gemv_per_token_over_slices(qtype):
+    """2..GEMV_EACH_TOKENS tokens of a format with an integer row path but no `gemm_rows`
+    (Q4_K and Q6_K; without VNNI also Q8_0, Q4_0, MXFP4) take a GEMV per token over slices
+    of rows: each token gets bitwise its GEMV alone, over rows that span several slices
+    and end inside one, and within tolerance of gguf's dequantization."""
+    if int(qtype) in formats.MULTI_TYPES or int(qtype) not in formats.INT_TYPES:
+        pytest.skip(f"{qtype.name} takes gemm_rows or no integer rows on this CPU")
+    cols = 2048
+    rows = policy.GEMV_SLICE_BYTES // as_blocks(qtype, make_weight(qtype, (1, cols)))[1].shape[1] * 2 + 37
+    w = make_weight(qtype, (rows, cols))
+    x = np.random.default_rng(21).standard_normal((policy.GEMV_EACH_TOKENS, cols), dtype=np.float32)
+    alone = np.stack([kernels.gemv(qtype, w, v) for v in x])
+    for pick in ([0, 1], [5, 2, 2], list(range(policy.GEMV_EACH_TOKENS))):
+        np.testing.assert_array_equal(kernels.matmul(qtype, w, x[pick]), alone[pick])
+    assert_close(alone, seen(qtype, x, False) @ reference(qtype, w).T)
 
 
 @pytest.mark.parametrize("acts", ["int16", "int8"])

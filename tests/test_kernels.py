@@ -96,9 +96,11 @@ def test_matmul(qtype, tokens):
     x = np.random.default_rng(1).standard_normal((tokens, cols_for(qtype)), dtype=np.float32)
     y = kernels.matmul(qtype, w, x)
     # one token takes the GEMV (integer path for some formats), a few with VNNI the integer
-    # rows against several tokens (gemm_rows), more the integer panels where they take the
-    # format (rounded x), else the float kernels
+    # rows against several tokens (gemm_rows) or a GEMV per token (formats on the integer
+    # path without gemm_rows), more the integer panels where they take the format (rounded
+    # x), else the float kernels
     rounded = (tokens == 1 or (tokens <= policy.GEMM_TOKENS and int(qtype) in formats.MULTI_TYPES)
+               or (tokens <= policy.GEMV_EACH_TOKENS and int(qtype) in formats.INT_TYPES)
                or on_panels(qtype, x.shape[1], tokens))
     assert_close(y, (seen(qtype, x, on_panels(qtype, x.shape[1], tokens)) if rounded else x) @ reference(qtype, w).T)
 

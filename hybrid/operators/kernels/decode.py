@@ -326,7 +326,7 @@ def mlp_step(x, tg, wg, tu, wu, td, wd, acts, threads):
     xa = rows_input(x, max(act_mode(acts, tg), act_mode(acts, tu)))
     for c in prange(threads):
         lo, hi = _share(I, c, threads)
-        # gate's rows, then the same rows of up (as `token_rows`: GEMVs, or decoded tiles)
+        # gate's rows, then the same rows of up (as `token_rows` picks for the format)
         token_rows(tg, wg, xa, act, lo, hi)
         token_rows(tu, wu, xa, up, lo, hi)
         for n in range(N):

@@ -1,5 +1,6 @@
 """y = W @ x on GGUF blocks: GEMV for one token, rows against a few tokens at once
-(`rows.token_rows`: `gemm_rows` where it takes the format, else decoded L1 tiles) up to
+(`rows.token_rows`: `gemm_rows` where it takes the format, else GEMVs over L2 slices or
+decoded L1 tiles) up to
 GEMM_TOKENS, integer panels (panels.py) where they take the format and activation form, else
 decoded L1 tiles (batch.py), up to TILE_MAX_TOKENS tokens, and tile dequantization + BLAS
 above (weights are read once per batch in every case; the thresholds are policy.py's)."""
@@ -52,7 +53,7 @@ def _gemv(t, w, x, y, chunks, acts):
 def _few(t, w, x, y, chunks, acts):
     """As `_gemv` for 2..GEMM_TOKENS tokens: x float32 [N, cols], y float32 [N, rows]; each
     row read once for all tokens (`token_rows`: `gemm_rows` where it takes the format in the
-    activation form `acts` asks for, else a decoded tile)."""
+    activation form `acts` asks for, else GEMVs over L2 slices or a decoded tile)."""
     rows = w.shape[0]
     xa = rows_input(x, act_mode(acts, t))
     for c in prange(chunks):

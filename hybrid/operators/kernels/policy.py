@@ -4,7 +4,8 @@ each with the measurement that set it. Numbers read inside numba kernels are com
 Python are read at each call.
 
 Tokens per call, from one up, for a weight matrix (`linear.matmul`, the decode kernels):
-1 a GEMV; up to GEMM_TOKENS `gemm_rows` where it takes the format (else L1 tiles); up to
+1 a GEMV; up to GEMM_TOKENS `gemm_rows` where it takes the format (else a GEMV per token
+over L2 slices where the format has an integer row path, else L1 tiles); up to
 TILE_MAX_TOKENS L1 tiles; above, dequantized tiles of BLAS_TILE_BYTES and BLAS.
 """
 
@@ -14,6 +15,17 @@ TILE_MAX_TOKENS L1 tiles; above, dequantized tiles of BLAS_TILE_BYTES and BLAS.
 # at 8: 30 against 32); below 8 `gemm_rows` is up to 1.5x faster, at 8 the tiles come close
 # or ahead and gain with every further token (docs/performance.md, "Several tokens per row").
 GEMM_TOKENS = 8
+
+# Up to this many tokens, a format with an integer row path but no `gemm_rows` (Q4_K,
+# Q6_K; without VNNI also Q8_0, Q4_0, MXFP4) takes a GEMV per token over slices of
+# GEMV_SLICE_BYTES of rows (`rows.token_rows`), read from DRAM once and from L2 for the
+# other tokens, instead of L1 tiles, whose float decode is slower than the integer dots.
+# 2 threads, weights from DRAM, ms for 2 / 4 / 8 tokens, tiles -> GEMVs: Q4_K 14336 x
+# 4096 5.5 / 6.9 / 10.3 -> 2.5 / 4.5 / 8.8; Q6_K 4096 x 14336 16.5 / 18.4 / 23.2 -> 5.0 /
+# 10.1 / 20.3; Q4_K 768 x 2048 0.124 / 0.184 / 0.280 -> 0.071 / 0.133 / 0.258. At 16
+# tokens the tiles win (Q4_K 14336 x 4096: 15.5 ms against ~17.6).
+GEMV_EACH_TOKENS = 8
+GEMV_SLICE_BYTES = 256 << 10
 
 # From this many tokens on, a weight (`linear.matmul`) or an expert in the fused MoE
 # (`moe._moe_panels`) whose format and activation form have integer panels (panels.py)
@@ -58,8 +70,9 @@ MOE_FUSED_MAX_TOKENS = 2048
 EXPERT_GEMV_TOKENS = 4
 
 # Up to this many tokens (decode of a batch of sequences) a CPU MLP is one numba call
-# (decode.mlp_step): one token takes the integer GEMV, two or more the projections'
-# decoded L1 tiles, which reuse each weight row for every token. Longer calls (prefill) go
+# (decode.mlp_step): one token takes the integer GEMV, two or more what `rows.token_rows`
+# picks for the format (`gemm_rows`, GEMVs over L2 slices, or decoded L1 tiles), each weight
+# row read from DRAM once for every token. Longer calls (prefill) go
 # projection by projection through `linear.matmul`, whose BLAS path wins there.
 MLP_FUSED_MAX_TOKENS = 16
 

@@ -18,7 +18,7 @@ from .batch import ROWS, tile_rows
 from .blocks import W8
 from .formats import FORMATS, INT8_TYPES, INT16_TYPES, MULTI8_TYPES, MULTI_TYPES, VNNI_TYPES
 from .intrinsics import FASTMATH, STRICT, _dot8_sw, _dot8_w, _dot_w, _get, _lanes, _prefetch, _stack_f32, _stack_i64, _sum16
-from .policy import GEMM_TOKENS, PREFETCH_BYTES
+from .policy import GEMM_TOKENS, GEMV_EACH_TOKENS, GEMV_SLICE_BYTES, PREFETCH_BYTES
 
 # --- one token: two rows at a time ------------------------------------------------------
 
@@ -354,6 +354,13 @@ def gemm_takes(xa, t):
     return (xa[5].shape[1] > 0 and t in MULTI8_TYPES) or (xa[4].shape[1] > 0 and t in MULTI_TYPES)
 
 
+@numba.njit(inline="always")
+def int_rows_take(xa, t):
+    """Whether `gemv_rows` takes type code t with x in the form xa on an integer path."""
+    return ((xa[5].shape[1] > 0 and t in INT8_TYPES) or (xa[4].shape[1] > 0 and t in VNNI_TYPES)
+            or (xa[2].shape[1] > 0 and t in INT16_TYPES))
+
+
 @numba.njit(nogil=True, fastmath=STRICT)
 def gemm_rows(t, w, xa, ix, iy, count, lo, hi, y):
     """y[iy[j], r] = w[r] . x[ix[j]] for j < count and rows lo..hi-1 of w (uint8 [rows,
@@ -372,9 +379,11 @@ def gemm_rows(t, w, xa, ix, iy, count, lo, hi, y):
 def token_rows(t, w, xa, y, lo, hi):
     """y[b, r] = w[r] . x[b] for rows lo..hi-1 and every token b; xa: the tokens x as
     `quantize_rows` gives them. One token: `gemv_rows`. Two to GEMM_TOKENS where
-    `gemm_takes` the format: `gemm_rows`. Otherwise rows decoded once into L1 tiles for all
-    tokens (a per-token dot decodes every row B times: a batch-8 MoE attention took 6.7x
-    batch 1)."""
+    `gemm_takes` the format: `gemm_rows`. Up to GEMV_EACH_TOKENS where the format has an
+    integer row path but no `gemm_rows` (the K-quants): a GEMV per token over slices of
+    GEMV_SLICE_BYTES, so a slice comes from DRAM once and from L2 for the other tokens.
+    Otherwise rows decoded once into L1 tiles for all tokens (a per-token dot over all the
+    rows decodes every row B times: a batch-8 MoE attention took 6.7x batch 1)."""
     x = xa[0]
     B = x.shape[0]
     if B == 1:
@@ -382,5 +391,11 @@ def token_rows(t, w, xa, y, lo, hi):
     elif B <= GEMM_TOKENS and gemm_takes(xa, t):
         tokens = np.arange(B)
         gemm_rows(t, w, xa, tokens, tokens, B, lo, hi, y)
+    elif B <= GEMV_EACH_TOKENS and int_rows_take(xa, t):
+        step = max(2, GEMV_SLICE_BYTES // w.shape[1])
+        for r0 in range(lo, hi, step):
+            r1 = min(hi, r0 + step)
+            for b in range(B):
+                gemv_rows(t, w, xa, b, r0, r1, y[b])
     else:
         tile_rows(t, w, x, y, lo, hi, 0, B, np.empty((ROWS, x.shape[1]), np.float32))
