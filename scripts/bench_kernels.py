@@ -10,6 +10,7 @@ against torch on dequantized bf16/fp32 weights, and batch/prefill throughput.
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -42,6 +43,18 @@ def random_weight(qtype, shape, rng):
     for at in SCALES[qtype]:
         blocks[..., at:at + 2] = scale
     return blocks.reshape(*shape[:-1], -1)
+
+
+def l3_bytes() -> int:
+    """The last-level cache the OS reports for CPU 0 (0 if it reports none)."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]] if text[-1] in "KMG" else int(text))
+    return max(sizes, default=0)
 
 
 def best_time(fn, reps):
@@ -85,16 +98,22 @@ def bench_moe(shape, reps, prefill_tokens, rng):
     up = random_weight(tg, (experts, inter, hidden), rng)
     down = random_weight(td, (experts, hidden, inter), rng)
     x = rng.standard_normal((1, hidden), dtype=np.float32)
-    ids = np.arange(top_k)[None]
+    # Each call takes the next top_k experts, so consecutive calls read different weights
+    # (all E experts are 4x the active bytes: more than most last-level caches).
+    turns = [np.arange(i, i + top_k)[None] % experts for i in range(0, experts, top_k)]
+    calls = iter(range(1 << 62))
+
+    def next_ids():
+        return turns[next(calls) % len(turns)]
     w = np.full((1, top_k), 1 / top_k, np.float32)
     active = top_k * (gate[0].nbytes + up[0].nbytes + down[0].nbytes)
     res = {"shape": shape, "active_MB": active / 1e6}
 
-    fused = best_time(lambda: kernels.moe_forward(tg, gate, tg, up, td, down, x, ids, w), reps)
+    fused = best_time(lambda: kernels.moe_forward(tg, gate, tg, up, td, down, x, next_ids(), w), reps)
     h = rng.standard_normal(inter, dtype=np.float32)
 
     def separate():
-        for e in range(top_k):
+        for e in next_ids()[0]:
             kernels.gemv(tg, gate[e], x[0])
             kernels.gemv(tg, up[e], x[0])
             kernels.gemv(td, down[e], h)
@@ -104,7 +123,7 @@ def bench_moe(shape, reps, prefill_tokens, rng):
     xt = torch.from_numpy(x)
     for dtype in (torch.bfloat16, torch.float32):
         ws = [[torch.from_numpy(kernels.dequantize(t, a[e])).to(dtype) for t, a in ((tg, gate), (tg, up), (td, down))]
-              for e in range(top_k)]
+              for e in range(top_k)]  # two experts only: the dequantized copies are 2-4x the blocks
         xd = xt.to(dtype)
 
         def torch_moe():
@@ -126,6 +145,26 @@ def bench_moe(shape, reps, prefill_tokens, rng):
     return res
 
 
+def bench_moe_mxfp4(shape, reps, rng):
+    """Decode of one token through a gpt-oss expert layer as its rule files run it: MXFP4
+    gate, up and down, expert biases, the clamped SwiGLU; each call the next top_k experts
+    (gpt-oss-120b's 128 experts are 32x the active bytes, beyond any last-level cache), GB/s of the expert blocks read."""
+    experts, top_k, hidden, inter = shape["experts"], shape["top_k"], shape["hidden"], shape["inter"]
+    gate = random_weight(Q.MXFP4, (experts, inter, hidden), rng)
+    up = random_weight(Q.MXFP4, (experts, inter, hidden), rng)
+    down = random_weight(Q.MXFP4, (experts, hidden, inter), rng)
+    bias = (rng.standard_normal((experts, inter), dtype=np.float32), rng.standard_normal((experts, inter), dtype=np.float32),
+            rng.standard_normal((experts, hidden), dtype=np.float32))
+    x = rng.standard_normal((1, hidden), dtype=np.float32)
+    w = np.full((1, top_k), 1 / top_k, np.float32)
+    turns = [np.arange(i, i + top_k)[None] % experts for i in range(0, experts, top_k)]
+    calls = iter(range(1 << 62))
+    active = top_k * (gate[0].nbytes + up[0].nbytes + down[0].nbytes)
+    dt = best_time(lambda: kernels.moe_forward(Q.MXFP4, gate, Q.MXFP4, up, Q.MXFP4, down, x,
+                                               turns[next(calls) % len(turns)], w, bias=bias, glu=(7.0, 1.702)), reps)
+    return {"shape": shape, "active_MB": active / 1e6, "ms": dt * 1e3, "GBs": active / dt / 1e9}
+
+
 def bench_batches(qtype, rows, cols, batches, reps, rng):
     w = random_weight(qtype, (rows, cols), rng)
     out = {}
@@ -140,12 +179,18 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--threads", type=int, default=None, help="numba threads (default: all cores)")
+    ap.add_argument("--matrix-mb", type=int, default=None,
+                    help="size of each GEMV matrix (default: twice the last-level cache, at least 96 MiB)")
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)
     # Many short runs, best taken: on a shared machine, some runs get both cores.
     reps = 5 if args.quick else 20
-    total = (64 if args.quick else 96) << 20  # 3x the L3 cache
+    # Larger than the last-level cache, or the GEMVs read from it (a VM may report a host's
+    # several-hundred-MB L3).
+    total = (64 << 20) if args.quick else max(96 << 20, 2 * l3_bytes())
+    if args.matrix_mb:
+        total = args.matrix_mb << 20
     moe_shape = ({"experts": 8, "top_k": 2, "hidden": 2048, "inter": 5632} if args.quick
                  else {"experts": 8, "top_k": 2, "hidden": 4096, "inter": 14336})  # Mixtral-8x7B layer
     prefill = (32, 128) if args.quick else (128, 512)
@@ -156,6 +201,9 @@ def main():
         bw = res["bandwidth"]["bandwidth_GBs"]
         res["gemv"] = [bench_gemv(t, total, 4096, reps, rng) for t in GEMV_TYPES]
         res["moe"] = bench_moe(moe_shape, reps, prefill, rng)
+        mx_shape = ({"experts": 16, "top_k": 4, "hidden": 1024, "inter": 1024} if args.quick
+                    else {"experts": 128, "top_k": 4, "hidden": 2880, "inter": 2880})  # gpt-oss-120b's experts
+        res["moe_mxfp4"] = bench_moe_mxfp4(mx_shape, reps, rng)
         res["batches"] = bench_batches(Q.Q4_K, 4096 if args.quick else 14336, 4096, (1, 2, 4, 8, 16, 32, 128, 512), 3, rng)
 
     print(f"\nthreads: {res['threads']}; read bandwidth: numpy sum {res['bandwidth']['numpy_sum_GBs']:.1f} GB/s, "
@@ -173,6 +221,11 @@ def main():
                       ("torch bf16 linear", "torch_bfloat16_ms"), ("torch fp32 linear", "torch_float32_ms")):
         print(f"| {name} | {m[key]:.2f} | {m[key] / m['fused_ms']:.2f}x |")
     print(f"\nfused decode: {m['fused_GBs']:.1f} GB/s ({100 * m['fused_GBs'] / bw:.0f}% of bandwidth)")
+    mx = res["moe_mxfp4"]
+    s = mx["shape"]
+    print(f"MXFP4 MoE layer E={s['experts']} top-{s['top_k']} H={s['hidden']} I={s['inter']} (biases, clamped SwiGLU), "
+          f"{mx['active_MB']:.0f} MB of active experts per token: decode {mx['ms']:.2f} ms, {mx['GBs']:.1f} GB/s "
+          f"({100 * mx['GBs'] / bw:.0f}% of bandwidth)")
     print("\n| MoE prefill tokens | tokens/s |\n|---|---|")
     for n in prefill:
         print(f"| {n} | {m[f'prefill_{n}_tok_s']:.1f} |")

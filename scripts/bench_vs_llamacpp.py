@@ -41,6 +41,10 @@ import time
 
 import numpy as np
 
+# The environment before anything here imports hybrid, whose defaults (hybrid.threads) would
+# otherwise reach llama.cpp's OpenMP too: each engine runs with its own defaults.
+BASE_ENV = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "NUMBA_NUM_THREADS")}
+
 WORKER_OPS = ("hybrid", "llama")
 
 
@@ -51,10 +55,10 @@ class HybridWorker:
     """hybrid's Python API, as the engine decodes: one cache slot, forward per token."""
 
     def __init__(self, path: str, ctx: int, rules: str | None):
+        import hybrid  # first, as the CLI does: its thread defaults reach numba's and torch's OpenMP
+
         import numba
         import torch
-
-        import hybrid
         from hybrid.cli import measure as bench
         from hybrid.operators.kernels.intrinsics import HAS_VNNI
 
@@ -337,10 +341,10 @@ def main() -> None:
     args.ctx = max(args.prompt_tokens, max(args.decode_after, args.long_context) + args.decode_tokens) + 16
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     pythonpath = [p for p in (os.environ.get("PYTHONPATH"), repo) if p]
-    hyb_env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)}
+    hyb_env = {**BASE_ENV, "PYTHONPATH": os.pathsep.join(pythonpath)}
     if args.isa == "avx2":
         hyb_env["NUMBA_CPU_NAME"] = "haswell"
-    llama_env = {**os.environ, "PYTHONPATH": os.pathsep.join(([args.llama_path] if args.llama_path else []) + pythonpath)}
+    llama_env = {**BASE_ENV, "PYTHONPATH": os.pathsep.join(([args.llama_path] if args.llama_path else []) + pythonpath)}
     llama_env.pop("NUMBA_CPU_NAME", None)
     report = {
         "command": " ".join(sys.argv),
