@@ -18,7 +18,7 @@ import numpy as np
 
 from .formats import INT8_TYPES, INT_TYPES, PANEL_TYPES
 from .intrinsics import FASTMATH, HAS_VNNI, _u2f
-from .policy import GEMM_TOKENS
+from .policy import GEMM_TOKENS, GEMV_EACH_TOKENS
 
 ACT_FLOAT, ACT_INT16, ACT_INT8, ACT_AUTO = 0, 1, 2, 3
 ACTIVATIONS = {"auto": ACT_AUTO, "int16": ACT_INT16, "int8": ACT_INT8, "float": ACT_FLOAT}
@@ -129,9 +129,9 @@ def panel_mode(acts, t, experts):
 def rows_input(x, mode):
     """x (float32 [B, cols]) as `gemv_rows` and `gemm_rows` take it for weights whose
     activation form is `mode` (`act_mode`): int8 for up to GEMM_TOKENS tokens; int16 for
-    one token, or up to GEMM_TOKENS with VNNI (`gemm_rows`); more tokens go through float
-    tiles."""
+    up to GEMV_EACH_TOKENS (a GEMV per token where the format has no `gemm_rows`), or up to
+    GEMM_TOKENS with VNNI (`gemm_rows`); more tokens go through float tiles."""
     B = x.shape[0]
     if mode == ACT_INT8 and B <= GEMM_TOKENS:
         return quantize_rows(x, True, False, True)
-    return quantize_rows(x, mode != ACT_FLOAT and (B == 1 or (HAS_VNNI and B <= GEMM_TOKENS)))
+    return quantize_rows(x, mode != ACT_FLOAT and (B <= GEMV_EACH_TOKENS or (HAS_VNNI and B <= GEMM_TOKENS)))

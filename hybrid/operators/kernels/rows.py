@@ -357,8 +357,9 @@ def gemm_takes(xa, t):
 @numba.njit(inline="always")
 def int_rows_take(xa, t):
     """Whether `gemv_rows` takes type code t with x in the form xa on an integer path."""
-    return ((xa[5].shape[1] > 0 and t in INT8_TYPES) or (xa[4].shape[1] > 0 and t in VNNI_TYPES)
-            or (xa[2].shape[1] > 0 and t in INT16_TYPES))
+    _, xq, _, _, xb, x8 = xa
+    return ((x8.shape[1] > 0 and t in INT8_TYPES) or (xb.shape[1] > 0 and t in VNNI_TYPES)
+            or (xq.shape[1] > 0 and t in INT16_TYPES))
 
 
 @numba.njit(nogil=True, fastmath=STRICT)
