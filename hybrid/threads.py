@@ -23,7 +23,7 @@ import os
 
 # libgomp's spin rounds before an idle worker sleeps (GOMP_SPINCOUNT). The built-in model,
 # 2 threads, decode alone / beside one busy process, tok/s: 300 rounds 57 / 67 (as PASSIVE),
-# 1,000 rounds 131-155 / 58-61, 3,000 146 / 44, endless spinning 151-155 / 30-47.
+# 1,000 rounds 131-155 / 58-61, 3,000 146 / 44, endless spinning 151-166 / 30-54.
 SPIN_ROUNDS = 1000
 
 # cgroup v2 and v1 files holding the CPU quota of the process's cgroup.

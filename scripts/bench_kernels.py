@@ -57,6 +57,14 @@ def l3_bytes() -> int:
     return max(sizes, default=0)
 
 
+def rotating_ids(experts, top_k):
+    """ids() -> int [1, top_k]: each call the next top_k of the experts, so consecutive
+    calls read different weights (all the experts are more than most last-level caches)."""
+    turns = [np.arange(i, i + top_k)[None] % experts for i in range(0, experts, top_k)]
+    calls = iter(range(1 << 62))
+    return lambda: turns[next(calls) % len(turns)]
+
+
 def best_time(fn, reps):
     """Best of `reps` runs after a warm-up: other processes only ever make a run slower."""
     fn()
@@ -98,13 +106,7 @@ def bench_moe(shape, reps, prefill_tokens, rng):
     up = random_weight(tg, (experts, inter, hidden), rng)
     down = random_weight(td, (experts, hidden, inter), rng)
     x = rng.standard_normal((1, hidden), dtype=np.float32)
-    # Each call takes the next top_k experts, so consecutive calls read different weights
-    # (all E experts are 4x the active bytes: more than most last-level caches).
-    turns = [np.arange(i, i + top_k)[None] % experts for i in range(0, experts, top_k)]
-    calls = iter(range(1 << 62))
-
-    def next_ids():
-        return turns[next(calls) % len(turns)]
+    next_ids = rotating_ids(experts, top_k)  # Mixtral's 8 experts: 4x the active bytes
     w = np.full((1, top_k), 1 / top_k, np.float32)
     active = top_k * (gate[0].nbytes + up[0].nbytes + down[0].nbytes)
     res = {"shape": shape, "active_MB": active / 1e6}
@@ -148,7 +150,7 @@ def bench_moe(shape, reps, prefill_tokens, rng):
 def bench_moe_mxfp4(shape, reps, rng):
     """Decode of one token through a gpt-oss expert layer as its rule files run it: MXFP4
     gate, up and down, expert biases, the clamped SwiGLU; each call the next top_k experts
-    (gpt-oss-120b's 128 experts are 32x the active bytes, beyond any last-level cache), GB/s of the expert blocks read."""
+    (gpt-oss-120b's 128 experts are 32x the active bytes); GB/s of the expert blocks read."""
     experts, top_k, hidden, inter = shape["experts"], shape["top_k"], shape["hidden"], shape["inter"]
     gate = random_weight(Q.MXFP4, (experts, inter, hidden), rng)
     up = random_weight(Q.MXFP4, (experts, inter, hidden), rng)
@@ -157,11 +159,10 @@ def bench_moe_mxfp4(shape, reps, rng):
             rng.standard_normal((experts, hidden), dtype=np.float32))
     x = rng.standard_normal((1, hidden), dtype=np.float32)
     w = np.full((1, top_k), 1 / top_k, np.float32)
-    turns = [np.arange(i, i + top_k)[None] % experts for i in range(0, experts, top_k)]
-    calls = iter(range(1 << 62))
+    next_ids = rotating_ids(experts, top_k)
     active = top_k * (gate[0].nbytes + up[0].nbytes + down[0].nbytes)
-    dt = best_time(lambda: kernels.moe_forward(Q.MXFP4, gate, Q.MXFP4, up, Q.MXFP4, down, x,
-                                               turns[next(calls) % len(turns)], w, bias=bias, glu=(7.0, 1.702)), reps)
+    dt = best_time(lambda: kernels.moe_forward(Q.MXFP4, gate, Q.MXFP4, up, Q.MXFP4, down, x, next_ids(), w,
+                                               bias=bias, glu=(7.0, 1.702)), reps)
     return {"shape": shape, "active_MB": active / 1e6, "ms": dt * 1e3, "GBs": active / dt / 1e9}
 
 
