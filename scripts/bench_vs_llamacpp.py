@@ -16,10 +16,12 @@ the context costs each side (1 - the speed after N / the speed after --decode-af
 
 --isa avx2 measures the AVX2-only case on a machine with AVX-512: hybrid's kernels are
 compiled for Haswell (NUMBA_CPU_NAME=haswell) and llama.cpp must come from an AVX2-only
-build, given with --llama-path (a directory that holds the llama_cpp package). Build it once:
+build, given with --llama-path (a directory that holds the llama_cpp package). Build it once
+(--no-cache-dir: pip's wheel cache does not key on CMAKE_ARGS, so after a native build it
+would install that wheel again):
 
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF" \\
-        pip install --no-deps --target /opt/llama-avx2 llama-cpp-python
+        pip install --no-cache-dir --no-deps --target /opt/llama-avx2 llama-cpp-python
 
 (the native build: CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" pip install llama-cpp-python;
 where its AMX kernels fault, as in some VMs, build the CPU's other features explicitly with
