@@ -12,18 +12,31 @@ from torch import nn
 from hybrid.models.common import Experts
 
 def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Memory read bandwidth in bytes/s: the best of `repeats` F16 GEMVs over `nbytes` of
-    weights with all threads. It costs about one instruction per byte, so memory bounds it;
-    a plain parallel sum is compute-bound on these cores and reads slower."""
+    """Memory read bandwidth in bytes/s: the best of `repeats` GEMVs over `nbytes` of weights
+    with all threads, in two formats, F16 and Q8_0, each costing about one instruction per
+    byte, so that memory bounds at least one of them: on 2 cores of a Xeon both read at the
+    same speed; on 2 cores of an EPYC Zen 4 the F16 conversion is compute-bound (24 GB/s)
+    where Q8_0 reads 34 GB/s. A plain parallel sum is compute-bound on these cores and
+    reads slower."""
     from gguf import GGMLQuantizationType as Q
 
+    rng = np.random.default_rng(0)
+    # random finite halves (uniform data could flatter the memory system)
+    w = rng.integers(0, 0x3C00, (nbytes // 8192, 4096), dtype=np.uint16).view(np.float16)
+    best = _best_gemv(Q.F16, w, np.ones(4096, np.float32), repeats)
+    del w
+    # Q8_0: 4096 columns are 128 blocks of a float16 scale and 32 signed bytes
+    w = rng.integers(0, 256, (nbytes // 4352, 128, 34), dtype=np.uint8)
+    w[:, :, :2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    return max(best, _best_gemv(Q.Q8_0, w.reshape(len(w), -1), np.ones(4096, np.float32), repeats))
+
+
+def _best_gemv(qtype, w, x, repeats) -> float:
+    """Bytes/s of the fastest of `repeats` GEMVs, after one that compiles and faults the pages in."""
     from hybrid.operators import kernels
 
-    # random finite halves (uniform data could flatter the memory system)
-    w = np.random.default_rng(0).integers(0, 0x3C00, (nbytes // 8192, 4096), dtype=np.uint16).view(np.float16)
-    x = np.ones(4096, np.float32)
-    kernels.gemv(Q.F16, w, x)  # compile and fault the pages in
-    return w.nbytes / min(_timed(lambda: kernels.gemv(Q.F16, w, x)) for _ in range(repeats))
+    kernels.gemv(qtype, w, x)
+    return w.nbytes / min(_timed(lambda: kernels.gemv(qtype, w, x)) for _ in range(repeats))
 
 
 def _timed(fn) -> float:
