@@ -1,0 +1,174 @@
+"""The repacked layout the decode kernels do not have yet, measured against the row loop
+they use: Q4_K with 8 rows interleaved at load, x rounded to int8 per 32 values, each
+512-bit `vpdpbusd` serving 4 bytes of each of 8 rows, a group's scale applied to the 8 rows
+at once, no horizontal sum a row. Checks its result against `kernels.gemv` (int8) and
+prints GB/s of the original Q4_K bytes, with the weights in cache and from DRAM, 1 and 2
+threads. Needs AVX-512 VNNI (the prototype calls the 512-bit `vpdpbusd`).
+
+    python scripts/bench_repack.py
+
+Repacked block of 8 rows x 256 columns (1184 bytes against 8 x 144): the 8 rows' d and dmin
+(float16), their 6-bit scales and mins unpacked to bytes ([group][row]), then for each of
+the 4 pairs of groups and each quarter of it, 8 bytes of each row's nibbles (low: the even
+group's weight, high: the odd one's).
+"""
+import sys
+import time
+
+import numba
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from bench_kernels import random_weight
+from hybrid.operators import kernels
+from hybrid.operators.kernels.activations import ACT_INT8, ACT_INT16, quantize_rows
+from hybrid.operators.kernels.intrinsics import HAS_VNNI512, _vec_at
+
+I8, I16, I32, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+
+
+def V(t, n):
+    return ir.VectorType(t, n)
+
+
+def repack(w):
+    """Q4_K blocks uint8 [rows, row_bytes] (rows a multiple of 8) -> [rows / 8, blocks * 1184]."""
+    rows, rb = w.shape
+    nb = rb // 144
+    blk = w.reshape(rows, nb, 144)
+    d = blk[:, :, 0:2].copy().view(np.uint16)[..., 0]; dm = blk[:, :, 2:4].copy().view(np.uint16)[..., 0]
+    q = blk[:, :, 4:16].astype(np.uint8)
+    sc = np.empty((rows, nb, 8), np.uint8); m = np.empty((rows, nb, 8), np.uint8)
+    for j in range(4):
+        sc[..., j] = q[..., j] & 63; m[..., j] = q[..., j + 4] & 63
+    for j in range(4, 8):
+        sc[..., j] = (q[..., j + 4] & 0xF) | ((q[..., j - 4] >> 6) << 4)
+        m[..., j] = (q[..., j + 4] >> 4) | ((q[..., j] >> 6) << 4)
+    qs = blk[:, :, 16:144]
+    R = rows // 8
+    out = np.empty((R, nb, 1184), np.uint8)
+    g = lambda a: a.reshape(R, 8, nb, *a.shape[2:]).swapaxes(1, 2)  # [R, nb, 8 rows, ...]
+    out[:, :, 0:16] = g(d).copy().view(np.uint8).reshape(R, nb, 16)
+    out[:, :, 16:32] = g(dm).copy().view(np.uint8).reshape(R, nb, 16)
+    out[:, :, 32:96] = g(sc).swapaxes(2, 3).reshape(R, nb, 64)   # [group][row]
+    out[:, :, 96:160] = g(m).swapaxes(2, 3).reshape(R, nb, 64)
+    q8 = g(qs).reshape(R, nb, 8, 4, 4, 8)  # rows, c, i, 8 bytes
+    out[:, :, 160:] = q8.transpose(0, 1, 3, 4, 2, 5).reshape(R, nb, 1024)  # c, i, row, 8 bytes
+    return out.reshape(R, nb * 1184)
+
+
+
+@intrinsic
+def _block8(typingctx, w, o, x8, xs, xsum, b, acc, accm):
+    """acc[0:8] += the 8 rows' dots with x8 over block b (repacked, at byte o of w); accm[0:8]
+    += their minimum terms, dmin * sum_g m_g * xsum[8b + g]."""
+    def codegen(context, builder, sig, args):
+        w, o, x8, xs, xsum, b, acc, accm = args
+        def at(arr, i, off, n, t):
+            p = _vec_at(context, builder, sig.args[i], arr, off, n)
+            return builder.load(p, align=1)
+        def add(v, k): return builder.add(v, ir.Constant(v.type, k))
+        def splat(v, n):
+            vec = builder.insert_element(ir.Constant(V(v.type, n), None), v, ir.Constant(I32, 0))
+            return builder.shuffle_vector(vec, vec, ir.Constant(V(I32, n), [0] * n))
+        cvtph = lambda raw: builder.fpext(builder.bitcast(raw, V(ir.HalfType(), 8)), V(F32, 8))
+        d = cvtph(builder.bitcast(at(w, 0, o, 16, None), V(I16, 8)))
+        dm = cvtph(builder.bitcast(at(w, 0, add(o, 16), 16, None), V(I16, 8)))
+        g0 = builder.mul(b, ir.Constant(b.type, 8))
+        fa = builder.load(_vec_at(context, builder, sig.args[6], acc, ir.Constant(o.type, 0), 8), align=4)
+        fm = ir.Constant(V(F32, 8), [0.0] * 8)
+        fn = builder.module.globals.get("llvm.x86.avx512.vpdpbusd.512") or ir.Function(
+            builder.module, ir.FunctionType(V(I32, 16), [V(I32, 16)] * 3), "llvm.x86.avx512.vpdpbusd.512")
+        mask = ir.Constant(V(I8, 64), [15] * 64)
+        even = ir.Constant(V(I32, 8), list(range(0, 16, 2))); odd = ir.Constant(V(I32, 8), list(range(1, 16, 2)))
+        for c in range(4):
+            ae = ir.Constant(V(I32, 16), [0] * 16); ao = ae
+            xe0 = builder.mul(add(g0, 2 * c), ir.Constant(g0.type, 32))
+            xo0 = add(xe0, 32)
+            for i in range(4):
+                v = at(w, 0, add(o, 160 + 64 * (4 * c + i)), 64, None)
+                lo = builder.and_(v, mask); hi = builder.and_(builder.lshr(v, ir.Constant(V(I8, 64), [4] * 64)), mask)
+                xe = builder.bitcast(at(x8, 2, add(xe0, 8 * i), 8, None), ir.IntType(64))
+                xo = builder.bitcast(at(x8, 2, add(xo0, 8 * i), 8, None), ir.IntType(64))
+                xe = builder.bitcast(splat(xe, 8), V(I32, 16)); xo = builder.bitcast(splat(xo, 8), V(I32, 16))
+                ae = builder.call(fn, [ae, builder.bitcast(lo, V(I32, 16)), xe])
+                ao = builder.call(fn, [ao, builder.bitcast(hi, V(I32, 16)), xo])
+            for t, k in ((ae, 2 * c), (ao, 2 * c + 1)):
+                s8 = builder.add(builder.shuffle_vector(t, t, even), builder.shuffle_vector(t, t, odd))
+                sc = builder.uitofp(at(w, 0, add(o, 32 + 8 * k), 8, None), V(F32, 8))
+                xsk = builder.load(builder.gep(context.make_array(sig.args[3])(context, builder, xs).data, [add(g0, k)]))
+                s = builder.fmul(builder.fmul(d, sc), splat(xsk, 8))
+                fa = builder.fadd(fa, builder.fmul(builder.sitofp(s8, V(F32, 8)), s, flags=["contract"]), flags=["contract"])
+        for k in range(8):
+            mk = builder.uitofp(at(w, 0, add(o, 96 + 8 * k), 8, None), V(F32, 8))
+            xk = builder.load(builder.gep(context.make_array(sig.args[4])(context, builder, xsum).data, [add(g0, k)]))
+            fm = builder.fadd(fm, builder.fmul(mk, splat(xk, 8), flags=["contract"]), flags=["contract"])
+        builder.store(fa, _vec_at(context, builder, sig.args[6], acc, ir.Constant(o.type, 0), 8), align=4)
+        pm = _vec_at(context, builder, sig.args[7], accm, ir.Constant(o.type, 0), 8)
+        builder.store(builder.fadd(builder.load(pm, align=4), builder.fmul(fm, dm)), pm, align=4)
+        return context.get_dummy_value()
+    return types.none(w, o, x8, xs, xsum, b, acc, accm), codegen
+
+
+
+@numba.njit(nogil=True, fastmath={"contract"})
+def rows8(w, x8, xs, xsum, lo, hi, y):
+    nb = w.shape[1] // 1184
+    acc = np.empty(8, np.float32); accm = np.empty(8, np.float32)
+    for R in range(lo, hi):
+        acc[:] = 0; accm[:] = 0
+        row = w[R]
+        for b in range(nb):
+            _block8(row, b * 1184, x8, xs, xsum, b, acc, accm)
+        for r in range(8):
+            y[8 * R + r] = acc[r] - accm[r]
+
+
+
+@numba.njit(parallel=True, nogil=True)
+def gemv8(w, x8, xs, xsum, y, chunks):
+    for c in numba.prange(chunks):
+        rows8(w, x8, xs, xsum, c * w.shape[0] // chunks, (c + 1) * w.shape[0] // chunks, y)
+
+
+
+def main():
+    if not HAS_VNNI512:
+        sys.exit("bench_repack.py: this prototype needs AVX-512 VNNI (512-bit vpdpbusd); this CPU or NUMBA_CPU_NAME has none")
+    rng = np.random.default_rng(0)
+    print("| Q4_K matrix | threads | row loop, int16 x (the default) GB/s | row loop, int8 x GB/s | 8 rows repacked, int8 x GB/s |")
+    print("|---|---:|---:|---:|---:|")
+    for rows, where in ((7168, "in cache"), (131072, "from DRAM")):
+        w = random_weight(Q.Q4_K, (rows, 2048), rng)
+        packed = repack(w)
+        x = rng.standard_normal((1, 2048)).astype(np.float32)
+        xa = quantize_rows(x, True, False, True)
+        x8, xs, xsum = xa[5][0], xa[2][0], xa[3][0]
+        y = np.zeros(rows, np.float32)
+        gemv8(packed, x8, xs, xsum, y, 1)
+        ref = kernels.gemv(Q.Q4_K, w, x[0], acts=ACT_INT8)
+        err = np.abs(y - ref).max() / np.abs(ref).max()
+        if err > 1e-5:
+            sys.exit(f"bench_repack.py: the repacked GEMV differs from kernels.gemv by {err:.2e} of the largest output")
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            runs = {
+                "int16": lambda: kernels.gemv(Q.Q4_K, w, x[0], out=ref, threads=threads, acts=ACT_INT16),
+                "int8": lambda: kernels.gemv(Q.Q4_K, w, x[0], out=ref, threads=threads, acts=ACT_INT8),
+                "repacked": lambda: gemv8(packed, x8, xs, xsum, y, threads),
+            }
+            best = dict.fromkeys(runs, float("inf"))
+            for _ in range(12 if rows < 10000 else 4):  # interleaved, best of each
+                for name, fn in runs.items():
+                    t = time.perf_counter()
+                    fn()
+                    best[name] = min(best[name], time.perf_counter() - t)
+            cells = " | ".join(f"{w.nbytes / best[k] / 1e9:.1f}" for k in runs)
+            print(f"| {rows} x 2048, {where} | {threads} | {cells} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
