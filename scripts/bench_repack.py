@@ -3,9 +3,11 @@ they use: Q4_K with 8 rows interleaved at load, x rounded to int8 per 32 values,
 512-bit `vpdpbusd` serving 4 bytes of each of 8 rows, a group's scale applied to the 8 rows
 at once, no horizontal sum a row. Checks its result against `kernels.gemv` (int8) and
 prints GB/s of the original Q4_K bytes, with the weights in cache and from DRAM, 1 and 2
-threads. Needs AVX-512 VNNI (the prototype calls the 512-bit `vpdpbusd`).
+threads. With AVX-512 VNNI the dot is the 512-bit `vpdpbusd`; otherwise (or under
+NUMBA_CPU_NAME=haswell) two 256-bit `vpmaddubsw` + `vpmaddwd`.
 
     python scripts/bench_repack.py
+    NUMBA_CPU_NAME=haswell python scripts/bench_repack.py
 
 Repacked block of 8 rows x 256 columns (1184 bytes against 8 x 144): the 8 rows' d and dmin
 (float16), their 6-bit scales and mins unpacked to bytes ([group][row]), then for each of
@@ -25,7 +27,7 @@ from numba.extending import intrinsic
 from bench_kernels import random_weight
 from hybrid.operators import kernels
 from hybrid.operators.kernels.activations import ACT_INT8, ACT_INT16, quantize_rows
-from hybrid.operators.kernels.intrinsics import HAS_VNNI512, _vec_at
+from hybrid.operators.kernels.intrinsics import HAS_AVX2, HAS_VNNI512, _call, _vec_at
 
 I8, I16, I32, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 
@@ -80,8 +82,20 @@ def _block8(typingctx, w, o, x8, xs, xsum, b, acc, accm):
         g0 = builder.mul(b, ir.Constant(b.type, 8))
         fa = builder.load(_vec_at(context, builder, sig.args[6], acc, ir.Constant(o.type, 0), 8), align=4)
         fm = ir.Constant(V(F32, 8), [0.0] * 8)
-        fn = builder.module.globals.get("llvm.x86.avx512.vpdpbusd.512") or ir.Function(
-            builder.module, ir.FunctionType(V(I32, 16), [V(I32, 16)] * 3), "llvm.x86.avx512.vpdpbusd.512")
+
+        def dot(acc, w8, x8v):  # acc + 4-product sums per int32 lane of <64 x i8> w (u8), x (s8)
+            if HAS_VNNI512:
+                return _call(builder, "llvm.x86.avx512.vpdpbusd.512", V(I32, 16),
+                             [acc, builder.bitcast(w8, V(I32, 16)), builder.bitcast(x8v, V(I32, 16))])
+            # AVX2: two 256-bit halves, vpmaddubsw (|products| <= 2 * 15 * 128, no saturation)
+            # then vpmaddwd with ones
+            parts = []
+            for h in range(2):
+                pick = ir.Constant(V(I32, 32), list(range(32 * h, 32 * h + 32)))
+                pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", V(I16, 16),
+                              [builder.shuffle_vector(w8, w8, pick), builder.shuffle_vector(x8v, x8v, pick)])
+                parts.append(_call(builder, "llvm.x86.avx2.pmadd.wd", V(I32, 8), [pairs, ir.Constant(V(I16, 16), [1] * 16)]))
+            return builder.add(acc, builder.shuffle_vector(parts[0], parts[1], ir.Constant(V(I32, 16), list(range(16)))))
         mask = ir.Constant(V(I8, 64), [15] * 64)
         even = ir.Constant(V(I32, 8), list(range(0, 16, 2))); odd = ir.Constant(V(I32, 8), list(range(1, 16, 2)))
         for c in range(4):
@@ -93,9 +107,10 @@ def _block8(typingctx, w, o, x8, xs, xsum, b, acc, accm):
                 lo = builder.and_(v, mask); hi = builder.and_(builder.lshr(v, ir.Constant(V(I8, 64), [4] * 64)), mask)
                 xe = builder.bitcast(at(x8, 2, add(xe0, 8 * i), 8, None), ir.IntType(64))
                 xo = builder.bitcast(at(x8, 2, add(xo0, 8 * i), 8, None), ir.IntType(64))
-                xe = builder.bitcast(splat(xe, 8), V(I32, 16)); xo = builder.bitcast(splat(xo, 8), V(I32, 16))
-                ae = builder.call(fn, [ae, builder.bitcast(lo, V(I32, 16)), xe])
-                ao = builder.call(fn, [ao, builder.bitcast(hi, V(I32, 16)), xo])
+                xe = builder.bitcast(splat(xe, 8), V(I8, 64))
+                xo = builder.bitcast(splat(xo, 8), V(I8, 64))
+                ae = dot(ae, lo, xe)
+                ao = dot(ao, hi, xo)
             for t, k in ((ae, 2 * c), (ao, 2 * c + 1)):
                 s8 = builder.add(builder.shuffle_vector(t, t, even), builder.shuffle_vector(t, t, odd))
                 sc = builder.uitofp(at(w, 0, add(o, 32 + 8 * k), 8, None), V(F32, 8))
@@ -136,8 +151,9 @@ def gemv8(w, x8, xs, xsum, y, chunks):
 
 
 def main():
-    if not HAS_VNNI512:
-        sys.exit("bench_repack.py: this prototype needs AVX-512 VNNI (512-bit vpdpbusd); this CPU or NUMBA_CPU_NAME has none")
+    if not HAS_AVX2:
+        sys.exit("bench_repack.py: this prototype needs AVX2")
+    print(f"repacked dot: {'512-bit vpdpbusd' if HAS_VNNI512 else 'AVX2 vpmaddubsw + vpmaddwd'}\n")
     rng = np.random.default_rng(0)
     print("| Q4_K matrix | threads | row loop, int16 x (the default) GB/s | row loop, int8 x GB/s | 8 rows repacked, int8 x GB/s |")
     print("|---|---:|---:|---:|---:|")
