@@ -22,6 +22,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from bench_kernels import random_weight
@@ -63,70 +64,150 @@ def repack(w):
 
 
 
+def _block_code(context, builder, sig, args, source):
+    """The 8 rows' dots over one Q4_K block (as `_block8`), the block's fields read through
+    `source(builder, at) -> (d, dmin, scale(k), mins(k), nibbles(c, i))`: <8 x float> d and
+    dmin of the rows, <8 x i8> scale and min of group k, <64 x i8> 8 bytes of each row's
+    nibbles, quarter i of group pair c."""
+    x8, xs, xsum, b, acc, accm = args[-6:]
+    tys = sig.args[-6:]
+
+    def at(arr, ty, off, n):
+        return builder.load(_vec_at(context, builder, ty, arr, off, n), align=1)
+
+    def add(v, k):
+        return builder.add(v, ir.Constant(v.type, k))
+
+    def splat(v, n):
+        vec = builder.insert_element(ir.Constant(V(v.type, n), None), v, ir.Constant(I32, 0))
+        return builder.shuffle_vector(vec, vec, ir.Constant(V(I32, n), [0] * n))
+
+    def dot(acc, w8, x8v):  # acc + 4-product sums per int32 lane of <64 x i8> w (u8), x (s8)
+        if HAS_VNNI512:
+            return _call(builder, "llvm.x86.avx512.vpdpbusd.512", V(I32, 16),
+                         [acc, builder.bitcast(w8, V(I32, 16)), builder.bitcast(x8v, V(I32, 16))])
+        # AVX2: two 256-bit halves, vpmaddubsw (|products| <= 2 * 15 * 128, no saturation)
+        # then vpmaddwd with ones
+        parts = []
+        for h in range(2):
+            pick = ir.Constant(V(I32, 32), list(range(32 * h, 32 * h + 32)))
+            pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", V(I16, 16),
+                          [builder.shuffle_vector(w8, w8, pick), builder.shuffle_vector(x8v, x8v, pick)])
+            parts.append(_call(builder, "llvm.x86.avx2.pmadd.wd", V(I32, 8), [pairs, ir.Constant(V(I16, 16), [1] * 16)]))
+        return builder.add(acc, builder.shuffle_vector(parts[0], parts[1], ir.Constant(V(I32, 16), list(range(16)))))
+
+    d, dm, scale, mins, nibbles = source(builder, at)
+    g0 = builder.mul(b, ir.Constant(b.type, 8))
+    fa = builder.load(_vec_at(context, builder, tys[4], acc, ir.Constant(b.type, 0), 8), align=4)
+    fm = ir.Constant(V(F32, 8), [0.0] * 8)
+    mask = ir.Constant(V(I8, 64), [15] * 64)
+    even = ir.Constant(V(I32, 8), list(range(0, 16, 2)))
+    odd = ir.Constant(V(I32, 8), list(range(1, 16, 2)))
+    xs_data = context.make_array(tys[1])(context, builder, xs).data
+    xsum_data = context.make_array(tys[2])(context, builder, xsum).data
+    for c in range(4):
+        ae = ao = ir.Constant(V(I32, 16), [0] * 16)
+        xe0 = builder.mul(add(g0, 2 * c), ir.Constant(g0.type, 32))
+        for i in range(4):
+            v = nibbles(c, i)
+            lo = builder.and_(v, mask)
+            hi = builder.and_(builder.lshr(v, ir.Constant(V(I8, 64), [4] * 64)), mask)
+            xe = builder.bitcast(at(x8, tys[0], add(xe0, 8 * i), 8), ir.IntType(64))
+            xo = builder.bitcast(at(x8, tys[0], add(xe0, 32 + 8 * i), 8), ir.IntType(64))
+            ae = dot(ae, lo, builder.bitcast(splat(xe, 8), V(I8, 64)))
+            ao = dot(ao, hi, builder.bitcast(splat(xo, 8), V(I8, 64)))
+        for t, k in ((ae, 2 * c), (ao, 2 * c + 1)):
+            s8 = builder.add(builder.shuffle_vector(t, t, even), builder.shuffle_vector(t, t, odd))
+            s = builder.fmul(builder.fmul(d, builder.uitofp(scale(k), V(F32, 8))),
+                             splat(builder.load(builder.gep(xs_data, [add(g0, k)])), 8))
+            fa = builder.fadd(fa, builder.fmul(builder.sitofp(s8, V(F32, 8)), s, flags=["contract"]), flags=["contract"])
+    for k in range(8):
+        xk = builder.load(builder.gep(xsum_data, [add(g0, k)]))
+        fm = builder.fadd(fm, builder.fmul(builder.uitofp(mins(k), V(F32, 8)), splat(xk, 8), flags=["contract"]),
+                          flags=["contract"])
+    builder.store(fa, _vec_at(context, builder, tys[4], acc, ir.Constant(b.type, 0), 8), align=4)
+    pm = _vec_at(context, builder, tys[5], accm, ir.Constant(b.type, 0), 8)
+    builder.store(builder.fadd(builder.load(pm, align=4), builder.fmul(fm, dm)), pm, align=4)
+    return context.get_dummy_value()
+
+
+def _halves(builder, raw):
+    return builder.fpext(builder.bitcast(raw, V(ir.HalfType(), 8)), V(F32, 8))
+
+
 @intrinsic
 def _block8(typingctx, w, o, x8, xs, xsum, b, acc, accm):
     """acc[0:8] += the 8 rows' dots with x8 over block b (repacked, at byte o of w); accm[0:8]
     += their minimum terms, dmin * sum_g m_g * xsum[8b + g]."""
     def codegen(context, builder, sig, args):
-        w, o, x8, xs, xsum, b, acc, accm = args
-        def at(arr, i, off, n, t):
-            p = _vec_at(context, builder, sig.args[i], arr, off, n)
-            return builder.load(p, align=1)
-        def add(v, k): return builder.add(v, ir.Constant(v.type, k))
-        def splat(v, n):
-            vec = builder.insert_element(ir.Constant(V(v.type, n), None), v, ir.Constant(I32, 0))
-            return builder.shuffle_vector(vec, vec, ir.Constant(V(I32, n), [0] * n))
-        cvtph = lambda raw: builder.fpext(builder.bitcast(raw, V(ir.HalfType(), 8)), V(F32, 8))
-        d = cvtph(builder.bitcast(at(w, 0, o, 16, None), V(I16, 8)))
-        dm = cvtph(builder.bitcast(at(w, 0, add(o, 16), 16, None), V(I16, 8)))
-        g0 = builder.mul(b, ir.Constant(b.type, 8))
-        fa = builder.load(_vec_at(context, builder, sig.args[6], acc, ir.Constant(o.type, 0), 8), align=4)
-        fm = ir.Constant(V(F32, 8), [0.0] * 8)
+        w, o = args[:2]
 
-        def dot(acc, w8, x8v):  # acc + 4-product sums per int32 lane of <64 x i8> w (u8), x (s8)
-            if HAS_VNNI512:
-                return _call(builder, "llvm.x86.avx512.vpdpbusd.512", V(I32, 16),
-                             [acc, builder.bitcast(w8, V(I32, 16)), builder.bitcast(x8v, V(I32, 16))])
-            # AVX2: two 256-bit halves, vpmaddubsw (|products| <= 2 * 15 * 128, no saturation)
-            # then vpmaddwd with ones
-            parts = []
-            for h in range(2):
-                pick = ir.Constant(V(I32, 32), list(range(32 * h, 32 * h + 32)))
-                pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", V(I16, 16),
-                              [builder.shuffle_vector(w8, w8, pick), builder.shuffle_vector(x8v, x8v, pick)])
-                parts.append(_call(builder, "llvm.x86.avx2.pmadd.wd", V(I32, 8), [pairs, ir.Constant(V(I16, 16), [1] * 16)]))
-            return builder.add(acc, builder.shuffle_vector(parts[0], parts[1], ir.Constant(V(I32, 16), list(range(16)))))
-        mask = ir.Constant(V(I8, 64), [15] * 64)
-        even = ir.Constant(V(I32, 8), list(range(0, 16, 2))); odd = ir.Constant(V(I32, 8), list(range(1, 16, 2)))
-        for c in range(4):
-            ae = ir.Constant(V(I32, 16), [0] * 16); ao = ae
-            xe0 = builder.mul(add(g0, 2 * c), ir.Constant(g0.type, 32))
-            xo0 = add(xe0, 32)
-            for i in range(4):
-                v = at(w, 0, add(o, 160 + 64 * (4 * c + i)), 64, None)
-                lo = builder.and_(v, mask); hi = builder.and_(builder.lshr(v, ir.Constant(V(I8, 64), [4] * 64)), mask)
-                xe = builder.bitcast(at(x8, 2, add(xe0, 8 * i), 8, None), ir.IntType(64))
-                xo = builder.bitcast(at(x8, 2, add(xo0, 8 * i), 8, None), ir.IntType(64))
-                xe = builder.bitcast(splat(xe, 8), V(I8, 64))
-                xo = builder.bitcast(splat(xo, 8), V(I8, 64))
-                ae = dot(ae, lo, xe)
-                ao = dot(ao, hi, xo)
-            for t, k in ((ae, 2 * c), (ao, 2 * c + 1)):
-                s8 = builder.add(builder.shuffle_vector(t, t, even), builder.shuffle_vector(t, t, odd))
-                sc = builder.uitofp(at(w, 0, add(o, 32 + 8 * k), 8, None), V(F32, 8))
-                xsk = builder.load(builder.gep(context.make_array(sig.args[3])(context, builder, xs).data, [add(g0, k)]))
-                s = builder.fmul(builder.fmul(d, sc), splat(xsk, 8))
-                fa = builder.fadd(fa, builder.fmul(builder.sitofp(s8, V(F32, 8)), s, flags=["contract"]), flags=["contract"])
-        for k in range(8):
-            mk = builder.uitofp(at(w, 0, add(o, 96 + 8 * k), 8, None), V(F32, 8))
-            xk = builder.load(builder.gep(context.make_array(sig.args[4])(context, builder, xsum).data, [add(g0, k)]))
-            fm = builder.fadd(fm, builder.fmul(mk, splat(xk, 8), flags=["contract"]), flags=["contract"])
-        builder.store(fa, _vec_at(context, builder, sig.args[6], acc, ir.Constant(o.type, 0), 8), align=4)
-        pm = _vec_at(context, builder, sig.args[7], accm, ir.Constant(o.type, 0), 8)
-        builder.store(builder.fadd(builder.load(pm, align=4), builder.fmul(fm, dm)), pm, align=4)
-        return context.get_dummy_value()
+        def source(builder, at):
+            def off(k):
+                return builder.add(o, ir.Constant(o.type, k))
+            d = _halves(builder, at(w, sig.args[0], o, 16))
+            dm = _halves(builder, at(w, sig.args[0], off(16), 16))
+            return (d, dm, lambda k: at(w, sig.args[0], off(32 + 8 * k), 8), lambda k: at(w, sig.args[0], off(96 + 8 * k), 8),
+                    lambda c, i: at(w, sig.args[0], off(160 + 64 * (4 * c + i)), 64))
+        return _block_code(context, builder, sig, args, source)
     return types.none(w, o, x8, xs, xsum, b, acc, accm), codegen
 
+
+@intrinsic
+def _block8_rows(typingctx, w, r0, o, x8, xs, xsum, b, acc, accm):
+    """As `_block8` on rows r0..r0+7 of the original Q4_K blocks (w: uint8 [rows, row_bytes]),
+    block at byte o of each row: the 8-row interleave built in registers, no copy."""
+    def codegen(context, builder, sig, args):
+        w, r0, o = args[:3]
+        ary = context.make_array(sig.args[0])(context, builder, w)
+        stride = cgutils.unpack_tuple(builder, ary.strides, 2)[0]
+
+        def source(builder, at):
+            def load(r, off, n):
+                start = builder.add(builder.mul(builder.add(r0, ir.Constant(r0.type, r)), stride),
+                                    builder.add(o, ir.Constant(o.type, off)))
+                ptr = builder.bitcast(builder.gep(ary.data, [start]), V(I8, n).as_pointer())
+                return builder.load(ptr, align=1)
+
+            def concat(vs):  # <n x i8> values -> one <len * n x i8>
+                while len(vs) > 1:
+                    n = vs[0].type.count
+                    vs = [builder.shuffle_vector(vs[j], vs[j + 1], ir.Constant(V(I32, 2 * n), list(range(2 * n))))
+                          for j in range(0, len(vs), 2)]
+                return vs[0]
+            head = concat([load(r, 0, 16) for r in range(8)])  # row r's bytes 0-15 at 16r
+            t = builder.shuffle_vector(head, head, ir.Constant(V(I32, 128), [16 * r + j for j in range(16) for r in range(8)]))
+
+            def byte(j):  # byte j of the 8 rows' headers, <8 x i8>
+                return builder.shuffle_vector(t, t, ir.Constant(V(I32, 8), list(range(8 * j, 8 * j + 8))))
+
+            def half(j):  # bytes j, j + 1 as the 8 rows' float16
+                lo, hi = (builder.zext(byte(j + k), V(I16, 8)) for k in (0, 1))
+                return _halves(builder, builder.or_(lo, builder.shl(hi, ir.Constant(V(I16, 8), [8] * 8))))
+            q = [byte(4 + k) for k in range(12)]
+
+            def c8(v):
+                return ir.Constant(V(I8, 8), [v] * 8)
+
+            def scale(k):
+                if k < 4:
+                    return builder.and_(q[k], c8(63))
+                return builder.or_(builder.and_(q[k + 4], c8(15)), builder.shl(builder.lshr(q[k - 4], c8(6)), c8(4)))
+
+            def mins(k):
+                if k < 4:
+                    return builder.and_(q[k + 4], c8(63))
+                return builder.or_(builder.lshr(q[k + 4], c8(4)), builder.shl(builder.lshr(q[k], c8(6)), c8(4)))
+            cache = {}
+
+            def nibbles(c, i):
+                if c not in cache:
+                    cache[c] = concat([load(r, 16 + 32 * c, 32) for r in range(8)])  # row r's 32 bytes at 32r
+                return builder.shuffle_vector(cache[c], cache[c], ir.Constant(
+                    V(I32, 64), [32 * r + 8 * i + k for r in range(8) for k in range(8)]))
+            return half(0), half(2), scale, mins, nibbles
+        return _block_code(context, builder, sig, args, source)
+    return types.none(w, r0, o, x8, xs, xsum, b, acc, accm), codegen
 
 
 @numba.njit(nogil=True, fastmath={"contract"})
@@ -143,6 +224,28 @@ def rows8(w, x8, xs, xsum, lo, hi, y):
 
 
 
+@numba.njit(nogil=True, fastmath={"contract"})
+def rows8_orig(w, x8, xs, xsum, lo, hi, y):
+    """As `rows8` for groups lo..hi-1 of 8 rows of the original blocks."""
+    nb = w.shape[1] // 144
+    acc = np.empty(8, np.float32)
+    accm = np.empty(8, np.float32)
+    for R in range(lo, hi):
+        acc[:] = 0
+        accm[:] = 0
+        for b in range(nb):
+            _block8_rows(w, 8 * R, b * 144, x8, xs, xsum, b, acc, accm)
+        for r in range(8):
+            y[8 * R + r] = acc[r] - accm[r]
+
+
+@numba.njit(parallel=True, nogil=True)
+def gemv8_orig(w, x8, xs, xsum, y, chunks):
+    groups = w.shape[0] // 8
+    for c in numba.prange(chunks):
+        rows8_orig(w, x8, xs, xsum, c * groups // chunks, (c + 1) * groups // chunks, y)
+
+
 @numba.njit(parallel=True, nogil=True)
 def gemv8(w, x8, xs, xsum, y, chunks):
     for c in numba.prange(chunks):
@@ -155,8 +258,8 @@ def main():
         sys.exit("bench_repack.py: this prototype needs AVX2")
     print(f"repacked dot: {'512-bit vpdpbusd' if HAS_VNNI512 else 'AVX2 vpmaddubsw + vpmaddwd'}\n")
     rng = np.random.default_rng(0)
-    print("| Q4_K matrix | threads | row loop, int16 x (the default) GB/s | row loop, int8 x GB/s | 8 rows repacked, int8 x GB/s |")
-    print("|---|---:|---:|---:|---:|")
+    print("| Q4_K matrix | threads | row loop, int16 x (the default) | row loop, int8 x | 8 rows repacked | 8 rows interleaved in registers |")
+    print("|---|---:|---:|---:|---:|---:|")
     for rows, where in ((7168, "in cache"), (131072, "from DRAM")):
         w = random_weight(Q.Q4_K, (rows, 2048), rng)
         packed = repack(w)
@@ -164,17 +267,21 @@ def main():
         xa = quantize_rows(x, True, False, True)
         x8, xs, xsum = xa[5][0], xa[2][0], xa[3][0]
         y = np.zeros(rows, np.float32)
-        gemv8(packed, x8, xs, xsum, y, 1)
         ref = kernels.gemv(Q.Q4_K, w, x[0], acts=ACT_INT8)
-        err = np.abs(y - ref).max() / np.abs(ref).max()
-        if err > 1e-5:
-            sys.exit(f"bench_repack.py: the repacked GEMV differs from kernels.gemv by {err:.2e} of the largest output")
+        y2 = np.zeros(rows, np.float32)
+        gemv8(packed, x8, xs, xsum, y, 1)
+        gemv8_orig(w, x8, xs, xsum, y2, 1)
+        for name, out in (("repacked", y), ("interleaved in registers", y2)):
+            err = np.abs(out - ref).max() / np.abs(ref).max()
+            if err > 1e-5:
+                sys.exit(f"bench_repack.py: the {name} GEMV differs from kernels.gemv by {err:.2e} of the largest output")
         for threads in (1, 2):
             numba.set_num_threads(threads)
             runs = {
                 "int16": lambda: kernels.gemv(Q.Q4_K, w, x[0], out=ref, threads=threads, acts=ACT_INT16),
                 "int8": lambda: kernels.gemv(Q.Q4_K, w, x[0], out=ref, threads=threads, acts=ACT_INT8),
                 "repacked": lambda: gemv8(packed, x8, xs, xsum, y, threads),
+                "in registers": lambda: gemv8_orig(w, x8, xs, xsum, y2, threads),
             }
             best = dict.fromkeys(runs, float("inf"))
             for _ in range(12 if rows < 10000 else 4):  # interleaved, best of each
