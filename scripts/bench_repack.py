@@ -39,29 +39,28 @@ def V(t, n):
 
 def repack(w):
     """Q4_K blocks uint8 [rows, row_bytes] (rows a multiple of 8) -> [rows / 8, blocks * 1184]."""
-    rows, rb = w.shape
-    nb = rb // 144
-    blk = w.reshape(rows, nb, 144)
-    d = blk[:, :, 0:2].copy().view(np.uint16)[..., 0]; dm = blk[:, :, 2:4].copy().view(np.uint16)[..., 0]
-    q = blk[:, :, 4:16].astype(np.uint8)
-    sc = np.empty((rows, nb, 8), np.uint8); m = np.empty((rows, nb, 8), np.uint8)
-    for j in range(4):
-        sc[..., j] = q[..., j] & 63; m[..., j] = q[..., j + 4] & 63
-    for j in range(4, 8):
-        sc[..., j] = (q[..., j + 4] & 0xF) | ((q[..., j - 4] >> 6) << 4)
-        m[..., j] = (q[..., j + 4] >> 4) | ((q[..., j] >> 6) << 4)
-    qs = blk[:, :, 16:144]
-    R = rows // 8
-    out = np.empty((R, nb, 1184), np.uint8)
-    g = lambda a: a.reshape(R, 8, nb, *a.shape[2:]).swapaxes(1, 2)  # [R, nb, 8 rows, ...]
-    out[:, :, 0:16] = g(d).copy().view(np.uint8).reshape(R, nb, 16)
-    out[:, :, 16:32] = g(dm).copy().view(np.uint8).reshape(R, nb, 16)
-    out[:, :, 32:96] = g(sc).swapaxes(2, 3).reshape(R, nb, 64)   # [group][row]
-    out[:, :, 96:160] = g(m).swapaxes(2, 3).reshape(R, nb, 64)
-    q8 = g(qs).reshape(R, nb, 8, 4, 4, 8)  # rows, c, i, 8 bytes
-    out[:, :, 160:] = q8.transpose(0, 1, 3, 4, 2, 5).reshape(R, nb, 1024)  # c, i, row, 8 bytes
-    return out.reshape(R, nb * 1184)
+    rows, row_bytes = w.shape
+    nb = row_bytes // 144
+    blocks = w.reshape(rows, nb, 144)
+    groups = rows // 8
 
+    def by_group(a):  # [rows, nb, ...] -> [groups, nb, 8 rows, ...]
+        return a.reshape(groups, 8, nb, *a.shape[2:]).swapaxes(1, 2)
+    q = blocks[:, :, 4:16]
+    scale = np.empty((rows, nb, 8), np.uint8)
+    mins = np.empty((rows, nb, 8), np.uint8)
+    scale[..., :4] = q[..., 0:4] & 63
+    mins[..., :4] = q[..., 4:8] & 63
+    scale[..., 4:] = (q[..., 8:12] & 0xF) | ((q[..., 0:4] >> 6) << 4)
+    mins[..., 4:] = (q[..., 8:12] >> 4) | ((q[..., 4:8] >> 6) << 4)
+    out = np.empty((groups, nb, 1184), np.uint8)
+    out[:, :, 0:16] = by_group(blocks[:, :, 0:2]).reshape(groups, nb, 16)  # the rows' d
+    out[:, :, 16:32] = by_group(blocks[:, :, 2:4]).reshape(groups, nb, 16)  # dmin
+    out[:, :, 32:96] = by_group(scale).swapaxes(2, 3).reshape(groups, nb, 64)  # [group][row]
+    out[:, :, 96:160] = by_group(mins).swapaxes(2, 3).reshape(groups, nb, 64)
+    nibbles = by_group(blocks[:, :, 16:144]).reshape(groups, nb, 8, 4, 4, 8)  # row, pair c, quarter i, 8 bytes
+    out[:, :, 160:] = nibbles.transpose(0, 1, 3, 4, 2, 5).reshape(groups, nb, 1024)  # c, i, row, 8 bytes
+    return out.reshape(groups, nb * 1184)
 
 
 def _block_code(context, builder, sig, args, source):
@@ -212,16 +211,18 @@ def _block8_rows(typingctx, w, r0, o, x8, xs, xsum, b, acc, accm):
 
 @numba.njit(nogil=True, fastmath={"contract"})
 def rows8(w, x8, xs, xsum, lo, hi, y):
+    """y[8R:8R + 8] for groups R in lo..hi-1 of the repacked w."""
     nb = w.shape[1] // 1184
-    acc = np.empty(8, np.float32); accm = np.empty(8, np.float32)
+    acc = np.empty(8, np.float32)
+    accm = np.empty(8, np.float32)
     for R in range(lo, hi):
-        acc[:] = 0; accm[:] = 0
+        acc[:] = 0
+        accm[:] = 0
         row = w[R]
         for b in range(nb):
             _block8(row, b * 1184, x8, xs, xsum, b, acc, accm)
         for r in range(8):
             y[8 * R + r] = acc[r] - accm[r]
-
 
 
 @numba.njit(nogil=True, fastmath={"contract"})
