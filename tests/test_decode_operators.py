@@ -26,6 +26,7 @@ from hybrid.operators.layer import CPUDecoderStack
 from hybrid.operators.kernels.activations import ACT_INT16
 from hybrid.operators.kernels.formats import as_blocks
 from hybrid.operators.kernels.linear import dequantize
+from hybrid.operators.kernels.records import MlpWeights, plain
 
 from .test_kernels import make_weight
 from .tiny import make_tiny, rel_err
@@ -256,7 +257,9 @@ def test_mlp_step_on_k_quants(qtype):
     """The fused MLP kernel on formats no rule quantizes to (random K-quant blocks)."""
     weights = [make_weight(qtype, shape, seed) for seed, shape in enumerate([(512, 256), (512, 256), (256, 512)])]
     x = np.random.default_rng(0).standard_normal((3, 256), dtype=np.float32)
-    y = decode.mlp_step(x, *(a for w in weights for a in as_blocks(qtype, w)[:2]), ACT_INT16, numba.get_num_threads())
+    (tg, wg), (tu, wu), (td, wd) = (as_blocks(qtype, w)[:2] for w in weights)
+    mlp = plain(MlpWeights(tg=tg, wg=wg, tu=tu, wu=wu, td=td, wd=wd, acts=ACT_INT16))
+    y = decode.mlp_step(x, mlp, numba.get_num_threads())
     g, u, d = (torch.from_numpy(dequantize(qtype, w)) for w in weights)
     xt = torch.from_numpy(x)
     want = (torch.nn.functional.silu(xt @ g.T) * (xt @ u.T)) @ d.T

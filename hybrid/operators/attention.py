@@ -14,6 +14,7 @@ from hybrid.models import gpt_oss
 from .base import Operator, check_cpu, check_quant
 from .kernels import decode
 from .kernels.activations import DEFAULT_ACTIVATIONS, check_activations
+from .kernels.records import AttentionWeights, plain
 from .linear import CPULinear
 from .norm import CPURMSNorm
 
@@ -85,21 +86,14 @@ class CPUAttention(Operator):
             self.q_norm.load(lambda n: get(f"q_norm.{n}"))
             self.k_norm.load(lambda n: get(f"k_norm.{n}"))
         self.sinks = get("sinks").tensor().to(torch.float32) if self.has_sinks else _NONE
-        # What the kernel takes, in the order it takes it: (type, blocks) per projection,
-        # then the biases and q/k norm weights as float32 arrays ([0]: none), their epsilon,
-        # the activation form, the sliding window (0: none) and the sink logits ([0]: none).
         projections = (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
-        weights = tuple(a for p in projections for a in (p.prepared.t, p.prepared.w))
-        biases = tuple((p.bias if p.bias is not None else _NONE).numpy() for p in projections)
-        norms = (self.q_norm.w, self.k_norm.w) if hasattr(self, "q_norm") else (_NONE.numpy(), _NONE.numpy())
-        self.args = (*weights, *biases, *norms, self.eps, self.acts,
-                     self.sliding_window or 0, self.sinks.numpy())
-
-    def step_args(self, rope, step: Step, cache: KVCache) -> tuple:
-        """What `decode.attention_step` takes after `args`, for a decode step of B tokens:
-        (cos, sin, k cache, v cache, slots, positions, scale)."""
-        cache.check_fits(step)
-        return (*rope.arrays, *cache.arrays, *step.arrays, self.scale)
+        q, k, v, o = (p.prepared for p in projections)
+        bq, bk, bv, bo = ((p.bias if p.bias is not None else _NONE).numpy() for p in projections)
+        qn, kn = (self.q_norm.w, self.k_norm.w) if hasattr(self, "q_norm") else (_NONE.numpy(), _NONE.numpy())
+        self.args = plain(AttentionWeights(
+            tq=q.t, wq=q.w, tk=k.t, wk=k.w, tv=v.t, wv=v.w, to=o.t, wo=o.w, bq=bq, bk=bk, bv=bv, bo=bo, qn=qn, kn=kn,
+            eps=self.eps, scale=self.scale, acts=self.acts, window=self.sliding_window or 0, sinks=self.sinks.numpy(),
+        ))
 
     def decode_bytes(self, top_k: int) -> int:
         return sum(p.decode_bytes(top_k) for p in (self.q_proj, self.k_proj, self.v_proj, self.o_proj))
@@ -111,9 +105,9 @@ class CPUAttention(Operator):
         B, T, C = x.shape
         if T > 1:  # prefill: compute-bound; torch's attention, projections on the kernels
             return Attention.forward(self, x, rope, step, cache)
-        y = decode.attention_step(
-            x.reshape(B, C).to(torch.float32).numpy(), *self.args, *self.step_args(rope, step, cache), numba.get_num_threads()
-        )
+        cache.check_fits(step)
+        y = decode.attention_step(x.reshape(B, C).to(torch.float32).numpy(), self.args, *cache.arrays, *rope.arrays,
+                                  *step.arrays, numba.get_num_threads())
         return torch.from_numpy(y).view(B, T, -1).to(x.dtype)
 
     def extra_repr(self) -> str:

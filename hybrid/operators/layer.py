@@ -18,7 +18,7 @@ from .experts import CPUExperts
 from .kernels import decode, layer, policy
 from .kernels.activations import DEFAULT_ACTIVATIONS, check_activations
 from .kernels.formats import as_blocks
-from .kernels.linear import gemv_chunks
+from .kernels.records import DenseLayer, ExpertWeights, MoeLayer, Router, SharedExpert, plain
 from .linear import CPULinear
 from .mlp import CPUMLP
 from .norm import CPURMSNorm
@@ -48,16 +48,16 @@ class _RoutedExperts(nn.Module):
     def decode_bytes(self, top_k: int) -> int:
         return sum(child.decode_bytes(top_k) for child in self.children())
 
-    def kernel_args(self) -> tuple:
-        """(router, experts, shared) as `kernels.layer.moe_layer_step` takes them."""
-        router = (self.gate.prepared.t, self.gate.prepared.w, self.top_k, bool(self.normalize))
-        ex = self.experts
-        experts = (*(a for w in (ex.gate, ex.up, ex.down) for a in as_blocks(*w)[:2]), ex.acts)
+    def records(self) -> dict:
+        """The router, experts and shared expert of a `records.MoeLayer`."""
+        r, ex = self.gate.prepared, self.experts
+        (tg, gate), (tu, up), (td, down) = (as_blocks(*w)[:2] for w in (ex.gate, ex.up, ex.down))
         shared = None
         if hasattr(self, "shared_expert"):
             g = self.shared_expert_gate.prepared
-            shared = (*self.shared_expert.args, g.t, g.w)
-        return router, experts, shared
+            shared = SharedExpert(mlp=self.shared_expert.args, tg=g.t, wg=g.w)
+        return dict(router=Router(tr=r.t, wr=r.w, top_k=self.top_k, normalize=bool(self.normalize)),
+                    experts=ExpertWeights(tg=tg, gate=gate, tu=tu, up=up, td=td, down=down, acts=ex.acts), shared=shared)
 
 
 class CPUDecoderLayer(Operator):
@@ -114,20 +114,15 @@ class CPUDecoderLayer(Operator):
     def load(self, get) -> None:
         for name, child in self.named_children():
             child.load(lambda n, p=name: get(f"{p}.{n}"))
-        self.ffn_args = self.ffn.args if isinstance(self.ffn, CPUMLP) else self.ffn.kernel_args()
+        n1, n2, attn = self.input_layernorm, self.post_attention_layernorm, self.self_attn.args
+        norms = dict(norm1=n1.w, eps1=n1.eps, norm2=n2.w, eps2=n2.eps)
+        if isinstance(self.ffn, CPUMLP):
+            self.record = plain(DenseLayer(**norms, attn=attn, mlp=self.ffn.args))
+        else:
+            self.record = plain(MoeLayer(**norms, attn=attn, **self.ffn.records()))
 
     def decode_bytes(self, top_k: int) -> int:
         return sum(child.decode_bytes(top_k) for child in self.children())
-
-    def stack_args(self, cache) -> tuple:
-        """This layer's entry in a `kernels.layer.dense_stack_step` (MLP) or `moe_stack_step`
-        call that decodes with `cache`."""
-        n1, n2, attn = self.input_layernorm, self.post_attention_layernorm, self.self_attn
-        common = (n1.w, n1.eps, n2.w, n2.eps, attn.args, *cache.arrays, attn.scale)
-        if isinstance(self.ffn, CPUMLP):
-            return (*common, self.ffn_args)
-        ex = self.ffn.experts
-        return (*common, *self.ffn_args, gemv_chunks(min(ex.hidden, ex.intermediate)))
 
     @staticmethod
     def takes(x: torch.Tensor) -> bool:
@@ -139,15 +134,10 @@ class CPUDecoderLayer(Operator):
         B, T, C = x.shape
         if not self.takes(x):
             return Block.forward(self, x, rope, step, cache)
-        attn, step_args = self.self_attn.args, self.self_attn.step_args(rope, step, cache)
-        n1, n2 = self.input_layernorm, self.post_attention_layernorm
-        xs, threads = x.reshape(B, C).contiguous().numpy(), numba.get_num_threads()
-        if isinstance(self.ffn, CPUMLP):
-            y = layer.dense_layer_step(xs, n1.w, n1.eps, n2.w, n2.eps, attn, step_args, self.ffn_args, threads)
-        else:
-            ex = self.ffn.experts
-            chunks = gemv_chunks(min(ex.hidden, ex.intermediate))
-            y = layer.moe_layer_step(xs, n1.w, n1.eps, n2.w, n2.eps, attn, step_args, *self.ffn_args, chunks, threads)
+        cache.check_fits(step)
+        xs = x.reshape(B, C).contiguous().numpy()
+        kernel = layer.dense_layer_step if isinstance(self.ffn, CPUMLP) else layer.moe_layer_step
+        y = kernel(xs, self.record, *cache.arrays, *rope.arrays, *step.arrays, numba.get_num_threads())
         return torch.from_numpy(y).view(B, T, C)
 
 
@@ -157,7 +147,7 @@ class CPUDecoderStack(Layers):
     and this operator is built after them. A decode step runs each run of consecutive
     `CPUDecoderLayer`s of one kind (and the same argument types) as one numba call
     (`kernels.layer.dense_stack_step`, `moe_stack_step`): between per-layer calls a step
-    spent ~20 us a layer in Python (module call, argument tuples, array conversions). Other
+    spent ~20 us a layer in Python (module call, arguments, array conversions). Other
     layers, layers with forward hooks, and prefill run each layer's own forward. The runs
     are worked out once per list of caches (and again when hooks come or go)."""
 
@@ -175,24 +165,28 @@ class CPUDecoderStack(Layers):
         check_cpu("CPUDecoderStack", device)
 
     def _make_plan(self, caches, hooked: tuple[int, ...]) -> list[tuple]:
-        """[(kernel or None, layer args, layers, caches, smallest cache)] in layer order: a run
-        of layers for one kernel call, or (None) one layer for its own forward."""
+        """[(kernel or None, (layer records, their cache arrays), layers, caches, smallest
+        cache)] in layer order: a run of layers for one kernel call, or (None) one layer for
+        its own forward."""
         plan, last_type = [], None
         for i, (lay, cache) in enumerate(zip(self, caches)):
             if not isinstance(lay, CPUDecoderLayer) or i in hooked:
-                plan.append((None, (), [lay], [cache]))
+                plan.append((None, ([], []), [lay], [cache]))
                 last_type = None
                 continue
-            args = lay.stack_args(cache)
             kernel = layer.dense_stack_step if isinstance(lay.ffn, CPUMLP) else layer.moe_stack_step
-            this_type = (kernel, numba.typeof(args))
+            this_type = (kernel, numba.typeof(lay.record), numba.typeof(cache.arrays))
             if this_type != last_type:
-                plan.append((kernel, [], [], []))
+                plan.append((kernel, ([], []), [], []))
                 last_type = this_type
-            for part, item in zip(plan[-1][1:], (args, lay, cache)):
-                part.append(item)
+            records, arrays = plan[-1][1]
+            records.append(lay.record)
+            arrays.append(cache.arrays)
+            plan[-1][2].append(lay)
+            plan[-1][3].append(cache)
         # the smallest cache of a run stands for all of them in the check that the step fits
-        return [(kernel, tuple(args), layers, cs, min(cs, key=lambda c: c.k.shape[2])) for kernel, args, layers, cs in plan]
+        return [(kernel, (tuple(records), tuple(arrays)), layers, cs, min(cs, key=lambda c: c.k.shape[2]))
+                for kernel, (records, arrays), layers, cs in plan]
 
     def forward(self, x: torch.Tensor, rope, step, caches) -> torch.Tensor:
         B, T, C = x.shape
@@ -207,7 +201,7 @@ class CPUDecoderStack(Layers):
                 xs = x.reshape(B, C).contiguous().numpy()
             if kernel is not None and xs is not None:
                 smallest.check_fits(step)
-                xs = kernel(xs, args, *rope.arrays, *step.arrays, threads)
+                xs = kernel(xs, *args, *rope.arrays, *step.arrays, threads)
                 continue
             if xs is not None:
                 x, xs = torch.from_numpy(xs).view(B, T, C), None

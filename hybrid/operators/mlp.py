@@ -10,6 +10,7 @@ from hybrid.models.common import MLP
 from .base import Operator, check_cpu, check_quant
 from .kernels import decode, policy
 from .kernels.activations import DEFAULT_ACTIVATIONS, check_activations
+from .kernels.records import MlpWeights, plain
 from .linear import CPULinear
 
 
@@ -37,8 +38,8 @@ class CPUMLP(Operator):
     def load(self, get) -> None:
         for name in ("gate_proj", "up_proj", "down_proj"):
             getattr(self, name).load(lambda n, p=name: get(f"{p}.{n}"))
-        # what `decode.mlp_step` takes: (type, blocks) per projection, then the activation form
-        self.args = (*(a for p in (self.gate_proj, self.up_proj, self.down_proj) for a in (p.prepared.t, p.prepared.w)), self.acts)
+        g, u, d = (p.prepared for p in (self.gate_proj, self.up_proj, self.down_proj))
+        self.args = plain(MlpWeights(tg=g.t, wg=g.w, tu=u.t, wu=u.w, td=d.t, wd=d.w, acts=self.acts))
 
     def decode_bytes(self, top_k: int) -> int:
         return sum(p.decode_bytes(top_k) for p in (self.gate_proj, self.up_proj, self.down_proj))
@@ -47,5 +48,5 @@ class CPUMLP(Operator):
         lead, C = x.shape[:-1], x.shape[-1]
         if lead.numel() > policy.MLP_FUSED_MAX_TOKENS or x.device.type != "cpu" or x.dtype != torch.float32:
             return MLP.forward(self, x)
-        y = decode.mlp_step(x.reshape(-1, C).contiguous().numpy(), *self.args, numba.get_num_threads())
+        y = decode.mlp_step(x.reshape(-1, C).contiguous().numpy(), self.args, numba.get_num_threads())
         return torch.from_numpy(y).view(*lead, C)

@@ -10,7 +10,8 @@ record per format, from which the type lists and dispatch derive), activations.p
 rounded to integers), policy.py (the dispatch thresholds), batch.py (decoded L1 tiles),
 rows.py (the row loops: GEMV, several tokens per row), panels.py (integer panels: 16 rows
 against many tokens), then the kernels operators call: linear.py, moe.py, decode.py,
-layer.py.
+layer.py, and records.py, the named records (weights of an attention, an MLP, a layer)
+operators hand decode.py and layer.py.
 
 Compiled kernels are cached on disk under a directory named by a hash of this package's
 sources: numba's own cache checks only the file that defines a kernel, so an edit to a

@@ -15,6 +15,7 @@ from numba.extending import intrinsic, overload
 
 from .activations import act_mode, rows_input
 from .intrinsics import FASTMATH, _h2f, _stack_f32
+from .records import AttentionWeights, MlpWeights
 from .rows import token_rows
 
 
@@ -180,25 +181,22 @@ def _attend(q, q0, gc, keys, vals, lo, hi, scale, m_out, l_out, o_out, D, W):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
-def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, eps, acts, window, sinks,
-                   cos, sin, kc, vc, slots, pos, scale, threads):
+def attention_step(x, attn, kc, vc, cos, sin, slots, pos, threads):
     """Grouped-query attention of one new token per sequence; returns float32 [B, hidden].
 
     x: float32 [B, hidden], the normed input of token b of sequence b;
-    wq, wk, wv, wo: uint8 blocks [rows, row_bytes], type codes tq, tk, tv, to;
-    bq, bk, bv, bo: float32 [rows] biases, or [0] for none;
-    qn, kn: float32 [D] q/k RMSNorm weights, or [0] for none (eps: their epsilon);
-    acts: the activation form the projections ask for (activations.ACT_*);
-    window: 0, or a sliding window: the token attends to its last `window` positions only;
-    sinks: float32 [H] per-head sink logits (gpt-oss: a logit in each head's softmax whose
-    value is zero), or [0] for none;
-    cos, sin: float32 [B, D] rotary tables at each token's position (scale included);
+    attn: the weights, a `records.AttentionWeights` (as a plain tuple);
     kc, vc: float32, or uint16 float16 bits, [slots, Hkv, R, D]: R rows a slot, position p
     at row p % R (R = max_len for a full cache, a ring for a sliding one: R >= window);
+    cos, sin: float32 [B, D] rotary tables at each token's position (scale included);
     slots, pos: int64 [B] cache slot and position of each token (it attends to keys 0..pos[b],
     the last `window` of them with a window);
     threads: numba's thread count (asking for it in here would keep the kernel out of the cache).
     """
+    w = AttentionWeights(*attn)
+    # what the parallel loops read, as locals (see records)
+    tq, wq, tk, wk, tv, wv, to, wo = w.tq, w.wq, w.tk, w.wk, w.tv, w.wv, w.to, w.wo
+    window, scale = w.window, w.scale
     B = x.shape[0]
     Hkv, R, D = kc.shape[1], kc.shape[2], kc.shape[3]
     H = wq.shape[0] // D
@@ -210,7 +208,7 @@ def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, ep
     q = np.empty((B, H * D), np.float32)
     k = np.empty((B, Hkv * D), np.float32)
     v = np.empty((B, Hkv * D), np.float32)
-    xa = rows_input(x, max(act_mode(acts, tq), act_mode(acts, tk), act_mode(acts, tv)))
+    xa = rows_input(x, max(act_mode(w.acts, tq), act_mode(w.acts, tk), act_mode(w.acts, tv)))
     for c in prange(threads):
         lo, hi = _share(H * D, c, threads)
         token_rows(tq, wq, xa, q, lo, hi)
@@ -220,19 +218,19 @@ def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, ep
 
     # bias, q/k norm, rotary; k and v go into the cache.
     for b in range(B):
-        if bq.size:
-            q[b] += bq
-            k[b] += bk
-            v[b] += bv
+        if w.bq.size:
+            q[b] += w.bq
+            k[b] += w.bk
+            v[b] += w.bv
         for h in range(H):
             qh = q[b, h * D : (h + 1) * D]
-            if qn.size:
-                _rms_norm(qh, qn, eps)
+            if w.qn.size:
+                _rms_norm(qh, w.qn, w.eps)
             _rope(qh, cos[b], sin[b])
         for h in range(Hkv):
             kh = k[b, h * D : (h + 1) * D]
-            if kn.size:
-                _rms_norm(kh, kn, eps)
+            if w.kn.size:
+                _rms_norm(kh, w.kn, w.eps)
             _rope(kh, cos[b], sin[b])
             krow = kc[slots[b], h, pos[b] % R]
             vrow = vc[slots[b], h, pos[b] % R]
@@ -289,9 +287,9 @@ def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, ep
                 for s in range(2 * S):
                     M = max(M, part_m[b, h, s, g])
                 total = np.float32(0)
-                if sinks.size:
-                    M = max(M, sinks[h * G + g])
-                    total = np.exp(sinks[h * G + g] - M)
+                if w.sinks.size:
+                    M = max(M, w.sinks[h * G + g])
+                    total = np.exp(w.sinks[h * G + g] - M)
                 for s in range(2 * S):
                     if part_l[b, h, s, g] != 0 or part_m[b, h, s, g] != -np.inf:
                         f = np.exp(part_m[b, h, s, g] - M)
@@ -302,28 +300,29 @@ def attention_step(x, tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, ep
                     att[b, qo + d] /= total
 
     y = np.empty((B, wo.shape[0]), np.float32)
-    atta = rows_input(att, act_mode(acts, to))
+    atta = rows_input(att, act_mode(w.acts, to))
     for c in prange(threads):
         lo, hi = _share(wo.shape[0], c, threads)
         token_rows(to, wo, atta, y, lo, hi)
-    if bo.size:
+    if w.bo.size:
         for b in range(B):
-            y[b] += bo
+            y[b] += w.bo
     return y
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
-def mlp_step(x, tg, wg, tu, wu, td, wd, acts, threads):
+def mlp_step(x, mlp, threads):
     """down(silu(gate x) * up x) for a few tokens; returns float32 [N, hidden].
 
-    x: float32 [N, hidden]; wg, wu: uint8 blocks [I, row_bytes]; wd: [hidden, row_bytes];
-    tg, tu, td: their type codes; acts: the activation form asked for (activations.ACT_*);
+    x: float32 [N, hidden]; mlp: the weights, a `records.MlpWeights` (as a plain tuple);
     threads: numba's thread count.
     """
+    m = MlpWeights(*mlp)
+    tg, wg, tu, wu, td, wd = m.tg, m.wg, m.tu, m.wu, m.td, m.wd  # as locals for the parallel loops
     N, I = x.shape[0], wg.shape[0]
     act = np.empty((N, I), np.float32)
     up = np.empty((N, I), np.float32)
-    xa = rows_input(x, max(act_mode(acts, tg), act_mode(acts, tu)))
+    xa = rows_input(x, max(act_mode(m.acts, tg), act_mode(m.acts, tu)))
     for c in prange(threads):
         lo, hi = _share(I, c, threads)
         # gate's rows, then the same rows of up (as `token_rows` picks for the format)
@@ -334,7 +333,7 @@ def mlp_step(x, tg, wg, tu, wu, td, wd, acts, threads):
                 g = act[n, r]
                 act[n, r] = g / (np.float32(1) + np.exp(-g)) * up[n, r]
     y = np.empty((N, wd.shape[0]), np.float32)
-    acta = rows_input(act, act_mode(acts, td))
+    acta = rows_input(act, act_mode(m.acts, td))
     for c in prange(threads):
         lo, hi = _share(wd.shape[0], c, threads)
         token_rows(td, wd, acta, y, lo, hi)

@@ -3,15 +3,9 @@ pre-norm, feed-forward (dense gated MLP, or Mixtral's router, top-k and fused ex
 residual. Between the per-module calls a layer spent ~100 us in Python and torch (a
 SmolLM2 step: 30 layers, most of its time); here the layer's kernels call each other.
 
-Argument groups are tuples, in the order the per-module kernels take them:
-attn = (tq, wq, tk, wk, tv, wv, to, wo, bq, bk, bv, bo, qn, kn, qk_eps, acts) as
-`decode.attention_step`; step = (cos, sin, kc, vc, slots, pos, scale);
-mlp = (tg, wg, tu, wu, td, wd, acts) as `decode.mlp_step`;
-router = (tr, wr, top_k, normalize); experts = (tg, gate, tu, up, td, down, acts) as
-`moe._moe_fused`; shared = None, or Qwen2-MoE's shared expert and its gate:
-(tg, wg, tu, wu, td, wd, acts, tsg, wsg). acts: the activation form (activations.ACT_*); the
-router and the shared expert's gate take int16 activations whatever it is (a router's
-ranking decides which experts run).
+A layer is a record (records.py): `DenseLayer` or `MoeLayer`, as a plain tuple. The step's
+arrays come beside it: kc, vc, the layer's KV cache, and cos, sin, slots, pos, shared by
+every layer of the step, as `decode.attention_step` takes them.
 """
 
 import numba
@@ -20,23 +14,26 @@ import numpy as np
 from .activations import ACT_INT16, act_mode, rows_input
 from .decode import attention_step, mlp_step, rms_norm
 from .intrinsics import FASTMATH
+from .linear import row_chunks
 from .moe import NO_PANELS, _moe_fused
+from .records import DenseLayer, ExpertWeights, MoeLayer, Router, SharedExpert
 from .rows import token_rows
 
 
 @numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _attention_block(x, n1, eps1, attn, step, threads):
+def _attention_block(x, norm, eps, attn, kc, vc, cos, sin, slots, pos, threads):
     """x + attention(rms_norm(x))."""
-    h = rms_norm(x, n1, eps1)
-    return x + attention_step(h, *attn, *step, threads)
+    h = rms_norm(x, norm, eps)
+    return x + attention_step(h, attn, kc, vc, cos, sin, slots, pos, threads)
 
 
 @numba.njit(nogil=True, cache=True)
-def dense_layer_step(x, n1, eps1, n2, eps2, attn, step, mlp, threads):
+def dense_layer_step(x, layer, kc, vc, cos, sin, slots, pos, threads):
     """One decode token per sequence through a Llama block; x: float32 [B, hidden] (the
-    residual stream), n1, n2: float32 [hidden] norm weights; returns float32 [B, hidden]."""
-    x = _attention_block(x, n1, eps1, attn, step, threads)
-    return x + mlp_step(rms_norm(x, n2, eps2), *mlp, threads)
+    residual stream), layer: a `records.DenseLayer`; returns float32 [B, hidden]."""
+    lay = DenseLayer(*layer)
+    x = _attention_block(x, lay.norm1, lay.eps1, lay.attn, kc, vc, cos, sin, slots, pos, threads)
+    return x + mlp_step(rms_norm(x, lay.norm2, lay.eps2), lay.mlp, threads)
 
 
 @numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
@@ -78,56 +75,61 @@ def softmax_topk(logits, k, normalize):
 
 
 @numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _router(x, tr, wr, top_k, normalize):
-    logits = np.empty((x.shape[0], wr.shape[0]), np.float32)
-    token_rows(tr, wr, rows_input(x, act_mode(ACT_INT16, tr)), logits, 0, wr.shape[0])
-    return softmax_topk(logits, top_k, normalize)
+def _router(x, router):
+    r = Router(*router)
+    logits = np.empty((x.shape[0], r.wr.shape[0]), np.float32)
+    token_rows(r.tr, r.wr, rows_input(x, act_mode(ACT_INT16, r.tr)), logits, 0, r.wr.shape[0])
+    return softmax_topk(logits, r.top_k, r.normalize)
 
 
 @numba.njit(nogil=True, cache=True)
-def moe_layer_step(x, n1, eps1, n2, eps2, attn, step, router, experts, shared, moe_chunks, threads):
-    """As `dense_layer_step` with a sparse MoE as the feed-forward: router logits, softmax
-    top-k, the fused experts over each token's k experts, plus the shared expert scaled by
-    its sigmoid gate when there is one."""
-    x = _attention_block(x, n1, eps1, attn, step, threads)
-    h = rms_norm(x, n2, eps2)
-    ids, weights = _router(h, *router)
+def moe_layer_step(x, layer, kc, vc, cos, sin, slots, pos, threads):
+    """As `dense_layer_step` with a sparse MoE as the feed-forward (layer: a
+    `records.MoeLayer`): router logits, softmax top-k, the fused experts over each token's
+    k experts, plus the shared expert scaled by its sigmoid gate when there is one."""
+    lay = MoeLayer(*layer)
+    x = _attention_block(x, lay.norm1, lay.eps1, lay.attn, kc, vc, cos, sin, slots, pos, threads)
+    h = rms_norm(x, lay.norm2, lay.eps2)
+    ids, weights = _router(h, lay.router)
     out = np.empty_like(h)
-    none = np.zeros((0, 0), np.float32)
-    _moe_fused(*experts, h, ids, weights, out, moe_chunks, NO_PANELS, (none, none, none), (np.float32(0), np.float32(0)))
-    if shared is not None:
-        _add_shared_expert(h, shared, out, threads)
+    e = ExpertWeights(*lay.experts)
+    chunks = row_chunks(min(e.gate.shape[1], e.down.shape[1]), threads)  # as `linear.gemv_chunks`
+    none = np.zeros((0, 0), np.float32)  # no biases; silu(g) * u
+    _moe_fused(e.tg, e.gate, e.tu, e.up, e.td, e.down, e.acts, h, ids, weights, out, chunks, NO_PANELS, (none, none, none),
+               (np.float32(0), np.float32(0)))
+    _add_shared_expert(h, lay.shared, out, threads)
     return x + out
 
 
 @numba.njit(nogil=True, cache=True)
-def dense_stack_step(x, layers, cos, sin, slots, pos, threads):
-    """`dense_layer_step` through consecutive layers in one call: layers is a tuple of
-    (n1, eps1, n2, eps2, attn, k cache, v cache, scale, mlp), one per layer, all of one
-    type; the rope tables and the step's slots and positions are shared by all of them."""
+def dense_stack_step(x, layers, caches, cos, sin, slots, pos, threads):
+    """`dense_layer_step` through consecutive layers in one call: layers, a tuple of
+    `records.DenseLayer`, all of one type; caches, their (k cache, v cache); the rope tables
+    and the step's slots and positions are shared by all of them."""
     for i in range(len(layers)):
-        n1, eps1, n2, eps2, attn, kc, vc, scale, mlp = layers[i]
-        x = dense_layer_step(x, n1, eps1, n2, eps2, attn, (cos, sin, kc, vc, slots, pos, scale), mlp, threads)
+        kc, vc = caches[i]
+        x = dense_layer_step(x, layers[i], kc, vc, cos, sin, slots, pos, threads)
     return x
 
 
 @numba.njit(nogil=True, cache=True)
-def moe_stack_step(x, layers, cos, sin, slots, pos, threads):
-    """As `dense_stack_step` for MoE layers: (n1, eps1, n2, eps2, attn, k cache, v cache,
-    scale, router, experts, shared, moe_chunks) each."""
+def moe_stack_step(x, layers, caches, cos, sin, slots, pos, threads):
+    """As `dense_stack_step` for `records.MoeLayer`s."""
     for i in range(len(layers)):
-        n1, eps1, n2, eps2, attn, kc, vc, scale, router, experts, shared, chunks = layers[i]
-        step = (cos, sin, kc, vc, slots, pos, scale)
-        x = moe_layer_step(x, n1, eps1, n2, eps2, attn, step, router, experts, shared, chunks, threads)
+        kc, vc = caches[i]
+        x = moe_layer_step(x, layers[i], kc, vc, cos, sin, slots, pos, threads)
     return x
 
 
 @numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
 def _add_shared_expert(h, shared, out, threads):
-    tg, wg, tu, wu, td, wd, acts, tsg, wsg = shared
-    y = mlp_step(h, tg, wg, tu, wu, td, wd, acts, threads)
+    """out += sigmoid(gate h) * expert(h) for a `records.SharedExpert`; nothing for None."""
+    if shared is None:
+        return
+    s = SharedExpert(*shared)
+    y = mlp_step(h, s.mlp, threads)
     gate = np.empty((h.shape[0], 1), np.float32)
-    token_rows(tsg, wsg, rows_input(h, act_mode(ACT_INT16, tsg)), gate, 0, 1)
+    token_rows(s.tg, s.wg, rows_input(h, act_mode(ACT_INT16, s.tg)), gate, 0, 1)
     for b in range(h.shape[0]):
         g = np.float32(1) / (np.float32(1) + np.exp(-gate[b, 0]))
         for i in range(h.shape[1]):

@@ -71,7 +71,13 @@ def _dequantize(t, w, out):
 
 def gemv_chunks(rows):
     """Row chunks for a GEMV: one per numba thread (call inside `num_threads`)."""
-    return max(1, min(numba.get_num_threads(), rows // 2))
+    return row_chunks.py_func(rows, numba.get_num_threads())
+
+
+@numba.njit(inline="always")
+def row_chunks(rows, threads):
+    """`gemv_chunks` for `threads` threads, inside a kernel."""
+    return max(1, min(threads, rows // 2))
 
 
 class Prepared:
