@@ -10,12 +10,12 @@ the file (attention projections, routers, experts, lm_head).
 A format whose in-cache GB/s a core is below the machine's bandwidth divided by the cores
 is compute-bound in decode: its GEMV cannot read memory faster than it computes. The
 --model pieces read the file's pages first (a cold page cache would time the disk); each
-piece is the best of 5, experts drawn at random each call, so the sum is slower than one
-fused decode step (a numba call per piece, not one for the whole step).
+piece is the best of 5, experts drawn at random each call, a numba call per piece and
+layer: the sum is not the fused decode step's time (one call for the whole step), only
+where its reads go.
 """
 
 import argparse
-import time
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q, GGUFReader

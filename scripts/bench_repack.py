@@ -135,29 +135,31 @@ def _halves(builder, raw):
 
 
 @intrinsic
-def _block8(typingctx, w, o, x8, xs, xsum, b, acc, accm):
-    """acc[0:8] += the 8 rows' dots with x8 over block b (repacked, at byte o of w); accm[0:8]
-    += their minimum terms, dmin * sum_g m_g * xsum[8b + g]."""
+def _block8(typingctx, w, group, o, x8, xs, xsum, b, acc, accm):
+    """acc[0:8] += the 8 rows' dots with x8 over block b (repacked: row `group` of w, from its
+    byte o); accm[0:8] += their minimum terms, dmin * sum_g m_g * xsum[8b + g]."""
     def codegen(context, builder, sig, args):
-        w, o = args[:2]
+        w, group, o = args[:3]
+        ary = context.make_array(sig.args[0])(context, builder, w)
+        start = builder.add(builder.mul(group, cgutils.unpack_tuple(builder, ary.strides, 2)[0]), o)
 
         def source(builder, at):
-            def off(k):
-                return builder.add(o, ir.Constant(o.type, k))
-            d = _halves(builder, at(w, sig.args[0], o, 16))
-            dm = _halves(builder, at(w, sig.args[0], off(16), 16))
-            return (d, dm, lambda k: at(w, sig.args[0], off(32 + 8 * k), 8), lambda k: at(w, sig.args[0], off(96 + 8 * k), 8),
-                    lambda c, i: at(w, sig.args[0], off(160 + 64 * (4 * c + i)), 64))
+            def field(k, n):
+                return at(w, sig.args[0], builder.add(start, ir.Constant(start.type, k)), n)
+            return (_halves(builder, field(0, 16)), _halves(builder, field(16, 16)), lambda k: field(32 + 8 * k, 8),
+                    lambda k: field(96 + 8 * k, 8), lambda c, i: field(160 + 64 * (4 * c + i), 64))
         return _block_code(context, builder, sig, args, source)
-    return types.none(w, o, x8, xs, xsum, b, acc, accm), codegen
+    return types.none(w, group, o, x8, xs, xsum, b, acc, accm), codegen
 
 
 @intrinsic
-def _block8_rows(typingctx, w, r0, o, x8, xs, xsum, b, acc, accm):
-    """As `_block8` on rows r0..r0+7 of the original Q4_K blocks (w: uint8 [rows, row_bytes]),
-    block at byte o of each row: the 8-row interleave built in registers, no copy."""
+def _block8_rows(typingctx, w, group, o, x8, xs, xsum, b, acc, accm):
+    """As `_block8` on rows 8 group .. 8 group + 7 of the original Q4_K blocks (w: uint8
+    [rows, row_bytes]), block at byte o of each row: the 8-row interleave built in
+    registers, no copy."""
     def codegen(context, builder, sig, args):
-        w, r0, o = args[:3]
+        w, group, o = args[:3]
+        r0 = builder.mul(group, ir.Constant(group.type, 8))
         ary = context.make_array(sig.args[0])(context, builder, w)
         stride = cgutils.unpack_tuple(builder, ary.strides, 2)[0]
 
@@ -206,52 +208,37 @@ def _block8_rows(typingctx, w, r0, o, x8, xs, xsum, b, acc, accm):
                     V(I32, 64), [32 * r + 8 * i + k for r in range(8) for k in range(8)]))
             return half(0), half(2), scale, mins, nibbles
         return _block_code(context, builder, sig, args, source)
-    return types.none(w, r0, o, x8, xs, xsum, b, acc, accm), codegen
+    return types.none(w, group, o, x8, xs, xsum, b, acc, accm), codegen
 
 
-@numba.njit(nogil=True, fastmath={"contract"})
-def rows8(w, x8, xs, xsum, lo, hi, y):
-    """y[8R:8R + 8] for groups R in lo..hi-1 of the repacked w."""
-    nb = w.shape[1] // 1184
-    acc = np.empty(8, np.float32)
-    accm = np.empty(8, np.float32)
-    for R in range(lo, hi):
-        acc[:] = 0
-        accm[:] = 0
-        row = w[R]
-        for b in range(nb):
-            _block8(row, b * 1184, x8, xs, xsum, b, acc, accm)
-        for r in range(8):
-            y[8 * R + r] = acc[r] - accm[r]
+def _gemv(block, block_bytes, rows_per_group):
+    """gemv(w, x8, xs, xsum, y, chunks): y[8R:8R + 8] for every group R of 8 output rows, `block`
+    over each of its blocks of `block_bytes`, the groups split in `chunks`; w holds
+    `rows_per_group` of its rows per group (1 repacked, 8 original)."""
+
+    @numba.njit(nogil=True, fastmath={"contract"})
+    def rows(w, x8, xs, xsum, lo, hi, y):
+        acc = np.empty(8, np.float32)
+        accm = np.empty(8, np.float32)
+        for group in range(lo, hi):
+            acc[:] = 0
+            accm[:] = 0
+            for b in range(w.shape[1] // block_bytes):
+                block(w, group, b * block_bytes, x8, xs, xsum, b, acc, accm)
+            for r in range(8):
+                y[8 * group + r] = acc[r] - accm[r]
+
+    @numba.njit(parallel=True, nogil=True)
+    def gemv(w, x8, xs, xsum, y, chunks):
+        groups = w.shape[0] // rows_per_group
+        for c in numba.prange(chunks):
+            rows(w, x8, xs, xsum, c * groups // chunks, (c + 1) * groups // chunks, y)
+
+    return gemv
 
 
-@numba.njit(nogil=True, fastmath={"contract"})
-def rows8_orig(w, x8, xs, xsum, lo, hi, y):
-    """As `rows8` for groups lo..hi-1 of 8 rows of the original blocks."""
-    nb = w.shape[1] // 144
-    acc = np.empty(8, np.float32)
-    accm = np.empty(8, np.float32)
-    for R in range(lo, hi):
-        acc[:] = 0
-        accm[:] = 0
-        for b in range(nb):
-            _block8_rows(w, 8 * R, b * 144, x8, xs, xsum, b, acc, accm)
-        for r in range(8):
-            y[8 * R + r] = acc[r] - accm[r]
-
-
-@numba.njit(parallel=True, nogil=True)
-def gemv8_orig(w, x8, xs, xsum, y, chunks):
-    groups = w.shape[0] // 8
-    for c in numba.prange(chunks):
-        rows8_orig(w, x8, xs, xsum, c * groups // chunks, (c + 1) * groups // chunks, y)
-
-
-@numba.njit(parallel=True, nogil=True)
-def gemv8(w, x8, xs, xsum, y, chunks):
-    for c in numba.prange(chunks):
-        rows8(w, x8, xs, xsum, c * w.shape[0] // chunks, (c + 1) * w.shape[0] // chunks, y)
-
+gemv8 = _gemv(_block8, 1184, 1)
+gemv8_orig = _gemv(_block8_rows, 144, 8)
 
 
 def main():
